@@ -1,0 +1,297 @@
+"""The ``convrewrite`` command line: thin wrappers over ``convrewrite.api``.
+
+Data goes to stdout, diagnostics to stderr. Expected failures print one line and exit with the
+documented code (2 usage/configuration, 3 model could not be loaded/traced/rewritten, 1 budget
+exceeded); ``--debug`` adds the traceback. torch is imported inside commands only, so ``--help``
+is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from convrewrite.errors import ConvRewriteError, UsageError
+
+app = typer.Typer(
+    name="convrewrite",
+    help="Rewrite dense convolutions of trained PyTorch models into cheaper structures, and prove what it bought.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+FORMATS = ("table", "torchsummary", "json", "markdown")
+
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="MODEL",
+        help="path/file.py, path/file.py:NAME, package.module:NAME, or a directory written by apply "
+        "(default: model in [tool.convrewrite]). Importing a model file runs its code.",
+        show_default=False,
+    ),
+]
+RuleOpt = Annotated[
+    list[str] | None,
+    typer.Option("--rule", "-r", help="NAME[:key=value,...]; repeat to compose, applied in order.", show_default=False),
+]
+InputShapeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--input-shape", help="Example input shape, batch first (1,3,224,224); repeat for several inputs.", show_default=False),
+]
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option("--weights", help=".safetensors, or .pt/.pth read with torch.load(weights_only=True).", show_default=False),
+]
+IncludeOpt = Annotated[
+    list[str] | None, typer.Option("--include", help="Only rewrite layers matching this glob (repeatable).", show_default=False)
+]
+ExcludeOpt = Annotated[
+    list[str] | None, typer.Option("--exclude", help="Never rewrite layers matching this glob (repeatable).", show_default=False)
+]
+MinChannelsOpt = Annotated[
+    int | None, typer.Option("--min-channels", help="Skip convs with fewer input or output channels.", show_default=False)
+]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table | torchsummary | json | markdown")]
+WidthOpt = Annotated[int | None, typer.Option("--width", help="Table width in characters (default: terminal).", show_default=False)]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of a failure.")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="pyproject.toml to read [tool.convrewrite] from (default: nearest one).", show_default=False),
+]
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"convrewrite: error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def guarded(debug: bool, body: Callable[[], int | None]) -> int:
+    """Run a command body, mapping expected failures to one line and an exit code."""
+    try:
+        return body() or 0
+    except ConvRewriteError as exc:
+        if debug:
+            traceback.print_exc()
+        _fail(exc.one_line(), exc.exit_code)
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        lines = str(exc).strip().splitlines()
+        _fail(
+            f"unexpected {type(exc).__name__}: {lines[0] if lines else ''} (a bug: please report it; --debug shows the traceback)",
+            3,
+        )
+    return 3
+
+
+def _parse_shapes(values: Sequence[str] | None) -> list[tuple[int, ...]] | None:
+    if not values:
+        return None
+    from convrewrite.loading import parse_input_shape
+
+    return [parse_input_shape(v) for v in values]
+
+
+def _check_format(fmt: str, allowed: Sequence[str] = FORMATS) -> None:
+    if fmt not in allowed:
+        raise UsageError(f"unknown --format {fmt!r}", hint=f"choose one of {', '.join(allowed)}")
+
+
+def _width(width: int | None) -> int:
+    if width is not None:
+        if width < 40:
+            raise UsageError("--width must be at least 40")
+        return width
+    import shutil
+
+    return max(80, shutil.get_terminal_size((120, 24)).columns)
+
+
+def _job(model: str | None, rule: list[str] | None, input_shape: list[str] | None, weights: str | None,
+         include: list[str] | None, exclude: list[str] | None, min_channels: int | None, config: Path | None) -> Any:
+    from convrewrite.api import make_job
+    from convrewrite.config import load_project_config
+
+    if min_channels is not None and min_channels < 0:
+        raise UsageError("--min-channels must be >= 0")
+    project = load_project_config(config)
+    return make_job(
+        project,
+        model=model,
+        input_shapes=_parse_shapes(input_shape),
+        weights=weights,
+        rules=rule,
+        include=include,
+        exclude=exclude,
+        min_channels=min_channels,
+    )
+
+
+def write_text_atomic(path: Path, text: str, force: bool) -> None:
+    from convrewrite.output import write_file_atomic
+
+    if path.exists() and not force:
+        raise UsageError(f"{path} exists", hint="pass --force to replace it, or choose another --output")
+    write_file_atomic(path, text.encode())
+
+
+@app.command()
+def report(
+    model: ModelArg = None,
+    rule: RuleOpt = None,
+    fmt: FormatOpt = "table",
+    input_shape: InputShapeOpt = None,
+    weights: WeightsOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    min_channels: MinChannelsOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file instead of stdout.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file.")] = False,
+    width: WidthOpt = None,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Count params and MACs per layer; with --rule, show before/after side by side."""
+
+    def body() -> int:
+        _check_format(fmt)
+        job = _job(model, rule, input_shape, weights, include, exclude, min_channels, config)
+        from convrewrite.api import run_job
+        from convrewrite.report_builder import build_report
+        from convrewrite.views import render
+
+        result = run_job(job)
+        text = render(build_report(result), fmt, width=_width(width), color=output is None and fmt == "table" and sys.stdout.isatty())
+        if output is not None:
+            write_text_atomic(output, text, force)
+            print(f"wrote {output}", file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+        return 0
+
+    raise typer.Exit(guarded(debug, body))
+
+
+@app.command()
+def apply(
+    model: ModelArg = None,
+    rule: RuleOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory to write model.py, weights.safetensors and report.json.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace DIR if it holds an earlier convrewrite output.")] = False,
+    fmt: FormatOpt = "table",
+    input_shape: InputShapeOpt = None,
+    weights: WeightsOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    min_channels: MinChannelsOpt = None,
+    width: WidthOpt = None,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Rewrite MODEL with the rules and write readable source, safetensors weights and a JSON report."""
+
+    def body() -> int:
+        _check_format(fmt)
+        if out is None:
+            raise UsageError("apply needs --out DIR", hint="for example --out rewritten/")
+        from convrewrite.output import check_destination
+
+        check_destination(out, force)
+        job = _job(model, rule, input_shape, weights, include, exclude, min_channels, config)
+        if not job.rules.value:
+            raise UsageError("apply needs at least one --rule", hint="see `convrewrite rules`")
+        from convrewrite.api import run_job
+        from convrewrite.output import write_apply_output
+        from convrewrite.report_builder import build_report
+        from convrewrite.views import render
+
+        result = run_job(job)
+        report_data = build_report(result)
+        written = write_apply_output(result, report_data, out, force=force)
+        sys.stdout.write(render(report_data, fmt, width=_width(width), color=fmt == "table" and sys.stdout.isatty()))
+        print(written.summary(), file=sys.stderr)
+        return 0
+
+    raise typer.Exit(guarded(debug, body))
+
+
+@app.command("rules")
+def list_rules(
+    debug: DebugOpt = False,
+) -> None:
+    """List the installed rules and their options."""
+
+    def body() -> int:
+        from convrewrite.rule_api import load_rule_class, option_table, rule_registry
+
+        registry = rule_registry()
+        if not registry:
+            print("no rules installed", file=sys.stderr)
+            return 0
+        for name in sorted(registry):
+            rule_class = load_rule_class(name)
+            print(f"{name}  ({registry[name].value})")
+            print(f"    {rule_class.summary}")
+            for option, kind, default, help_text in option_table(rule_class.config_class):
+                print(f"    {option:<14} {kind:<22} default {default:<10} {help_text}")
+            print()
+        print("Spec: NAME[:key=value,...]; list values are separated by '|', e.g. include=layer1.*|layer2.*")
+        return 0
+
+    raise typer.Exit(guarded(debug, body))
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)] = False,
+) -> None:
+    if version:
+        from convrewrite import __version__
+
+        print(f"convrewrite {__version__}")
+        raise typer.Exit(0)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit code; usage errors become one line and exit 2."""
+    command = typer.main.get_command(app)
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = command.main(args=args, prog_name="convrewrite", standalone_mode=False)
+    except Exception as exc:
+        # click's exceptions (vendored by recent typer, a dependency of older typer) share this shape.
+        kind = type(exc).__name__
+        if kind == "NoArgsIsHelpError":
+            print(exc.format_message(), file=sys.stderr)  # type: ignore[attr-defined]
+            return 2
+        if kind == "Abort":
+            print("convrewrite: error: aborted", file=sys.stderr)
+            return 130
+        if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            message = " ".join(str(exc.format_message()).split())
+            print(f"convrewrite: error: {message}{where}", file=sys.stderr)
+            return int(exc.exit_code)  # type: ignore[attr-defined]
+        raise
+    return result if isinstance(result, int) else 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

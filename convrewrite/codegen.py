@@ -1,0 +1,544 @@
+"""Write a rewritten model as readable, standalone PyTorch source.
+
+The generated ``model.py`` holds one ``nn.Module`` class whose ``__init__`` builds every submodule
+at its qualified name (so state_dict keys are the model's own) and whose ``forward`` is the code of
+the traced graph. torch.nn layers are written as constructor calls (``nn.Conv2d(64, 128, ...)``),
+checked by building them on the meta device and comparing; the replacement blocks' source is
+copied in (it depends on torch alone). User classes are needed only where tracing could not see
+inside them (the untraceable leaves, or a root whose forward cannot be traced); then ``model.py``
+loads them from a copy of the user's source file written next to it, and says so at the top.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import keyword
+import re
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from convrewrite import __version__
+from convrewrite.errors import ModelError
+
+_SIGNATURE_SKIP = {"self", "device", "dtype", "factory_kwargs"}
+_LITERAL_TYPES = (int, float, bool, str, type(None))
+
+
+@dataclass
+class GeneratedSource:
+    text: str
+    class_name: str
+    user_source: Path | None = None
+    user_source_copy_name: str | None = None
+    user_classes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_literal(value: Any) -> bool:
+    if isinstance(value, _LITERAL_TYPES):
+        return not (isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))))
+    if isinstance(value, (tuple, list)):
+        return all(_is_literal(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _is_literal(v) for k, v in value.items())
+    return isinstance(value, (torch.dtype, torch.Size))
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, torch.Size):
+        return repr(tuple(value))
+    if isinstance(value, float):
+        return repr(value)
+    return repr(value)
+
+
+def _attribute_target(parent: str, name: str) -> str:
+    if name.isidentifier() and not keyword.iskeyword(name):
+        return f"{parent}.{name}"
+    return f'getattr({parent}, "{name}")'
+
+
+def _module_signature(module: nn.Module) -> tuple[Any, ...]:
+    """What must match for a constructor call to stand for ``module`` (own part only)."""
+    own = sorted(
+        (name, tuple(t.shape), t.dtype, isinstance(t, nn.Parameter), t.requires_grad if isinstance(t, nn.Parameter) else None)
+        for name, t in [*module._parameters.items(), *module._buffers.items()]
+        if t is not None
+    )
+    none_slots = sorted(name for name, t in [*module._parameters.items(), *module._buffers.items()] if t is None)
+    return (type(module), module.extra_repr(), tuple(own), tuple(none_slots), tuple(module._modules))
+
+
+class SourceWriter:
+    """Builds the generated file for one rewritten model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        graph_module: fx.GraphModule | None,
+        user_module: ModuleType | None,
+        user_source: Path | None,
+        layer_classes: tuple[type[nn.Module], ...],
+    ) -> None:
+        self.model = model
+        self.graph_module = graph_module
+        self.user_module = user_module
+        self.user_source = user_source
+        self.layer_classes = layer_classes
+        self.used_layers: list[type[nn.Module]] = []
+        self.user_classes: dict[str, type[nn.Module]] = {}
+        self.emitted: dict[int, str] = {}
+        self.lines: list[str] = []
+        self.namespace: dict[str, Any] = {"nn": nn, "torch": torch}
+        self.imports: set[str] = set()
+        self.original_aliases: list[str] = []
+        stem = user_source.stem if user_source is not None else "model"
+        self.original_copy_name = f"original_{re.sub(r'[^A-Za-z0-9_]', '_', stem)}.py"
+        self.forward_targets: set[str] = set()
+        if graph_module is not None:
+            self.forward_targets = {str(n.target) for n in graph_module.graph.nodes if n.op == "call_module"}
+
+    # ---------------------------------------------------------------- constructor calls
+
+    def _class_reference(self, cls: type[nn.Module]) -> str | None:
+        if cls in self.layer_classes:
+            if cls not in self.used_layers:
+                self.used_layers.append(cls)
+            self.namespace[cls.__name__] = cls
+            return cls.__name__
+        if cls.__module__.startswith("torch.nn") and getattr(nn, cls.__name__, None) is cls:
+            return f"nn.{cls.__name__}"
+        return None
+
+    def constructor(self, module: nn.Module) -> str | None:
+        """``nn.Conv2d(...)``-style call that rebuilds ``module``'s own part, or None."""
+        cls = type(module)
+        reference = self._class_reference(cls)
+        if reference is None:
+            return None
+        try:
+            signature = inspect.signature(cls.__init__)
+        except (TypeError, ValueError):
+            return None
+        positional: list[str] = []
+        keywords: list[str] = []
+        for parameter in signature.parameters.values():
+            if parameter.name in _SIGNATURE_SKIP or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                continue
+            if not hasattr(module, parameter.name):
+                if parameter.default is inspect.Parameter.empty:
+                    return None
+                continue
+            value = getattr(module, parameter.name)
+            if parameter.name == "bias" and (isinstance(value, torch.Tensor) or value is None):
+                value = value is not None
+            if isinstance(value, torch.Tensor) or not _is_literal(value):
+                if parameter.default is inspect.Parameter.empty:
+                    return None
+                continue
+            default = parameter.default
+            if default is not inspect.Parameter.empty:
+                if value == default:
+                    continue
+                if isinstance(value, tuple) and value and all(v == default for v in value) and not isinstance(default, tuple):
+                    continue
+                keywords.append(f"{parameter.name}={_literal(value)}")
+            elif keywords:
+                keywords.append(f"{parameter.name}={_literal(value)}")
+            else:
+                positional.append(_literal(value))
+        expression = f"{reference}({', '.join(positional + keywords)})"
+        dtypes = {t.dtype for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)] if t.is_floating_point()}
+        if len(dtypes) == 1 and (dtype := next(iter(dtypes))) != torch.get_default_dtype():
+            expression += f".to({dtype})"
+        return expression
+
+    def _fresh(self, expression: str) -> nn.Module | None:
+        try:
+            with torch.device("meta"):
+                built = eval(expression, dict(self.namespace))  # noqa: S307 - our own generated text
+        except Exception:
+            return None
+        return built if isinstance(built, nn.Module) else None
+
+    # ---------------------------------------------------------------- tree
+
+    def needs_class(self, name: str, module: nn.Module) -> bool:
+        """Whether ``module``'s own forward code must exist in the generated model."""
+        if self.graph_module is None:
+            return name == "" or name in self.forward_targets
+        return name in self.forward_targets
+
+    def emit(self, target: str, name: str, module: nn.Module) -> None:
+        if id(module) in self.emitted:
+            self.lines.append(f"{target} = {self.emitted[id(module)]}")
+            return
+        self.emitted[id(module)] = target
+        expression = self.constructor(module)
+        if expression is not None:
+            fresh = self._fresh(expression)
+            if fresh is not None and _module_signature(fresh) == _module_signature(module):
+                self.lines.append(f"{target} = {expression}")
+                self._emit_children_diff(target, name, module, fresh)
+                return
+        if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and type(module) in (
+            nn.Sequential,
+            nn.ModuleList,
+            nn.ModuleDict,
+        ):
+            self.lines.append(f"{target} = nn.{type(module).__name__}()")
+            self._emit_own_tensors(target, module)
+            for child_name, child in module._modules.items():
+                self._emit_child(target, name, child_name, child)
+            return
+        if self.needs_class(name, module) or name in self.forward_targets:
+            class_name = self._user_class(module, name)
+            self.lines.append(f"{target} = _rebuild({class_name}, {self._plain_attributes(module, name)!s})")
+        else:
+            self.lines.append(f"{target} = nn.Module()")
+        self._emit_own_tensors(target, module)
+        for child_name, child in module._modules.items():
+            self._emit_child(target, name, child_name, child)
+
+    def _emit_child(self, parent_target: str, parent_name: str, child_name: str, child: nn.Module | None) -> None:
+        qualified = f"{parent_name}.{child_name}" if parent_name else child_name
+        if child is None:
+            self.lines.append(f'{parent_target}.register_module("{child_name}", None)')
+            return
+        self.emit(_attribute_target(parent_target, child_name), qualified, child)
+
+    def _emit_children_diff(self, target: str, name: str, module: nn.Module, fresh: nn.Module) -> None:
+        """Children that differ from what the constructor builds (a later rule replaced them)."""
+        for child_name, child in module._modules.items():
+            qualified = f"{name}.{child_name}" if name else child_name
+            fresh_child = fresh._modules.get(child_name)
+            if child is not None and fresh_child is not None and _same_tree(fresh_child, child) and id(child) not in self.emitted:
+                self._register_tree(_attribute_target(target, child_name), child)
+                continue
+            self._emit_child(target, name, child_name, child)
+
+    def _register_tree(self, target: str, module: nn.Module) -> None:
+        self.emitted.setdefault(id(module), target)
+        for child_name, child in module._modules.items():
+            if child is not None:
+                self._register_tree(_attribute_target(target, child_name), child)
+
+    def _emit_own_tensors(self, target: str, module: nn.Module) -> None:
+        for pname, parameter in module._parameters.items():
+            if parameter is None:
+                self.lines.append(f'{target}.register_parameter("{pname}", None)')
+                continue
+            shape = tuple(parameter.shape)
+            grad = "" if parameter.requires_grad else ", requires_grad=False"
+            self.lines.append(
+                f'{target}.register_parameter("{pname}", nn.Parameter(torch.empty({shape}, dtype={parameter.dtype}){grad}))'
+            )
+        for bname, buffer in module._buffers.items():
+            if buffer is None:
+                self.lines.append(f'{target}.register_buffer("{bname}", None)')
+                continue
+            self.lines.append(f'{target}.register_buffer("{bname}", torch.empty({tuple(buffer.shape)}, dtype={buffer.dtype}))')
+
+    def _plain_attributes(self, module: nn.Module, name: str) -> dict[str, Any]:
+        attributes: dict[str, Any] = {}
+        for key, value in vars(module).items():
+            if key.startswith("_") or key == "training":
+                continue
+            if not _is_literal(value):
+                raise ModelError(
+                    f"cannot write source for {name or 'the model'} ({type(module).__name__}): attribute "
+                    f"{key!r} holds a {type(value).__name__}, which has no literal form"
+                )
+            attributes[key] = value
+        return attributes
+
+    def _user_class(self, module: nn.Module, name: str) -> str:
+        cls = type(module)
+        reference = f"_original.{cls.__qualname__}"
+        if self.user_module is not None and cls.__module__ == self.user_module.__name__:
+            self.user_classes[cls.__qualname__] = cls
+            return reference
+        module_name = cls.__module__
+        if module_name.startswith("convrewrite_user_") or module_name == "__main__":
+            raise ModelError(f"cannot write source for {name} ({cls.__name__}): its class comes from an unimportable module")
+        alias = "_cls_" + re.sub(r"\W", "_", f"{module_name}_{cls.__qualname__}")
+        self.namespace[alias] = cls
+        self.imports.add(f"from {module_name} import {cls.__qualname__.split('.')[0]} as {alias}")
+        return alias
+
+    # ---------------------------------------------------------------- file
+
+    def forward_source(self) -> str:
+        """The traced graph's forward, with its globals turned into imports."""
+        assert self.graph_module is not None
+        code = self.graph_module.graph.python_code(root_module="self")
+        # FX frees each value as soon as it is dead ("x = None"); drop that noise for readability.
+        source = re.sub(r";  (?:[A-Za-z_][A-Za-z0-9_]* = )+None$", "", code.src, flags=re.MULTILINE)
+        from torch.fx.graph import _custom_builtins
+
+        for global_name, value in code.globals.items():
+            if global_name in _custom_builtins:
+                if global_name != "torch" and re.search(rf"\b{re.escape(global_name)}\b", source):
+                    self.imports.add(_custom_builtins[global_name].import_str)
+                continue
+            if getattr(builtins, global_name, None) is value:
+                continue
+            module_name = getattr(value, "__module__", None)
+            qualname = getattr(value, "__qualname__", None)
+            if self.user_module is not None and module_name == self.user_module.__name__:
+                self.original_aliases.append(f"{global_name} = _original.{qualname}")
+                self.user_classes[str(qualname)] = value
+                continue
+            if not module_name or not qualname or "<" in qualname or "." in qualname:
+                raise ModelError(f"the traced forward uses {global_name!r}, which cannot be imported by name")
+            self.imports.add(f"from {module_name} import {qualname} as {global_name}")
+        return textwrap.indent(source.strip("\n"), "    ")
+
+    def generate(self, class_name: str, header: str, inputs_source: str) -> GeneratedSource:
+        self.emitted[id(self.model)] = "self"
+        if self.graph_module is not None:
+            self._emit_own_tensors("self", self.model)
+            for child_name, child in self.model._modules.items():
+                self._emit_child("self", "", child_name, child)
+            self._emit_graph_constants()
+            forward = self.forward_source()
+        else:
+            root_class = self._user_class(self.model, "")
+            self.lines.append(f"self.model = _rebuild({root_class}, {self._plain_attributes(self.model, '')!s})")
+            self.emitted[id(self.model)] = "self.model"
+            self._emit_own_tensors("self.model", self.model)
+            for child_name, child in self.model._modules.items():
+                self._emit_child("self.model", "", child_name, child)
+            forward = (
+                "    def forward(self, *args, **kwargs):\n"
+                "        return self.model(*args, **kwargs)"
+            )
+        self._emit_ties()
+        needs_original = bool(self.user_classes)
+        needs_rebuild = any("_rebuild(" in line for line in self.lines)
+        out: list[str] = [header.rstrip("\n"), "", "from __future__ import annotations", ""]
+        out += ["from pathlib import Path", "", "import torch", "from torch import nn"]
+        out += sorted(self.imports)
+        if needs_original:
+            out += ["", f'ORIGINAL_SOURCE = "{self.original_copy_name}"', *_ORIGINAL_LOADER, *self.original_aliases]
+        if needs_rebuild:
+            out += _REBUILD_HELPER
+        layer_source = _layer_sources(self.used_layers)
+        if layer_source:
+            out += ["", "", "# " + "-" * 24 + " replacement layers, copied from convrewrite.layers", "", "", layer_source.rstrip("\n")]
+        out += ["", "", f"class {class_name}(nn.Module):", f'    """{_class_doc(self.graph_module is None)}"""']
+        out += ["", "    def __init__(self) -> None:", "        super().__init__()"]
+        out += [f"        {line}" for line in self.lines]
+        out += ["", forward, "", "", inputs_source.rstrip("\n"), "", ""]
+        out += _BUILD_AND_LOAD.format(class_name=class_name).splitlines()
+        text = "\n".join(out).rstrip("\n") + "\n"
+        text = re.sub(r"\n{4,}", "\n\n\n", text)
+        return GeneratedSource(
+            text=text,
+            class_name=class_name,
+            user_source=self.user_source if needs_original else None,
+            user_source_copy_name=self.original_copy_name if needs_original else None,
+            user_classes=sorted(self.user_classes),
+        )
+
+    def _emit_graph_constants(self) -> None:
+        """Tensors the trace captured as constants (``_tensor_constant0``) become buffers."""
+        assert self.graph_module is not None
+        known = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
+        known |= {name for name, _ in self.model.named_buffers(remove_duplicate=False)}
+        buffers = dict(self.graph_module.named_buffers())
+        for node in self.graph_module.graph.nodes:
+            if node.op == "get_attr" and node.target not in known and node.target in buffers:
+                value = buffers[node.target]
+                self.lines.append(
+                    f'self.register_buffer("{node.target}", torch.empty({tuple(value.shape)}, dtype={value.dtype}))'
+                )
+
+    def _emit_ties(self) -> None:
+        """Parameters registered under several names (tied weights) stay one parameter."""
+        first: dict[int, str] = {}
+        for pname, parameter in self.model.named_parameters(remove_duplicate=False):
+            owner, _, attr = pname.rpartition(".")
+            if id(parameter) not in first:
+                first[id(parameter)] = pname
+                continue
+            source = first[id(parameter)]
+            src_owner, _, src_attr = source.rpartition(".")
+            owner_module = self.model.get_submodule(owner) if owner else self.model
+            source_module = self.model.get_submodule(src_owner) if src_owner else self.model
+            if owner_module is source_module:
+                continue
+            target_expr = self.emitted.get(id(owner_module))
+            source_expr = self.emitted.get(id(source_module))
+            if target_expr is None or source_expr is None:
+                continue
+            line = f"{_attribute_target(target_expr, attr)} = {_attribute_target(source_expr, src_attr)}"
+            if line not in self.lines:
+                self.lines.append(f"{line}  # tied")
+
+
+def _same_tree(a: nn.Module, b: nn.Module) -> bool:
+    if _module_signature(a) != _module_signature(b):
+        return False
+    return all(
+        (ca is None and cb is None) or (ca is not None and cb is not None and _same_tree(ca, cb))
+        for ca, cb in zip(a._modules.values(), b._modules.values())
+    )
+
+
+def _layer_sources(classes: list[type[nn.Module]]) -> str:
+    """The source files of the used replacement layers, minus their imports and docstrings."""
+    modules: list[str] = []
+    for cls in classes:
+        for base in reversed(cls.__mro__):
+            name = base.__module__
+            if name.startswith("convrewrite.layers") and name not in modules:
+                modules.append(name)
+    chunks = []
+    import importlib
+
+    for name in modules:
+        source = inspect.getsource(importlib.import_module(name))
+        chunks.append(_strip_module_preamble(source))
+    return "\n\n".join(chunks).strip("\n") + "\n" if chunks else ""
+
+
+def _strip_module_preamble(source: str) -> str:
+    lines = source.splitlines()
+    body: list[str] = []
+    in_docstring = False
+    started = False
+    for line in lines:
+        stripped = line.strip()
+        if not started:
+            if stripped.startswith('"""') and not in_docstring:
+                in_docstring = not (stripped.count('"""') >= 2 and len(stripped) > 3)
+                continue
+            if in_docstring:
+                if stripped.endswith('"""'):
+                    in_docstring = False
+                continue
+            if not stripped or stripped.startswith(("import ", "from ")):
+                continue
+            started = True
+        body.append(line)
+    return "\n".join(body).strip("\n") + "\n"
+
+
+def graph_constants(model: nn.Module, graph_module: fx.GraphModule | None) -> dict[str, torch.Tensor]:
+    """The traced constants that are not the model's own parameters or buffers."""
+    if graph_module is None:
+        return {}
+    known = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    known |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    buffers = dict(graph_module.named_buffers())
+    return {
+        str(n.target): buffers[str(n.target)]
+        for n in graph_module.graph.nodes
+        if n.op == "get_attr" and n.target not in known and n.target in buffers
+    }
+
+
+def _class_doc(eager: bool) -> str:
+    if eager:
+        return "The rewritten model: the original class (untraceable forward) with its layers replaced."
+    return "The rewritten model; forward is the traced graph of the original, layers replaced in place."
+
+
+_ORIGINAL_LOADER = [
+    "",
+    "def _load_original():",
+    '    """The copy of the original source file, for classes whose forward could not be traced."""',
+    "    import importlib.util",
+    "    import sys",
+    "",
+    '    path = Path(__file__).with_name(ORIGINAL_SOURCE)',
+    '    name = "convrewrite_original_" + path.stem',
+    "    if name in sys.modules:",
+    "        return sys.modules[name]",
+    "    spec = importlib.util.spec_from_file_location(name, path)",
+    "    module = importlib.util.module_from_spec(spec)",
+    "    sys.modules[name] = module",
+    "    spec.loader.exec_module(module)",
+    "    return module",
+    "",
+    "",
+    "_original = _load_original()",
+    "",
+]
+
+_REBUILD_HELPER = [
+    "",
+    "def _rebuild(cls, attributes):",
+    '    """An instance of ``cls`` with these plain attributes; its layers are assigned after."""',
+    "    module = cls.__new__(cls)",
+    "    nn.Module.__init__(module)",
+    "    module.__dict__.update(attributes)",
+    "    return module",
+    "",
+]
+
+_BUILD_AND_LOAD = '''def build_model() -> {class_name}:
+    """The rewritten architecture with freshly initialized weights."""
+    return {class_name}()
+
+
+def load_model(weights: str | Path | None = None, device: str = "cpu") -> {class_name}:
+    """The rewritten model with the transferred weights (needs the safetensors package)."""
+    from safetensors.torch import load_model as load_safetensors
+
+    model = build_model()
+    path = Path(weights) if weights is not None else Path(__file__).with_name("weights.safetensors")
+    load_safetensors(model, str(path), strict=True, device=device)
+    return model.to(device)'''
+
+
+def inputs_source(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """``example_inputs()`` rebuilding tensors of the same shapes (seeded, like --input-shape)."""
+
+    def expression(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            shape = tuple(value.shape)
+            if value.is_floating_point():
+                return f"torch.randn({shape}, generator=generator, dtype={value.dtype})"
+            return f"torch.zeros({shape}, dtype={value.dtype})"
+        if isinstance(value, tuple):
+            return "(" + ", ".join(expression(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+        if isinstance(value, list):
+            return "[" + ", ".join(expression(v) for v in value) + "]"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k!r}: {expression(v)}" for k, v in value.items()) + "}"
+        if _is_literal(value):
+            return _literal(value)
+        raise ModelError(f"cannot write example input of type {type(value).__name__}")
+
+    if kwargs and not args:
+        body = expression(dict(kwargs))
+    elif len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+        body = expression(args[0])
+    elif not kwargs:
+        body = expression(tuple(args))
+    else:
+        raise ModelError("cannot write example inputs that mix positional and keyword arguments")
+    return (
+        "def example_inputs():\n"
+        '    """Example input of the shapes the rewrite was verified on (batch first)."""\n'
+        "    generator = torch.Generator().manual_seed(0)\n"
+        f"    return {body}"
+    )
+
+
+def class_name_for(model: nn.Module) -> str:
+    base = re.sub(r"\W", "_", type(model).__name__) or "Model"
+    if base == "GraphModule":
+        base = "Model"
+    return f"{base}Rewritten"

@@ -1,0 +1,151 @@
+"""``[tool.convrewrite]`` in pyproject.toml, and where each setting came from.
+
+The command line overrides the config file, which overrides the defaults. Every resolved value
+is a ``Setting`` that remembers its source, so ``--verbose`` can say where it came from. Unknown
+keys are errors that name the key: a typo must never silently disable a budget.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from convrewrite.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+#: Keys of [tool.convrewrite]; budgets/baseline belong to ``convrewrite check``.
+KNOWN_KEYS = {
+    "model",
+    "input-shape",
+    "weights",
+    "rules",
+    "include",
+    "exclude",
+    "min-channels",
+    "budgets",
+    "baseline",
+}
+
+
+@dataclass
+class Setting:
+    value: Any
+    source: str
+
+    def describe(self, name: str) -> str:
+        return f"{name} = {self.value!r}  ({self.source})"
+
+
+@dataclass
+class ProjectConfig:
+    """The ``[tool.convrewrite]`` table (keys normalised to dashes) and its file."""
+
+    path: Path | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def where(self, key: str) -> str:
+        if self.path is None:
+            return "default"
+        return f"{self.path} [tool.convrewrite] {key}"
+
+    def resolve(self, key: str, cli_value: Any, default: Any = None) -> Setting:
+        """Command line first (when given), then the config file, then the default."""
+        if cli_value not in (None, [], ()):
+            return Setting(cli_value, "command line")
+        if key in self.data:
+            return Setting(self.data[key], self.where(key))
+        return Setting(default, "default")
+
+
+def find_pyproject(start: Path | None = None) -> Path | None:
+    """The nearest pyproject.toml with a [tool.convrewrite] table, from ``start`` upwards."""
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        candidate = directory / "pyproject.toml"
+        if candidate.is_file():
+            try:
+                with candidate.open("rb") as handle:
+                    data = tomllib.load(handle)
+            except (OSError, tomllib.TOMLDecodeError):
+                # A broken pyproject is reported when it is the one we use (load_project_config).
+                return candidate
+            if "convrewrite" in data.get("tool", {}):
+                return candidate
+    return None
+
+
+def load_project_config(path: Path | None = None, start: Path | None = None) -> ProjectConfig:
+    """Read and validate ``[tool.convrewrite]``; no file means an empty config."""
+    explicit = path is not None
+    path = path if path is not None else find_pyproject(start)
+    if path is None:
+        return ProjectConfig()
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path} is not valid TOML: {exc}") from None
+    table = document.get("tool", {}).get("convrewrite")
+    if table is None:
+        if explicit:
+            raise UsageError(f"{path} has no [tool.convrewrite] table")
+        return ProjectConfig()
+    if not isinstance(table, dict):
+        raise UsageError(f"{path}: [tool.convrewrite] must be a table")
+    data: dict[str, Any] = {}
+    for raw_key, value in table.items():
+        key = raw_key.replace("_", "-")
+        if key not in KNOWN_KEYS:
+            known = ", ".join(sorted(KNOWN_KEYS))
+            raise UsageError(f"{path}: unknown key [tool.convrewrite] {raw_key!r}", hint=f"known keys: {known}")
+        data[key] = value
+    config = ProjectConfig(path, data)
+    _validate_common(config)
+    return config
+
+
+def _validate_common(config: ProjectConfig) -> None:
+    data = config.data
+    if "model" in data and not isinstance(data["model"], str):
+        raise UsageError(f"{config.where('model')} must be a string such as 'models/net.py:build_model'")
+    if "input-shape" in data:
+        shape = data["input-shape"]
+        shapes = shape if shape and isinstance(shape[0], list) else [shape]
+        if not isinstance(shape, list) or not all(
+            isinstance(s, list) and s and all(isinstance(d, int) and d > 0 for d in s) for s in shapes
+        ):
+            raise UsageError(
+                f"{config.where('input-shape')} must be a list of positive integers, batch first, "
+                "such as [1, 3, 224, 224] (or a list of such lists)"
+            )
+    if "rules" in data:
+        rules = data["rules"]
+        if not isinstance(rules, list) or not all(isinstance(r, (str, dict)) for r in rules):
+            raise UsageError(
+                f"{config.where('rules')} must be a list of rule specs such as ['separable:multiplier=2'] "
+                "or tables such as {name = 'separable', multiplier = 2}"
+            )
+    for key in ("include", "exclude"):
+        if key in data and not (isinstance(data[key], list) and all(isinstance(g, str) for g in data[key])):
+            raise UsageError(f"{config.where(key)} must be a list of glob strings")
+    if "min-channels" in data and not (isinstance(data["min-channels"], int) and data["min-channels"] >= 0):
+        raise UsageError(f"{config.where('min-channels')} must be a non-negative integer")
+    for key in ("weights", "baseline"):
+        if key in data and not isinstance(data[key], str):
+            raise UsageError(f"{config.where(key)} must be a path string")
+
+
+def config_input_shapes(value: Any) -> list[tuple[int, ...]]:
+    if not value:
+        return []
+    if isinstance(value[0], list):
+        return [tuple(v) for v in value]
+    return [tuple(value)]

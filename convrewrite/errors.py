@@ -1,0 +1,43 @@
+"""The one domain exception family, each carrying the documented exit code.
+
+Exit codes: 0 ok, 1 a budget exceeded, 2 usage or configuration error, 3 the model could not be
+loaded, traced or rewritten. Expected failures are raised as these and printed as one line by the
+CLI; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ConvRewriteError(Exception):
+    """An expected failure with a one-line, actionable message."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = self.message.rstrip(".")
+        if self.hint:
+            text = f"{text}; {self.hint}"
+        return " ".join(text.split())
+
+
+class UsageError(ConvRewriteError):
+    """Bad command line or configuration (exit 2)."""
+
+    exit_code = 2
+
+
+class ModelError(ConvRewriteError):
+    """The model could not be loaded, traced or rewritten (exit 3)."""
+
+    exit_code = 3
+
+
+class BudgetExceeded(ConvRewriteError):
+    """At least one error-level budget is exceeded (exit 1)."""
+
+    exit_code = 1

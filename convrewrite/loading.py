@@ -1,0 +1,495 @@
+"""Find the user's model and its example input.
+
+MODEL takes four forms: ``path/file.py``, ``path/file.py:NAME``, ``package.module:NAME`` and a
+directory written by ``convrewrite apply``. Importing a user's file runs their code; the import
+leaves ``sys.path`` and ``sys.modules`` as they were, and keeps the module object so that source
+generation can still see the user's classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from convrewrite.errors import ModelError, UsageError
+
+#: Discovery order when MODEL names no object.
+DISCOVERY_ORDER = ("build_model", "model", "the single nn.Module subclass")
+
+
+@dataclass
+class ExampleInputs:
+    """Positional and keyword arguments that one forward call receives."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def call(self, model: nn.Module) -> Any:
+        return model(*self.args, **self.kwargs)
+
+    def tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Every tensor in the inputs with a readable path (``input``, ``x[0]``, ``batch['image']``)."""
+        found: list[tuple[str, torch.Tensor]] = []
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, torch.Tensor):
+                found.append((prefix, value))
+            elif isinstance(value, (tuple, list)):
+                for index, item in enumerate(value):
+                    walk(f"{prefix}[{index}]", item)
+            elif isinstance(value, dict):
+                for key, item in value.items():
+                    walk(f"{prefix}[{key!r}]", item)
+
+        for index, value in enumerate(self.args):
+            walk(f"arg{index}", value)
+        for key, value in self.kwargs.items():
+            walk(key, value)
+        return found
+
+    def describe(self) -> str:
+        parts = [
+            f"{name} {'x'.join(str(d) for d in t.shape)} {str(t.dtype).replace('torch.', '')}"
+            for name, t in self.tensors()
+        ]
+        return ", ".join(parts) if parts else "no tensors"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis, with where every piece came from."""
+
+    model: nn.Module
+    inputs: ExampleInputs
+    spec: str
+    display_name: str
+    origin: str
+    source_file: Path | None = None
+    user_module: ModuleType | None = None
+    weights: Path | None = None
+    from_apply_dir: Path | None = None
+
+    @contextlib.contextmanager
+    def module_registered(self) -> Iterator[None]:
+        """Make the user's module importable by name for the duration (for ``inspect``)."""
+        module = self.user_module
+        if module is None or sys.modules.get(module.__name__) is module:
+            yield
+            return
+        previous = sys.modules.get(module.__name__)
+        sys.modules[module.__name__] = module
+        try:
+            yield
+        finally:
+            if previous is None:
+                sys.modules.pop(module.__name__, None)
+            else:
+                sys.modules[module.__name__] = previous
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"1,1,32,320"`` (or ``1x1x32x320``) to a shape; batch included."""
+    cleaned = text.strip().strip("()[]").replace("x", ",").replace("×", ",")
+    parts = [p.strip() for p in cleaned.split(",") if p.strip()]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UsageError(
+            f"--input-shape {text!r} is not a list of integers", hint="write it like 1,3,224,224"
+        ) from None
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(
+            f"--input-shape {text!r} needs positive dimensions, batch first",
+            hint="write it like 1,3,224,224",
+        )
+    return shape
+
+
+@contextlib.contextmanager
+def isolated_import(extra_path: Path | None) -> Iterator[None]:
+    """Import user code, then put ``sys.path`` and ``sys.modules`` back exactly as they were."""
+    saved_path = list(sys.path)
+    saved_modules = dict(sys.modules)
+    if extra_path is not None:
+        sys.path.insert(0, str(extra_path))
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        for name in list(sys.modules):
+            if name not in saved_modules:
+                del sys.modules[name]
+        for name, module in saved_modules.items():
+            if sys.modules.get(name) is not module:
+                sys.modules[name] = module
+
+
+def _user_frame(exc: BaseException, path: Path) -> str:
+    """``file.py:LINE`` of the deepest frame inside the user's file, if any."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        if Path(frame.filename).resolve() == path.resolve():
+            return f"{path.name}:{frame.lineno}"
+    return path.name
+
+
+def _module_name_for(path: Path) -> str:
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    stem = "".join(c if c.isalnum() else "_" for c in path.stem)
+    return f"convrewrite_user_{stem}_{digest}"
+
+
+def import_file(path: Path) -> ModuleType:
+    """Execute a user's Python file as a fresh module, reporting failures in one line."""
+    name = _module_name_for(path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelError(f"cannot import {path}: not a Python source file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        where = f"{path.name}:{exc.lineno}" if exc.lineno else path.name
+        raise ModelError(
+            f"syntax error in {where}: {exc.msg}", hint="fix the model file and run again"
+        ) from exc
+    except Exception as exc:
+        raise ModelError(
+            f"importing {path.name} raised {type(exc).__name__} at {_user_frame(exc, path)}: {exc}",
+            hint="fix the model file, or run with --debug for the traceback",
+        ) from exc
+    return module
+
+
+def import_dotted(module_name: str) -> ModuleType:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise UsageError(
+            f"cannot import module {module_name!r}: {exc}",
+            hint="give a path to a .py file, or run from the directory that holds the package",
+        ) from exc
+    except SyntaxError as exc:
+        raise ModelError(f"syntax error in {exc.filename}:{exc.lineno}: {exc.msg}") from exc
+    except Exception as exc:
+        raise ModelError(
+            f"importing {module_name} raised {type(exc).__name__}: {exc}",
+            hint="run with --debug for the traceback",
+        ) from exc
+
+
+def _instantiate(obj: Any, label: str) -> tuple[nn.Module, str]:
+    if isinstance(obj, nn.Module):
+        return obj, f"module instance {label}"
+    if inspect.isclass(obj) and issubclass(obj, nn.Module):
+        try:
+            return obj(), f"class {label}, built with no arguments"
+        except TypeError as exc:
+            raise ModelError(
+                f"cannot build {label} with no arguments: {exc}",
+                hint="add a zero-argument build_model() to the file and point at it",
+            ) from exc
+        except Exception as exc:
+            raise ModelError(f"building {label}() raised {type(exc).__name__}: {exc}") from exc
+    if callable(obj):
+        try:
+            built = obj()
+        except TypeError as exc:
+            raise ModelError(
+                f"calling {label}() failed: {exc}", hint="NAME must take no arguments"
+            ) from exc
+        except Exception as exc:
+            raise ModelError(f"{label}() raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(built, nn.Module):
+            raise ModelError(f"{label}() returned {type(built).__name__}, not a torch.nn.Module")
+        return built, f"factory {label}()"
+    raise ModelError(
+        f"{label} is a {type(obj).__name__}; expected an nn.Module instance, subclass or factory"
+    )
+
+
+def module_candidates(module: ModuleType) -> list[str]:
+    """Names in ``module`` that could be a model: factories, instances and local subclasses."""
+    names = []
+    for name, value in vars(module).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, nn.Module):
+            names.append(name)
+        elif (
+            inspect.isclass(value)
+            and issubclass(value, nn.Module)
+            and value.__module__ == module.__name__
+        ):
+            names.append(name)
+        elif inspect.isfunction(value) and value.__module__ == module.__name__ and name == "build_model":
+            names.append(name)
+    return names
+
+
+def discover(module: ModuleType, where: str) -> tuple[nn.Module, str, str]:
+    """Pick the model out of an imported module; returns (model, name, origin)."""
+    factory = getattr(module, "build_model", None)
+    if callable(factory):
+        model, origin = _instantiate(factory, "build_model")
+        return model, "build_model", origin
+    instance = getattr(module, "model", None)
+    if isinstance(instance, nn.Module):
+        return instance, "model", "module-level instance model"
+    classes = [
+        name
+        for name, value in vars(module).items()
+        if inspect.isclass(value)
+        and issubclass(value, nn.Module)
+        and value.__module__ == module.__name__
+        and not name.startswith("_")
+    ]
+    if len(classes) == 1:
+        model, origin = _instantiate(getattr(module, classes[0]), classes[0])
+        return model, classes[0], origin
+    if not classes:
+        raise ModelError(
+            f"no model found in {where}: it defines no build_model(), no module-level `model` "
+            "and no nn.Module subclass",
+            hint=f"name one with {where}:NAME",
+        )
+    raise ModelError(
+        f"{where} defines {len(classes)} nn.Module subclasses ({', '.join(classes)}) and no "
+        "build_model() or `model`, so the model is ambiguous",
+        hint=f"pick one with {where}:{classes[0]}",
+    )
+
+
+def _example_inputs_from(module: ModuleType | None, where: str) -> ExampleInputs | None:
+    if module is None:
+        return None
+    factory = getattr(module, "example_inputs", None)
+    if callable(factory):
+        try:
+            value = factory()
+        except Exception as exc:
+            raise ModelError(f"{where}: example_inputs() raised {type(exc).__name__}: {exc}") from exc
+        return _as_inputs(value, f"example_inputs() in {where}")
+    shape = getattr(module, "INPUT_SHAPE", None)
+    if shape is not None:
+        try:
+            dims = tuple(int(d) for d in shape)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where}: INPUT_SHAPE must be a tuple of integers, got {shape!r}") from None
+        return random_inputs([dims], f"INPUT_SHAPE in {where}")
+    return None
+
+
+def _as_inputs(value: Any, source: str) -> ExampleInputs:
+    if isinstance(value, torch.Tensor):
+        return ExampleInputs((value,), {}, source)
+    if isinstance(value, tuple):
+        return ExampleInputs(value, {}, source)
+    if isinstance(value, list):
+        return ExampleInputs(tuple(value), {}, source)
+    if isinstance(value, dict):
+        return ExampleInputs((), dict(value), source)
+    raise ModelError(
+        f"{source} returned {type(value).__name__}; expected a tensor, or a tuple or dict of tensors"
+    )
+
+
+def random_inputs(shapes: list[tuple[int, ...]], source: str) -> ExampleInputs:
+    """Deterministic float32 inputs of the given shapes (seeded, so reports are reproducible)."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = tuple(torch.randn(shape, generator=generator) for shape in shapes)
+    return ExampleInputs(tensors, {}, source)
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``file.py:NAME`` to (``file.py``, ``NAME``); leaves Windows drive letters alone."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail and "/" not in tail and "\\" not in tail and len(head) > 1:
+        return head, tail
+    return spec, None
+
+
+def resolve_name(module: ModuleType, name: str, where: str) -> tuple[nn.Module, str]:
+    obj: Any = module
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            candidates = module_candidates(module)
+            listed = ", ".join(candidates) if candidates else "none"
+            raise ModelError(f"{where} has no {name!r}", hint=f"candidates: {listed}")
+        obj = getattr(obj, part)
+    return _instantiate(obj, name)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load ``.safetensors`` or ``.pt``/``.pth`` (``weights_only=True`` only) into ``model``."""
+    if not path.exists():
+        raise UsageError(f"weights file {path} does not exist")
+    suffix = path.suffix.lower()
+    state: dict[str, torch.Tensor]
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelError(f"cannot read {path.name} as safetensors: {exc}") from exc
+    elif suffix in {".pt", ".pth", ".bin"}:
+        try:
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"refusing to load {path.name}: it is not a plain tensor checkpoint "
+                f"(torch.load(weights_only=True) failed: {first})",
+                hint="convrewrite never unpickles arbitrary objects; save a state_dict or safetensors",
+            ) from exc
+        state = _state_dict_from(loaded, path)
+    else:
+        raise UsageError(
+            f"unsupported weights format {path.suffix!r} for {path.name}",
+            hint="use .safetensors, .pt or .pth",
+        )
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise ModelError(
+            f"weights in {path.name} do not fit the model: {'; '.join(detail)}",
+            hint="check that the weights belong to this model",
+        )
+
+
+def _state_dict_from(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(loaded, dict):
+        if all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            return loaded
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = loaded.get(key)
+            if isinstance(inner, dict) and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+    raise ModelError(
+        f"{path.name} holds a {type(loaded).__name__}, not a state_dict of tensors",
+        hint="save model.state_dict() (or a dict with a 'state_dict' entry)",
+    )
+
+
+def load_model(
+    spec: str,
+    *,
+    input_shapes: list[tuple[int, ...]] | None = None,
+    weights: Path | None = None,
+) -> LoadedModel:
+    """Resolve MODEL, build it, load weights and find the example input."""
+    target, name = split_spec(spec)
+    path = Path(target)
+    search_dir = path if path.is_dir() else (path.parent if path.suffix == ".py" else Path.cwd())
+    # Everything that runs user code (import, factory, weights, example_inputs) happens inside
+    # the isolation, so sibling imports work and nothing leaks into sys.path / sys.modules.
+    # Seed torch first: a model built with random init then gives the same report every run.
+    torch.manual_seed(0)
+    with isolated_import(search_dir.resolve()):
+        return _load_model(spec, target, name, path, input_shapes, weights)
+
+
+def _load_model(
+    spec: str,
+    target: str,
+    name: str | None,
+    path: Path,
+    input_shapes: list[tuple[int, ...]] | None,
+    weights: Path | None,
+) -> LoadedModel:
+    module: ModuleType | None
+    apply_dir: Path | None = None
+    source_file: Path | None = None
+    if path.is_dir():
+        if name is not None:
+            raise UsageError(f"{spec}: a directory takes no :NAME")
+        generated = path / "model.py"
+        if not generated.is_file():
+            raise UsageError(
+                f"{path} is a directory without model.py",
+                hint="point at a .py file, or at a directory written by `convrewrite apply`",
+            )
+        apply_dir = path
+        source_file = generated
+        module = import_file(generated)
+        where = str(generated)
+        model, display, origin = discover(module, where)
+        if weights is None and (path / "weights.safetensors").is_file():
+            weights = path / "weights.safetensors"
+    elif target.endswith(".py") or path.suffix == ".py" or "/" in target or "\\" in target:
+        if not path.exists():
+            raise UsageError(f"model file {target} does not exist", hint="check the path")
+        if not path.is_file():
+            raise UsageError(f"{target} is not a file")
+        source_file = path
+        module = import_file(path)
+        where = path.name
+        if name is None:
+            model, display, origin = discover(module, where)
+        else:
+            model, origin = resolve_name(module, name, where)
+            display = name
+    else:
+        if name is None:
+            if Path(target + ".py").exists():
+                raise UsageError(f"{target} is not a path; did you mean {target}.py?")
+            raise UsageError(
+                f"cannot interpret MODEL {spec!r}",
+                hint="use path/file.py, path/file.py:NAME, package.module:NAME or an apply directory",
+            )
+        module = import_dotted(target)
+        where = target
+        model, origin = resolve_name(module, name, where)
+        display = name
+        file_attr = getattr(module, "__file__", None)
+        source_file = Path(file_attr) if file_attr else None
+
+    if weights is not None:
+        load_weights(model, Path(weights))
+
+    inputs: ExampleInputs | None
+    if input_shapes:
+        inputs = random_inputs(list(input_shapes), "--input-shape")
+    else:
+        inputs = _example_inputs_from(module, where)
+    if inputs is None:
+        raise UsageError(
+            f"no example input for {where}",
+            hint="pass --input-shape 1,3,224,224, or define example_inputs() or INPUT_SHAPE in the file",
+        )
+    model.eval()
+    label = f"{source_file.name if source_file else target}:{display}"
+    return LoadedModel(
+        model=model,
+        inputs=inputs,
+        spec=spec,
+        display_name=label,
+        origin=origin,
+        source_file=source_file,
+        user_module=module,
+        weights=Path(weights) if weights is not None else None,
+        from_apply_dir=apply_dir,
+    )

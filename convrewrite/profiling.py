@@ -1,0 +1,299 @@
+"""Run a model once and record, per module call, its output shapes, parameters and MACs.
+
+MACs (one multiply-accumulate = 1; FLOPs = 2 x MACs) are counted at the ATen level with a
+TorchDispatchMode while the model runs, so functional calls (``F.conv2d``, ``@``, ``bmm``,
+``F.scaled_dot_product_attention``) are never missed, whether or not torch.fx could trace the
+model. Each MAC is attributed to the innermost module running at that moment, and each unique
+parameter to the module that owns it, so the rows always sum to the totals. The formulas are the
+textbook ones (hand-written here, checked against ``FlopCounterMode`` in the tests):
+
+* convolution: out elements x (Cin / groups) x kernel elements; transposed convolutions are
+  counted on the *input* size: in elements x (Cout / groups) x kernel elements;
+* mm / addmm: n x k x m; bmm / baddbmm: b x n x k x m;
+* scaled-dot-product attention: b x heads x Lq x Lk x (E + Ev).
+
+Bias additions, normalisation, activations and pooling are not MACs and are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from convrewrite.loading import ExampleInputs
+
+aten = torch.ops.aten
+
+CONTAINER_TYPES = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _prod(values: Any) -> int:
+    return int(math.prod(int(v) for v in values))
+
+
+def _conv_macs(args: tuple[Any, ...], out: Any) -> int:
+    x, w = args[0], args[1]
+    transposed = bool(args[6]) if len(args) > 6 else False
+    if transposed:
+        # Each input element is scattered through (Cout/groups) x kernel weights.
+        return _prod(x.shape[:1]) * _prod(x.shape[2:]) * _prod(w.shape)
+    return _prod(out.shape) * _prod(w.shape[1:])
+
+
+def _mm_macs(args: tuple[Any, ...], out: Any) -> int:
+    a, b = args[0], args[1]
+    return int(a.shape[0]) * int(a.shape[1]) * int(b.shape[1])
+
+
+def _addmm_macs(args: tuple[Any, ...], out: Any) -> int:
+    return _mm_macs(args[1:], out)
+
+
+def _bmm_macs(args: tuple[Any, ...], out: Any) -> int:
+    a, b = args[0], args[1]
+    return int(a.shape[0]) * int(a.shape[1]) * int(a.shape[2]) * int(b.shape[2])
+
+
+def _baddbmm_macs(args: tuple[Any, ...], out: Any) -> int:
+    return _bmm_macs(args[1:], out)
+
+
+def _sdpa_macs(args: tuple[Any, ...], out: Any) -> int:
+    q, k, v = args[0], args[1], args[2]
+    batch_heads = _prod(q.shape[:-2])
+    lq, e = int(q.shape[-2]), int(q.shape[-1])
+    lk, ev = int(k.shape[-2]), int(v.shape[-1])
+    return batch_heads * lq * lk * (e + ev)
+
+
+def _op(name: str) -> Any:
+    return getattr(aten, name, None)
+
+
+_FORMULAS: dict[Any, tuple[str, Callable[[tuple[Any, ...], Any], int]]] = {}
+for _name, _label, _fn in [
+    ("convolution", "convolution", _conv_macs),
+    ("_convolution", "convolution", _conv_macs),
+    ("cudnn_convolution", "convolution", _conv_macs),
+    ("convolution_overrideable", "convolution", _conv_macs),
+    ("mm", "matmul", _mm_macs),
+    ("addmm", "matmul", _addmm_macs),
+    ("bmm", "matmul", _bmm_macs),
+    ("baddbmm", "matmul", _baddbmm_macs),
+    ("_scaled_dot_product_flash_attention_for_cpu", "attention", _sdpa_macs),
+    ("_scaled_dot_product_flash_attention", "attention", _sdpa_macs),
+    ("_scaled_dot_product_efficient_attention", "attention", _sdpa_macs),
+    ("_scaled_dot_product_cudnn_attention", "attention", _sdpa_macs),
+]:
+    _packet = _op(_name)
+    if _packet is not None:
+        _FORMULAS[_packet] = (_label, _fn)
+
+# ``aten._convolution`` / cudnn variants transpose flag sits at the same index (6) as in
+# ``aten.convolution``; ``_slow_conv2d_forward`` has no such flag and is never transposed.
+if _op("_slow_conv2d_forward") is not None:
+    _FORMULAS[aten._slow_conv2d_forward] = (
+        "convolution",
+        lambda args, out: _prod(out.shape) * _prod(args[1].shape[1:]),
+    )
+
+
+def macs_of(func: Any, args: tuple[Any, ...], out: Any) -> tuple[str, int] | None:
+    """The (kind, MACs) of one ATen call, or None when it is not a multiply-accumulate op."""
+    entry = _FORMULAS.get(getattr(func, "overloadpacket", None))
+    if entry is None:
+        return None
+    label, formula = entry
+    result = out[0] if isinstance(out, (tuple, list)) else out
+    return label, formula(args, result)
+
+
+@dataclass
+class CallRecord:
+    """One call of one module (or the whole model, name ``""``)."""
+
+    index: int
+    name: str
+    type: str
+    depth: int
+    parent: int | None
+    call_number: int
+    is_leaf: bool
+    is_container: bool
+    post_index: int = -1
+    output_shapes: list[list[int]] = field(default_factory=list)
+    input_shapes: list[list[int]] = field(default_factory=list)
+    params: int = 0
+    trainable_params: int = 0
+    param_bytes: int = 0
+    macs: int = 0
+    macs_by_kind: dict[str, int] = field(default_factory=dict)
+    called: bool = True
+
+    @property
+    def output_numel(self) -> int:
+        return sum(_prod(s) for s in self.output_shapes)
+
+
+@dataclass
+class ModelProfile:
+    """Everything one forward pass tells: per-call rows and model totals."""
+
+    records: list[CallRecord]
+    params: int
+    trainable_params: int
+    param_bytes: int
+    buffer_bytes: int
+    macs: int
+    input_shapes: list[list[int]]
+    output: Any = None
+
+    def by_name(self, name: str) -> list[CallRecord]:
+        return [r for r in self.records if r.name == name]
+
+    def first_call(self, name: str) -> CallRecord | None:
+        for record in self.records:
+            if record.name == name and record.called:
+                return record
+        return None
+
+
+@dataclass
+class _Ownership:
+    params: dict[str, int]
+    trainable: dict[str, int]
+    bytes: dict[str, int]
+
+
+def parameter_ownership(model: nn.Module) -> _Ownership:
+    """Attribute each unique parameter (tied ones once) to the module that owns it first."""
+    params: dict[str, int] = {}
+    trainable: dict[str, int] = {}
+    nbytes: dict[str, int] = {}
+    for full_name, parameter in model.named_parameters(remove_duplicate=True):
+        owner = full_name.rpartition(".")[0]
+        params[owner] = params.get(owner, 0) + parameter.numel()
+        nbytes[owner] = nbytes.get(owner, 0) + parameter.numel() * parameter.element_size()
+        if parameter.requires_grad:
+            trainable[owner] = trainable.get(owner, 0) + parameter.numel()
+    return _Ownership(params, trainable, nbytes)
+
+
+class _MacCounter(TorchDispatchMode):
+    def __init__(self, stack: list[CallRecord]) -> None:
+        super().__init__()
+        self.stack = stack
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        counted = macs_of(func, args, out)
+        if counted is not None and self.stack:
+            label, macs = counted
+            record = self.stack[-1]
+            record.macs += macs
+            record.macs_by_kind[label] = record.macs_by_kind.get(label, 0) + macs
+        return out
+
+
+def _shapes(value: Any) -> list[list[int]]:
+    return [list(t.shape) for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def profile(model: nn.Module, inputs: ExampleInputs) -> ModelProfile:
+    """Run ``model`` once on ``inputs`` (no grad) and record every module call."""
+    names: dict[int, str] = {}
+    for name, module in model.named_modules():
+        names.setdefault(id(module), name)
+    ownership = parameter_ownership(model)
+    records: list[CallRecord] = []
+    stack: list[CallRecord] = []
+    call_counts: dict[str, int] = {}
+    post_counter = [0]
+    handles = []
+
+    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        name = names.get(id(module), "?")
+        number = call_counts.get(name, 0)
+        call_counts[name] = number + 1
+        record = CallRecord(
+            index=len(records),
+            name=name,
+            type=type(module).__name__,
+            depth=len(stack),
+            parent=stack[-1].index if stack else None,
+            call_number=number,
+            is_leaf=not any(True for _ in module.children()),
+            is_container=isinstance(module, CONTAINER_TYPES),
+            input_shapes=_shapes(args),
+        )
+        if number == 0:
+            record.params = ownership.params.get(name, 0)
+            record.trainable_params = ownership.trainable.get(name, 0)
+            record.param_bytes = ownership.bytes.get(name, 0)
+        records.append(record)
+        stack.append(record)
+
+    def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if stack:
+            record = stack.pop()
+            record.output_shapes = _shapes(output)
+            record.post_index = post_counter[0]
+            post_counter[0] += 1
+
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        handles.append(module.register_forward_hook(post_hook, always_call=True))
+    try:
+        with torch.no_grad(), _MacCounter(stack):
+            output = inputs.call(model)
+    except Exception as exc:
+        open_calls = [r for r in records if r.post_index < 0 and r.name]
+        if open_calls:
+            innermost = open_calls[-1]
+            exc._convrewrite_layer = f"{innermost.name} ({innermost.type})"  # type: ignore[attr-defined]
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    # Parameters of modules that never ran still count: give them rows so rows sum to totals.
+    called = set(call_counts)
+    for name, module in model.named_modules():
+        if name in called:
+            continue
+        if ownership.params.get(name, 0) == 0:
+            continue
+        records.append(
+            CallRecord(
+                index=len(records),
+                name=name,
+                type=type(module).__name__,
+                depth=name.count(".") + 1,
+                parent=None,
+                call_number=0,
+                is_leaf=not any(True for _ in module.children()),
+                is_container=isinstance(module, CONTAINER_TYPES),
+                params=ownership.params.get(name, 0),
+                trainable_params=ownership.trainable.get(name, 0),
+                param_bytes=ownership.bytes.get(name, 0),
+                called=False,
+            )
+        )
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    return ModelProfile(
+        records=records,
+        params=sum(ownership.params.values()),
+        trainable_params=sum(ownership.trainable.values()),
+        param_bytes=sum(ownership.bytes.values()),
+        buffer_bytes=buffer_bytes,
+        macs=sum(r.macs for r in records),
+        input_shapes=[list(t.shape) for _, t in inputs.tensors()],
+        output=output,
+    )

@@ -1,0 +1,205 @@
+"""Turn an engine result (profiles, rewrites, skips, fidelity) into a ``Report`` data object."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+from convrewrite.engine import EngineResult
+from convrewrite.profiling import CallRecord, ModelProfile
+from convrewrite.report import MIB, LayerRow, Report, SummaryRow, Totals, TorchSummary
+from convrewrite.rule_api import config_as_dict
+
+
+def totals_of(profile: ModelProfile) -> Totals:
+    return Totals(
+        params=profile.params,
+        trainable_params=profile.trainable_params,
+        macs=profile.macs,
+        param_bytes=profile.param_bytes,
+        buffer_bytes=profile.buffer_bytes,
+    )
+
+
+def _per_sample(shape: list[int]) -> int:
+    return int(math.prod(shape[1:])) if shape else 1
+
+
+def torchsummary_of(profile: ModelProfile) -> TorchSummary:
+    """torchsummary's rows and figures, computed from our profile.
+
+    torchsummary hooks every module except ``nn.Sequential``, ``nn.ModuleList`` and the model
+    itself, in the order their forward calls finish, and assumes 4 bytes per number and a batch
+    of one. Unlike torchsummary, shared or tied parameters are counted once.
+    """
+    rows: list[SummaryRow] = []
+    total_output = 0
+    ordered = sorted((r for r in profile.records if r.called and r.post_index >= 0), key=lambda r: r.post_index)
+    for record in ordered:
+        # torchsummary skips isinstance(m, (Sequential, ModuleList)), so blocks that subclass
+        # nn.Sequential contribute only their children's rows, as in the CRNN document.
+        if record.name == "" or record.is_container:
+            continue
+        shapes = record.output_shapes
+        if len(shapes) == 1:
+            shown = str([-1, *shapes[0][1:]])
+        else:
+            shown = str([[-1, *s[1:]] for s in shapes])
+        rows.append(SummaryRow(f"{record.type}-{len(rows) + 1}", shown, record.params))
+        total_output += sum(_per_sample(s) for s in shapes)
+    input_numbers = sum(_per_sample(s) for s in profile.input_shapes)
+    return TorchSummary(
+        rows=rows,
+        total_params=profile.params,
+        trainable_params=profile.trainable_params,
+        input_mb=input_numbers * 4.0 / MIB,
+        forward_backward_mb=2.0 * total_output * 4.0 / MIB,
+        params_mb=profile.params * 4.0 / MIB,
+    )
+
+
+def _shown(profile: ModelProfile, hidden_roots: set[str]) -> list[CallRecord]:
+    """The rows of the layer table: leaf calls, modules with their own params/MACs, uncalled."""
+    shown = []
+    hidden_prefixes = tuple(name + "." for name in hidden_roots)
+    for record in profile.records:
+        if record.name and record.name.startswith(hidden_prefixes):
+            continue
+        if record.name in hidden_roots:
+            shown.append(record)
+            continue
+        if not record.called:
+            shown.append(record)
+            continue
+        if record.name == "" and not (record.params or record.macs):
+            continue
+        if record.is_leaf or record.params or record.macs:
+            shown.append(record)
+    return shown
+
+
+def _subtree(profile: ModelProfile, record: CallRecord) -> tuple[int, int]:
+    params, macs = record.params, record.macs
+    for other in profile.records[record.index + 1 :]:
+        if not other.called or other.depth <= record.depth:
+            break
+        params += other.params
+        macs += other.macs
+    return params, macs
+
+
+def _type_label(record: CallRecord) -> str:
+    if not record.is_leaf and record.macs_by_kind:
+        return f"{record.type} (own {', '.join(sorted(record.macs_by_kind))})"
+    return record.type
+
+
+def layer_rows(result: EngineResult) -> list[LayerRow]:
+    before = result.before
+    after = result.after
+    rewritten = {layer.name for layer in result.fidelity.layers} if result.fidelity else set()
+    for record in result.rewrites:
+        rewritten.update(a for a in record.aliases if "." not in a or a.rpartition(".")[0] not in rewritten)
+    kernel_errors = {layer.name: layer.kernel_relative_error for layer in result.fidelity.layers} if result.fidelity else {}
+    rules_of: dict[str, list[str]] = {}
+    for record in result.rewrites:
+        root = next((r for r in rewritten if record.name == r or record.name.startswith(r + ".")), record.name)
+        rules_of.setdefault(root, []).append(record.rule)
+    skip_notes: dict[str, list[str]] = {}
+    for skip in result.skipped:
+        skip_notes.setdefault(skip.name, []).append(f"{skip.rule}: {skip.reason}" if skip.rule != "*" else skip.reason)
+
+    after_map: dict[tuple[str, int], tuple[str, int, int, list[int] | None]] = {}
+    if after is not None:
+        for record in _shown(after, rewritten):
+            if record.name in rewritten and record.called:
+                params, macs = _subtree(after, record)
+            else:
+                params, macs = record.params, record.macs
+            shape = record.output_shapes[0] if record.output_shapes else None
+            after_map[(record.name, record.call_number)] = (_type_label(record), params, macs, shape)
+
+    rows: list[LayerRow] = []
+    seen: set[tuple[str, int]] = set()
+    for record in _shown(before, set()):
+        key = (record.name, record.call_number)
+        seen.add(key)
+        shape = record.output_shapes[0] if record.output_shapes else None
+        row = LayerRow(
+            name=record.name or "(model)",
+            call=record.call_number,
+            depth=record.depth,
+            type_before=_type_label(record),
+            type_after=None,
+            output_shape=shape,
+            params_before=record.params,
+            params_after=None,
+            macs_before=record.macs,
+            macs_after=None,
+        )
+        if not record.called:
+            row.note = "never called on the example input"
+        if after is not None:
+            match = after_map.get(key)
+            if match is not None:
+                row.type_after, row.params_after, row.macs_after, _ = match
+            else:
+                row.status = "removed"
+            if record.name in rewritten:
+                row.status = "rewritten"
+                row.rules = rules_of.get(record.name, [])
+                row.kernel_error = kernel_errors.get(record.name)
+            elif record.name in skip_notes:
+                row.status = "skipped"
+                row.note = "; ".join(dict.fromkeys(skip_notes[record.name]))
+        rows.append(row)
+    for key, (type_after, params, macs, shape) in after_map.items():
+        if key not in seen:
+            rows.append(
+                LayerRow(key[0] or "(model)", key[1], key[0].count(".") + 1, None, type_after, shape, None, params, None, macs, status="added")
+            )
+    return rows
+
+
+def _input_list(result: EngineResult) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+        for name, t in result.loaded.inputs.tensors()
+    ]
+
+
+def build_report(result: EngineResult) -> Report:
+    loaded = result.loaded
+    trace = result.trace
+    model_info = {
+        "spec": loaded.spec,
+        "name": loaded.display_name,
+        "class": type(loaded.model).__name__,
+        "origin": loaded.origin,
+        "weights": str(loaded.weights) if loaded.weights else None,
+        "inputs": _input_list(result),
+        "input_source": loaded.inputs.source,
+    }
+    trace_info = {
+        "mode": trace.mode,
+        "description": trace.describe(),
+        "leaves": [asdict(leaf) for leaf in trace.leaves],
+        "failure": trace.failure,
+    }
+    rules = [{"name": rule.name, "spec": rule.spec(), "options": config_as_dict(rule.config)} for rule in result.rules]
+    report = Report(
+        model=model_info,
+        trace=trace_info,
+        rules=rules,
+        before=totals_of(result.before),
+        after=totals_of(result.after) if result.after is not None else None,
+        layers=layer_rows(result),
+        rewrites=[asdict(r) for r in result.rewrites],
+        skipped=[asdict(s) for s in result.skipped],
+        fidelity=asdict(result.fidelity) if result.fidelity else None,
+        torchsummary_before=torchsummary_of(result.before),
+        torchsummary_after=torchsummary_of(result.after) if result.after is not None else None,
+        timings=dict(result.timings),
+    )
+    return report

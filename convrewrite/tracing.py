@@ -1,0 +1,169 @@
+"""Trace a model with torch.fx, falling back instead of crashing.
+
+Real models break ``symbolic_trace`` (data-dependent control flow, ``len`` of a proxy, ...). The
+tracer records the innermost submodule whose forward raised, marks it as a leaf and tries again,
+so every conv outside it still appears in the graph and the convs inside it can still be swapped
+module by module. Only when the root's own forward is untraceable is there no graph at all
+("eager" mode). Replacement blocks are always leaves, like timm's registered FX leaf modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+#: Module classes that tracing must never enter (the replacement blocks register here).
+_leaf_classes: set[type[nn.Module]] = set()
+
+
+def register_leaf_module(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: FX treats instances as a single call (their source is emitted whole)."""
+    _leaf_classes.add(cls)
+    return cls
+
+
+def is_registered_leaf(module: nn.Module) -> bool:
+    return isinstance(module, tuple(_leaf_classes)) if _leaf_classes else False
+
+
+@dataclass
+class LeafInfo:
+    name: str
+    type: str
+    reason: str
+
+
+@dataclass
+class TraceResult:
+    """How the model was traced: ``fx`` (whole graph), ``fx+leaves`` or ``eager`` (no graph)."""
+
+    graph_module: fx.GraphModule | None
+    mode: str
+    leaves: list[LeafInfo] = field(default_factory=list)
+    failure: str | None = None
+
+    @property
+    def leaf_names(self) -> set[str]:
+        return {leaf.name for leaf in self.leaves}
+
+    def describe(self) -> str:
+        if self.mode == "fx":
+            return "traced with torch.fx"
+        if self.mode == "fx+leaves":
+            names = ", ".join(f"{leaf.name} ({leaf.type})" for leaf in self.leaves)
+            return f"traced with torch.fx; untraceable submodules kept as leaves: {names}"
+        return f"not traceable with torch.fx ({self.failure}); analysed by running the model eagerly"
+
+
+class _FailingModule(Exception):
+    pass
+
+
+class LeafAwareTracer(fx.Tracer):
+    """A tracer with extra leaves by qualified name, which also notes where tracing failed."""
+
+    def __init__(self, leaf_names: set[str]) -> None:
+        super().__init__()
+        self.leaf_names = leaf_names
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names or is_registered_leaf(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(
+        self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            # The first (innermost) module to see the exception is the one whose forward failed.
+            if not hasattr(exc, "_convrewrite_failing_module"):
+                try:
+                    name = self.path_of_module(m)
+                except NameError:
+                    name = ""
+                exc._convrewrite_failing_module = name  # type: ignore[attr-defined]
+            raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    message = text[0] if text else ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def trace(model: nn.Module, leaf_names: set[str] | None = None) -> TraceResult:
+    """Symbolically trace ``model``; on failure retry with the failing submodules as leaves."""
+    leaves: dict[str, LeafInfo] = {}
+    fixed = set(leaf_names or ())
+    module_types = {name: type(m).__name__ for name, m in model.named_modules()}
+    for _ in range(len(module_types) + 1):
+        tracer = LeafAwareTracer(fixed | set(leaves))
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:
+            failing = getattr(exc, "_convrewrite_failing_module", "")
+            if not failing or failing in leaves or failing in fixed:
+                return TraceResult(None, "eager", list(leaves.values()), failure=_first_line(exc))
+            leaves[failing] = LeafInfo(failing, module_types.get(failing, "?"), _first_line(exc))
+            continue
+        name = type(model).__name__
+        graph_module = fx.GraphModule(tracer.root, graph, name)
+        for fixed_name in sorted(fixed):
+            if fixed_name not in leaves and fixed_name in module_types:
+                leaves[fixed_name] = LeafInfo(
+                    fixed_name, module_types[fixed_name], "kept as a leaf from the original trace"
+                )
+        mode = "fx+leaves" if leaves else "fx"
+        return TraceResult(graph_module, mode, list(leaves.values()))
+    return TraceResult(None, "eager", list(leaves.values()), failure="tracing did not converge")
+
+
+def placeholder_values(graph_module: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """Positional values for the graph's placeholders from a call's args and kwargs."""
+    values: list[Any] = []
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    for index, node in enumerate(placeholders):
+        name = str(node.target).lstrip("*")
+        if index < len(args):
+            values.append(args[index])
+        elif name in kwargs:
+            values.append(kwargs[name])
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            raise TypeError(f"no value for input {name!r}")
+    return values
+
+
+def torch_function_name(target: Any) -> str:
+    """A short readable name for a call_function / call_method target."""
+    if isinstance(target, str):
+        return target
+    module = getattr(target, "__module__", "") or ""
+    name = getattr(target, "__name__", repr(target))
+    if module.startswith("torch.nn.functional"):
+        return f"F.{name}"
+    if module.startswith("torch"):
+        return f"torch.{name}"
+    if module == "_operator":
+        return f"operator.{name}"
+    return name
+
+
+__all__ = [
+    "LeafAwareTracer",
+    "LeafInfo",
+    "TraceResult",
+    "is_registered_leaf",
+    "placeholder_values",
+    "register_leaf_module",
+    "torch_function_name",
+    "trace",
+]
+
+_ = torch  # torch is imported for its side effects on fx (operator registrations)

@@ -1,0 +1,142 @@
+"""``separable``: a dense KxK conv becomes a depthwise conv followed by a 1x1 pointwise conv.
+
+Weights come from a truncated SVD per input channel: for input channel i, the slice
+``W[:, i, :]`` (Cout x kernel elements) is factored as ``U S V^T`` and its best rank-m
+approximation (Eckart-Young) gives m depthwise filters ``sqrt(s) v`` and m pointwise columns
+``sqrt(s) u``. With m = min(Cout, kernel elements) the rewrite is exact. The depthwise part keeps the
+kernel, stride, padding (``'same'`` too), dilation and padding_mode.
+
+Bias: ``bias=both`` (default) puts a bias on both parts when the original had one, which reproduces
+the CRNN document's table; ``bias=pointwise`` keeps only the pointwise bias, which loses nothing
+because a depthwise bias folds into the pointwise bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from convrewrite.layers import SeparableConv1d, SeparableConv2d
+from convrewrite.rule_api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
+
+
+@dataclass(frozen=True)
+class SeparableConfig(RuleConfig):
+    multiplier: int = field(default=1, metadata={"help": "depthwise channel multiplier m (rank kept per input channel)"})
+    bias: Literal["both", "pointwise"] = field(
+        default="both", metadata={"help": "where the original bias goes: both parts, or pointwise only"}
+    )
+    init: Literal["svd", "random"] = field(
+        default="svd", metadata={"help": "svd: best rank-m transfer of the trained kernel; random: fresh init"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.multiplier < 1:
+            raise ValueError(f"multiplier must be a positive integer, got {self.multiplier}")
+
+
+def svd_factors(
+    weight: torch.Tensor, multiplier: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Depthwise (Cin*m, 1, *k) and pointwise (Cout, Cin*m) factors, and the energy kept.
+
+    Row ``i*m + j`` of the depthwise weight is the j-th component of input channel i.
+    """
+    out_channels, in_channels = weight.shape[0], weight.shape[1]
+    kernel = tuple(weight.shape[2:])
+    elements = int(torch.tensor(kernel).prod()) if kernel else 1
+    slices = weight.detach().to(torch.float64).permute(1, 0, *range(2, weight.dim()))
+    slices = slices.reshape(in_channels, out_channels, elements)
+    u, s, vh = torch.linalg.svd(slices, full_matrices=False)  # (Cin,Cout,r) (Cin,r) (Cin,r,K)
+    rank = s.shape[1]
+    kept = min(multiplier, rank)
+    root = s[:, :kept].sqrt()
+    depthwise = torch.zeros(in_channels, multiplier, elements, dtype=torch.float64)
+    pointwise = torch.zeros(out_channels, in_channels, multiplier, dtype=torch.float64)
+    depthwise[:, :kept] = root.unsqueeze(-1) * vh[:, :kept, :]
+    pointwise[:, :, :kept] = (u[:, :, :kept] * root.unsqueeze(1)).permute(1, 0, 2)
+    if multiplier > kept:
+        # Components beyond the kernel's rank: a random depthwise filter with a zero pointwise
+        # column keeps the output exact and still lets both parts learn.
+        generator = torch.Generator().manual_seed(0)
+        extra = torch.randn(in_channels, multiplier - kept, elements, generator=generator, dtype=torch.float64)
+        depthwise[:, kept:] = extra / max(elements, 1) ** 0.5
+    total = float((s**2).sum())
+    energy = float((s[:, :kept] ** 2).sum()) / total if total > 0 else 1.0
+    depthwise = depthwise.reshape(in_channels * multiplier, 1, *kernel)
+    pointwise = pointwise.reshape(out_channels, in_channels * multiplier)
+    return depthwise, pointwise, energy
+
+
+class SeparableRule(Rule):
+    name = "separable"
+    summary = "dense KxK conv -> depthwise KxK + pointwise 1x1 (MobileNet), SVD weight transfer"
+    config_class = SeparableConfig
+    config: SeparableConfig
+
+    def skip_reason(self, site: ConvSite) -> str | None:
+        reason = common_skip_reason(site, self.config)
+        if reason:
+            return reason
+        module = site.module
+        if module.groups == module.in_channels and module.groups > 1:
+            return f"already depthwise (groups={module.groups})"
+        if module.groups > 1:
+            return f"already grouped (groups={module.groups})"
+        if site.kernel_elements == 1:
+            return "1x1 conv: nothing to separate"
+        return None
+
+    def _has_bias(self, site: ConvSite) -> tuple[bool, bool]:
+        original = site.module.bias is not None
+        return original and self.config.bias == "both", original
+
+    def build(self, site: ConvSite) -> Replacement:
+        conv = site.module
+        depthwise_bias, pointwise_bias = self._has_bias(site)
+        block_class = SeparableConv1d if site.conv_dims == 1 else SeparableConv2d
+        m = self.config.multiplier
+        block = block_class(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            padding_mode=conv.padding_mode,
+            multiplier=m,
+            depthwise_bias=depthwise_bias,
+            pointwise_bias=pointwise_bias,
+        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        notes: dict[str, object] = {"multiplier": m, "init": self.config.init}
+        if self.config.init == "svd":
+            depthwise, pointwise, energy = svd_factors(conv.weight, m)
+            with torch.no_grad():
+                block.depthwise.weight.copy_(depthwise)
+                block.pointwise.weight.copy_(pointwise.reshape(block.pointwise.weight.shape))
+                if depthwise_bias:
+                    block.depthwise.bias.zero_()
+                if pointwise_bias:
+                    block.pointwise.bias.copy_(conv.bias.detach())
+            notes["energy_retained"] = energy
+            notes["exact"] = m >= min(site.out_channels, site.kernel_elements)
+        return Replacement(block, notes)
+
+    def cost(self, site: ConvSite) -> Cost:
+        depthwise_bias, pointwise_bias = self._has_bias(site)
+        m = self.config.multiplier
+        mid = site.in_channels * m
+        params = mid * site.kernel_elements + mid * site.out_channels
+        params += mid if depthwise_bias else 0
+        params += site.out_channels if pointwise_bias else 0
+        positions = site.output_elements_per_channel
+        macs = positions * mid * site.kernel_elements + positions * mid * site.out_channels
+        return Cost(params, macs)
+
+
+__all__ = ["SeparableConfig", "SeparableRule", "svd_factors"]
+_ = nn
