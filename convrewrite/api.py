@@ -89,7 +89,9 @@ def build_rules(job: Job) -> list[Any]:
     rules = []
     for spec in job.rules.value or []:
         rule = make_rule(spec)
-        rule.config = rule.config.with_defaults(job.include.value or (), job.exclude.value or (), job.min_channels.value or 0)
+        rule.config = rule.config.with_defaults(
+            job.include.value or (), job.exclude.value or (), job.min_channels.value or 0
+        )
         rules.append(rule)
     return rules
 

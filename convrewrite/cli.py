@@ -44,27 +44,40 @@ RuleOpt = Annotated[
 ]
 InputShapeOpt = Annotated[
     list[str] | None,
-    typer.Option("--input-shape", help="Example input shape, batch first (1,3,224,224); repeat for several inputs.", show_default=False),
+    typer.Option(
+        "--input-shape",
+        help="Example input shape, batch first (1,3,224,224); repeat for several inputs.",
+        show_default=False,
+    ),
 ]
 WeightsOpt = Annotated[
     str | None,
-    typer.Option("--weights", help=".safetensors, or .pt/.pth read with torch.load(weights_only=True).", show_default=False),
+    typer.Option(
+        "--weights", help=".safetensors, or .pt/.pth read with torch.load(weights_only=True).", show_default=False
+    ),
 ]
 IncludeOpt = Annotated[
-    list[str] | None, typer.Option("--include", help="Only rewrite layers matching this glob (repeatable).", show_default=False)
+    list[str] | None,
+    typer.Option("--include", help="Only rewrite layers matching this glob (repeatable).", show_default=False),
 ]
 ExcludeOpt = Annotated[
-    list[str] | None, typer.Option("--exclude", help="Never rewrite layers matching this glob (repeatable).", show_default=False)
+    list[str] | None,
+    typer.Option("--exclude", help="Never rewrite layers matching this glob (repeatable).", show_default=False),
 ]
 MinChannelsOpt = Annotated[
-    int | None, typer.Option("--min-channels", help="Skip convs with fewer input or output channels.", show_default=False)
+    int | None,
+    typer.Option("--min-channels", help="Skip convs with fewer input or output channels.", show_default=False),
 ]
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table | torchsummary | json | markdown")]
-WidthOpt = Annotated[int | None, typer.Option("--width", help="Table width in characters (default: terminal).", show_default=False)]
+WidthOpt = Annotated[
+    int | None, typer.Option("--width", help="Table width in characters (default: terminal).", show_default=False)
+]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of a failure.")]
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", help="pyproject.toml to read [tool.convrewrite] from (default: nearest one).", show_default=False),
+    typer.Option(
+        "--config", help="pyproject.toml to read [tool.convrewrite] from (default: nearest one).", show_default=False
+    ),
 ]
 
 
@@ -89,10 +102,8 @@ def guarded(debug: bool, body: Callable[[], int | None]) -> int:
         if debug:
             traceback.print_exc()
         lines = str(exc).strip().splitlines()
-        _fail(
-            f"unexpected {type(exc).__name__}: {lines[0] if lines else ''} (a bug: please report it; --debug shows the traceback)",
-            3,
-        )
+        first = lines[0] if lines else ""
+        _fail(f"unexpected {type(exc).__name__}: {first} (a bug: please report it; --debug shows the traceback)", 3)
     return 3
 
 
@@ -119,8 +130,16 @@ def _width(width: int | None) -> int:
     return max(80, shutil.get_terminal_size((120, 24)).columns)
 
 
-def _job(model: str | None, rule: list[str] | None, input_shape: list[str] | None, weights: str | None,
-         include: list[str] | None, exclude: list[str] | None, min_channels: int | None, config: Path | None) -> Any:
+def _job(
+    model: str | None,
+    rule: list[str] | None,
+    input_shape: list[str] | None,
+    weights: str | None,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    min_channels: int | None,
+    config: Path | None,
+) -> Any:
     from convrewrite.api import make_job
     from convrewrite.config import load_project_config
 
@@ -157,7 +176,10 @@ def report(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     min_channels: MinChannelsOpt = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file instead of stdout.", show_default=False)] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the report to this file instead of stdout.", show_default=False),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file.")] = False,
     width: WidthOpt = None,
     config: ConfigOpt = None,
@@ -173,7 +195,12 @@ def report(
         from convrewrite.views import render
 
         result = run_job(job)
-        text = render(build_report(result), fmt, width=_width(width), color=output is None and fmt == "table" and sys.stdout.isatty())
+        text = render(
+            build_report(result),
+            fmt,
+            width=_width(width),
+            color=output is None and fmt == "table" and sys.stdout.isatty(),
+        )
         if output is not None:
             write_text_atomic(output, text, force)
             print(f"wrote {output}", file=sys.stderr)
@@ -188,8 +215,15 @@ def report(
 def apply(
     model: ModelArg = None,
     rule: RuleOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory to write model.py, weights.safetensors and report.json.", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace DIR if it holds an earlier convrewrite output.")] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Directory to write model.py, weights.safetensors and report.json.", show_default=False
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace DIR if it holds an earlier convrewrite output.")
+    ] = False,
     fmt: FormatOpt = "table",
     input_shape: InputShapeOpt = None,
     weights: WeightsOpt = None,

@@ -11,6 +11,7 @@ loads them from a copy of the user's source file written next to it, and says so
 
 from __future__ import annotations
 
+import ast
 import builtins
 import inspect
 import keyword
@@ -24,7 +25,6 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from convrewrite import __version__
 from convrewrite.errors import ModelError
 
 _SIGNATURE_SKIP = {"self", "device", "dtype", "factory_kwargs"}
@@ -70,7 +70,13 @@ def _attribute_target(parent: str, name: str) -> str:
 def _module_signature(module: nn.Module) -> tuple[Any, ...]:
     """What must match for a constructor call to stand for ``module`` (own part only)."""
     own = sorted(
-        (name, tuple(t.shape), t.dtype, isinstance(t, nn.Parameter), t.requires_grad if isinstance(t, nn.Parameter) else None)
+        (
+            name,
+            tuple(t.shape),
+            t.dtype,
+            isinstance(t, nn.Parameter),
+            t.requires_grad if isinstance(t, nn.Parameter) else None,
+        )
         for name, t in [*module._parameters.items(), *module._buffers.items()]
         if t is not None
     )
@@ -149,7 +155,12 @@ class SourceWriter:
             if default is not inspect.Parameter.empty:
                 if value == default:
                     continue
-                if isinstance(value, tuple) and value and all(v == default for v in value) and not isinstance(default, tuple):
+                if (
+                    isinstance(value, tuple)
+                    and value
+                    and all(v == default for v in value)
+                    and not isinstance(default, tuple)
+                ):
                     continue
                 keywords.append(f"{parameter.name}={_literal(value)}")
             elif keywords:
@@ -157,7 +168,11 @@ class SourceWriter:
             else:
                 positional.append(_literal(value))
         expression = f"{reference}({', '.join(positional + keywords)})"
-        dtypes = {t.dtype for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)] if t.is_floating_point()}
+        dtypes = {
+            t.dtype
+            for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            if t.is_floating_point()
+        }
         if len(dtypes) == 1 and (dtype := next(iter(dtypes))) != torch.get_default_dtype():
             expression += f".to({dtype})"
         return expression
@@ -206,8 +221,8 @@ class SourceWriter:
         else:
             self.lines.append(f"{target} = nn.Module()")
         self._emit_own_tensors(target, module)
-        for child_name, child in module._modules.items():
-            self._emit_child(target, name, child_name, child)
+        for child_name, grandchild in module._modules.items():
+            self._emit_child(target, name, child_name, grandchild)
 
     def _emit_child(self, parent_target: str, parent_name: str, child_name: str, child: nn.Module | None) -> None:
         qualified = f"{parent_name}.{child_name}" if parent_name else child_name
@@ -219,9 +234,13 @@ class SourceWriter:
     def _emit_children_diff(self, target: str, name: str, module: nn.Module, fresh: nn.Module) -> None:
         """Children that differ from what the constructor builds (a later rule replaced them)."""
         for child_name, child in module._modules.items():
-            qualified = f"{name}.{child_name}" if name else child_name
             fresh_child = fresh._modules.get(child_name)
-            if child is not None and fresh_child is not None and _same_tree(fresh_child, child) and id(child) not in self.emitted:
+            if (
+                child is not None
+                and fresh_child is not None
+                and _same_tree(fresh_child, child)
+                and id(child) not in self.emitted
+            ):
                 self._register_tree(_attribute_target(target, child_name), child)
                 continue
             self._emit_child(target, name, child_name, child)
@@ -239,14 +258,15 @@ class SourceWriter:
                 continue
             shape = tuple(parameter.shape)
             grad = "" if parameter.requires_grad else ", requires_grad=False"
-            self.lines.append(
-                f'{target}.register_parameter("{pname}", nn.Parameter(torch.empty({shape}, dtype={parameter.dtype}){grad}))'
-            )
+            empty = f"torch.empty({shape}, dtype={parameter.dtype})"
+            self.lines.append(f'{target}.register_parameter("{pname}", nn.Parameter({empty}{grad}))')
         for bname, buffer in module._buffers.items():
             if buffer is None:
                 self.lines.append(f'{target}.register_buffer("{bname}", None)')
                 continue
-            self.lines.append(f'{target}.register_buffer("{bname}", torch.empty({tuple(buffer.shape)}, dtype={buffer.dtype}))')
+            self.lines.append(
+                f'{target}.register_buffer("{bname}", torch.empty({tuple(buffer.shape)}, dtype={buffer.dtype}))'
+            )
 
     def _plain_attributes(self, module: nn.Module, name: str) -> dict[str, Any]:
         attributes: dict[str, Any] = {}
@@ -269,7 +289,9 @@ class SourceWriter:
             return reference
         module_name = cls.__module__
         if module_name.startswith("convrewrite_user_") or module_name == "__main__":
-            raise ModelError(f"cannot write source for {name} ({cls.__name__}): its class comes from an unimportable module")
+            raise ModelError(
+                f"cannot write source for {name} ({cls.__name__}): its class comes from an unimportable module"
+            )
         alias = "_cls_" + re.sub(r"\W", "_", f"{module_name}_{cls.__qualname__}")
         self.namespace[alias] = cls
         self.imports.add(f"from {module_name} import {cls.__qualname__.split('.')[0]} as {alias}")
@@ -283,6 +305,8 @@ class SourceWriter:
         code = self.graph_module.graph.python_code(root_module="self")
         # FX frees each value as soon as it is dead ("x = None"); drop that noise for readability.
         source = re.sub(r";  (?:[A-Za-z_][A-Za-z0-9_]* = )+None$", "", code.src, flags=re.MULTILINE)
+        source = re.sub(r"(\w) : ", r"\1: ", source)
+        source = "\n".join(line.rstrip() for line in source.splitlines())
         from torch.fx.graph import _custom_builtins
 
         for global_name, value in code.globals.items():
@@ -318,23 +342,27 @@ class SourceWriter:
             self._emit_own_tensors("self.model", self.model)
             for child_name, child in self.model._modules.items():
                 self._emit_child("self.model", "", child_name, child)
-            forward = (
-                "    def forward(self, *args, **kwargs):\n"
-                "        return self.model(*args, **kwargs)"
-            )
+            forward = "    def forward(self, *args, **kwargs):\n        return self.model(*args, **kwargs)"
         self._emit_ties()
         needs_original = bool(self.user_classes)
         needs_rebuild = any("_rebuild(" in line for line in self.lines)
         out: list[str] = [header.rstrip("\n"), "", "from __future__ import annotations", ""]
-        out += ["from pathlib import Path", "", "import torch", "from torch import nn"]
-        out += sorted(self.imports)
+        layer_imports, layer_source = _layer_sources(self.used_layers)
+        standard = ["from pathlib import Path", "import torch", "from torch import nn"]
+        out += sorted(set(standard) | set(layer_imports) | self.imports, key=_import_order)
         if needs_original:
             out += ["", f'ORIGINAL_SOURCE = "{self.original_copy_name}"', *_ORIGINAL_LOADER, *self.original_aliases]
         if needs_rebuild:
             out += _REBUILD_HELPER
-        layer_source = _layer_sources(self.used_layers)
         if layer_source:
-            out += ["", "", "# " + "-" * 24 + " replacement layers, copied from convrewrite.layers", "", "", layer_source.rstrip("\n")]
+            out += [
+                "",
+                "",
+                "# " + "-" * 24 + " replacement layers, copied from convrewrite.layers",
+                "",
+                "",
+                layer_source.rstrip("\n"),
+            ]
         out += ["", "", f"class {class_name}(nn.Module):", f'    """{_class_doc(self.graph_module is None)}"""']
         out += ["", "    def __init__(self) -> None:", "        super().__init__()"]
         out += [f"        {line}" for line in self.lines]
@@ -395,43 +423,44 @@ def _same_tree(a: nn.Module, b: nn.Module) -> bool:
     )
 
 
-def _layer_sources(classes: list[type[nn.Module]]) -> str:
-    """The source files of the used replacement layers, minus their imports and docstrings."""
+def _layer_sources(classes: list[type[nn.Module]]) -> tuple[list[str], str]:
+    """The imports and bodies of the source files that define the used replacement layers."""
+    import importlib
+
     modules: list[str] = []
     for cls in classes:
         for base in reversed(cls.__mro__):
             name = base.__module__
             if name.startswith("convrewrite.layers") and name not in modules:
                 modules.append(name)
+    imports: list[str] = []
     chunks = []
-    import importlib
-
     for name in modules:
-        source = inspect.getsource(importlib.import_module(name))
-        chunks.append(_strip_module_preamble(source))
-    return "\n\n".join(chunks).strip("\n") + "\n" if chunks else ""
+        module_imports, body = _split_module_source(inspect.getsource(importlib.import_module(name)))
+        imports += [i for i in module_imports if i not in imports]
+        chunks.append(body)
+    return imports, "\n\n".join(chunks).strip("\n") + "\n" if chunks else ""
 
 
-def _strip_module_preamble(source: str) -> str:
+def _split_module_source(source: str) -> tuple[list[str], str]:
+    """(top-level import lines, the rest) of a module, dropping its docstring."""
+    tree = ast.parse(source)
     lines = source.splitlines()
-    body: list[str] = []
-    in_docstring = False
-    started = False
-    for line in lines:
-        stripped = line.strip()
-        if not started:
-            if stripped.startswith('"""') and not in_docstring:
-                in_docstring = not (stripped.count('"""') >= 2 and len(stripped) > 3)
-                continue
-            if in_docstring:
-                if stripped.endswith('"""'):
-                    in_docstring = False
-                continue
-            if not stripped or stripped.startswith(("import ", "from ")):
-                continue
-            started = True
-        body.append(line)
-    return "\n".join(body).strip("\n") + "\n"
+    imports: list[str] = []
+    skip: set[int] = set()
+    for index, statement in enumerate(tree.body):
+        is_docstring = (
+            index == 0
+            and isinstance(statement, ast.Expr)
+            and isinstance(getattr(statement, "value", None), ast.Constant)
+        )
+        if isinstance(statement, (ast.Import, ast.ImportFrom)) or is_docstring:
+            end = statement.end_lineno or statement.lineno
+            skip.update(range(statement.lineno - 1, end))
+            if not is_docstring and not (isinstance(statement, ast.ImportFrom) and statement.module == "__future__"):
+                imports.append(ast.unparse(statement))
+    body = "\n".join(line for number, line in enumerate(lines) if number not in skip)
+    return imports, body.strip("\n") + "\n"
 
 
 def graph_constants(model: nn.Module, graph_module: fx.GraphModule | None) -> dict[str, torch.Tensor]:
@@ -448,6 +477,14 @@ def graph_constants(model: nn.Module, graph_module: fx.GraphModule | None) -> di
     }
 
 
+def _import_order(line: str) -> tuple[int, int, str]:
+    """Standard library first, then torch, the way isort would group them."""
+    module = line.split()[1]
+    top = module.split(".")[0]
+    group = 1 if top == "torch" else 2 if top not in {"pathlib", "collections", "math", "typing", "itertools"} else 0
+    return (group, 0 if line.startswith("import ") else 1, line)
+
+
 def _class_doc(eager: bool) -> str:
     if eager:
         return "The rewritten model: the original class (untraceable forward) with its layers replaced."
@@ -461,7 +498,7 @@ _ORIGINAL_LOADER = [
     "    import importlib.util",
     "    import sys",
     "",
-    '    path = Path(__file__).with_name(ORIGINAL_SOURCE)',
+    "    path = Path(__file__).with_name(ORIGINAL_SOURCE)",
     '    name = "convrewrite_original_" + path.stem',
     "    if name in sys.modules:",
     "        return sys.modules[name]",

@@ -8,13 +8,15 @@ exactness wherever a rewrite should be exact, and one number per layer, the rela
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def conv_dense_kernel(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def conv_dense_kernel(conv: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of a plain conv with its groups expanded to a dense (Cout, Cin, *k) kernel."""
     weight = conv.weight.detach()
     groups = int(conv.groups)
@@ -75,7 +77,5 @@ def kernel_error(new: nn.Module, original: nn.Module) -> float:
     new_weight, _ = dense_kernel(new)
     old_weight, _ = dense_kernel(original)
     if new_weight.shape != old_weight.shape:
-        raise ValueError(
-            f"dense kernels differ in shape: {tuple(new_weight.shape)} vs {tuple(old_weight.shape)}"
-        )
+        raise ValueError(f"dense kernels differ in shape: {tuple(new_weight.shape)} vs {tuple(old_weight.shape)}")
     return relative_error(new_weight, old_weight)

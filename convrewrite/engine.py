@@ -157,7 +157,9 @@ def propagate_shapes(graph_module: fx.GraphModule, inputs: ExampleInputs) -> Any
         return ShapeProp(graph_module).propagate(*values)
 
 
-def verified_trace(model: nn.Module, inputs: ExampleInputs, reference: Any, leaf_names: set[str] | None = None) -> TraceResult:
+def verified_trace(
+    model: nn.Module, inputs: ExampleInputs, reference: Any, leaf_names: set[str] | None = None
+) -> TraceResult:
     """Trace, propagate shapes and check the graph reproduces the eager output."""
     traced = trace(model, leaf_names)
     if traced.graph_module is None:
@@ -286,7 +288,9 @@ def apply_rule(
             continue
         site.explicit = is_explicit(site.name, rule.config.include)
         if not site.name:
-            result.skipped.append(SkipRecord("(model)", rule.name, type(module).__name__, "the model itself is a single conv"))
+            result.skipped.append(
+                SkipRecord("(model)", rule.name, type(module).__name__, "the model itself is a single conv")
+            )
             continue
         reason = rule.skip_reason(site)
         # Tied weights: only rewrite when every holder is an identical conv (then one shared
@@ -296,7 +300,9 @@ def apply_rule(
             holders = users.get(id(module.weight), [])
             others = [(n, m) for n, m in holders if m is not module]
             if others:
-                mismatched = [n for n, m in others if not isinstance(m, CONV_TYPES) or _conv_geometry(m) != _conv_geometry(module)]
+                mismatched = [
+                    n for n, m in others if not isinstance(m, CONV_TYPES) or _conv_geometry(m) != _conv_geometry(module)
+                ]
                 if mismatched:
                     reason = f"weight is tied to {', '.join(mismatched)}; rewriting would untie it"
                 else:

@@ -166,9 +166,7 @@ def import_file(path: Path) -> ModuleType:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
         where = f"{path.name}:{exc.lineno}" if exc.lineno else path.name
-        raise ModelError(
-            f"syntax error in {where}: {exc.msg}", hint="fix the model file and run again"
-        ) from exc
+        raise ModelError(f"syntax error in {where}: {exc.msg}", hint="fix the model file and run again") from exc
     except Exception as exc:
         raise ModelError(
             f"importing {path.name} raised {type(exc).__name__} at {_user_frame(exc, path)}: {exc}",
@@ -211,17 +209,13 @@ def _instantiate(obj: Any, label: str) -> tuple[nn.Module, str]:
         try:
             built = obj()
         except TypeError as exc:
-            raise ModelError(
-                f"calling {label}() failed: {exc}", hint="NAME must take no arguments"
-            ) from exc
+            raise ModelError(f"calling {label}() failed: {exc}", hint="NAME must take no arguments") from exc
         except Exception as exc:
             raise ModelError(f"{label}() raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(built, nn.Module):
             raise ModelError(f"{label}() returned {type(built).__name__}, not a torch.nn.Module")
         return built, f"factory {label}()"
-    raise ModelError(
-        f"{label} is a {type(obj).__name__}; expected an nn.Module instance, subclass or factory"
-    )
+    raise ModelError(f"{label} is a {type(obj).__name__}; expected an nn.Module instance, subclass or factory")
 
 
 def module_candidates(module: ModuleType) -> list[str]:
@@ -230,15 +224,13 @@ def module_candidates(module: ModuleType) -> list[str]:
     for name, value in vars(module).items():
         if name.startswith("_"):
             continue
-        if isinstance(value, nn.Module):
-            names.append(name)
-        elif (
-            inspect.isclass(value)
-            and issubclass(value, nn.Module)
+        if (
+            isinstance(value, nn.Module)
+            or (inspect.isclass(value) and issubclass(value, nn.Module) and value.__module__ == module.__name__)
+            or inspect.isfunction(value)
             and value.__module__ == module.__name__
+            and name == "build_model"
         ):
-            names.append(name)
-        elif inspect.isfunction(value) and value.__module__ == module.__name__ and name == "build_model":
             names.append(name)
     return names
 
@@ -305,9 +297,7 @@ def _as_inputs(value: Any, source: str) -> ExampleInputs:
         return ExampleInputs(tuple(value), {}, source)
     if isinstance(value, dict):
         return ExampleInputs((), dict(value), source)
-    raise ModelError(
-        f"{source} returned {type(value).__name__}; expected a tensor, or a tuple or dict of tensors"
-    )
+    raise ModelError(f"{source} returned {type(value).__name__}; expected a tensor, or a tuple or dict of tensors")
 
 
 def random_inputs(shapes: list[tuple[int, ...]], source: str) -> ExampleInputs:

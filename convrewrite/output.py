@@ -42,12 +42,19 @@ class WrittenOutput:
         )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename, then read it back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(temporary, 0o666 & ~_umask())
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()
@@ -80,10 +87,13 @@ def check_destination(directory: Path, force: bool) -> None:
             raise UsageError(f"output directory {directory} exists and is not empty", hint="pass --force to replace it")
         if not _is_our_output(directory):
             raise UsageError(
-                f"output directory {directory} holds files that convrewrite did not write; not replacing it even with --force",
+                f"output directory {directory} holds files that convrewrite did not write; "
+                "not replacing it even with --force",
                 hint="choose another --out",
             )
-        unexpected = sorted(p.name for p in directory.iterdir() if p.name not in OUTPUT_FILES and not p.name.startswith("original_"))
+        unexpected = sorted(
+            p.name for p in directory.iterdir() if p.name not in OUTPUT_FILES and not p.name.startswith("original_")
+        )
         if unexpected:
             raise UsageError(
                 f"output directory {directory} also holds {', '.join(unexpected[:3])}; not replacing it",
@@ -103,10 +113,10 @@ def _import_generated(path: Path, tag: str) -> Any:
 
 def _source_tensors(model: nn.Module, constants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in model.named_parameters(remove_duplicate=False):
-        tensors[name] = tensor
-    for name, tensor in model.named_buffers(remove_duplicate=False):
-        tensors[name] = tensor
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        tensors[name] = parameter
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        tensors[name] = buffer
     tensors.update(constants)
     return tensors
 
@@ -117,7 +127,7 @@ def transplant(generated: nn.Module, source: dict[str, torch.Tensor], prefix: st
     values: dict[str, torch.Tensor] = {}
     missing = []
     for key in state:
-        lookup = key[len(prefix):] if prefix and key.startswith(prefix) else key
+        lookup = key[len(prefix) :] if prefix and key.startswith(prefix) else key
         if lookup not in source:
             missing.append(key)
             continue
@@ -127,7 +137,7 @@ def transplant(generated: nn.Module, source: dict[str, torch.Tensor], prefix: st
     generated.load_state_dict(values, strict=True)
     # Non-persistent buffers are not in the state_dict: copy them too.
     for name, buffer in generated.named_buffers():
-        lookup = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        lookup = name[len(prefix) :] if prefix and name.startswith(prefix) else name
         if lookup in source and name not in values:
             with torch.no_grad():
                 buffer.copy_(source[lookup])
@@ -171,15 +181,21 @@ def write_apply_output(result: Any, report: Any, directory: Path, force: bool = 
     parent = directory.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.convrewrite-", dir=parent))
+    os.chmod(staging, 0o777 & ~_umask())
     try:
         with loaded.module_registered():
-            writer = SourceWriter(model, graph_module, loaded.user_module, loaded.source_file, _layer_classes(BLOCK_CLASSES))
+            writer = SourceWriter(
+                model, graph_module, loaded.user_module, loaded.source_file, _layer_classes(BLOCK_CLASSES)
+            )
             class_name = class_name_for(model)
-            generated = writer.generate(class_name, _header(result, report), inputs_source(loaded.inputs.args, loaded.inputs.kwargs))
+            generated = writer.generate(
+                class_name, _header(result, report), inputs_source(loaded.inputs.args, loaded.inputs.kwargs)
+            )
         files = ["model.py", "weights.safetensors", "report.json"]
         write_file_atomic(staging / "model.py", generated.text.encode())
         if generated.user_source is not None and generated.user_source_copy_name:
             shutil.copyfile(generated.user_source, staging / generated.user_source_copy_name)
+            os.chmod(staging / generated.user_source_copy_name, 0o666 & ~_umask())
 
         module = _import_generated(staging / "model.py", "first import")
         fresh: nn.Module = module.build_model()
@@ -187,6 +203,7 @@ def write_apply_output(result: Any, report: Any, directory: Path, force: bool = 
         transplant(fresh, _source_tensors(model, graph_constants(model, graph_module)), prefix)
         metadata = {"generator": f"convrewrite {__version__}", "format": "pt"}
         save_model(fresh, str(staging / "weights.safetensors"), metadata=metadata)
+        os.chmod(staging / "weights.safetensors", 0o666 & ~_umask())
         _check_weights_read_back(fresh, load_file(str(staging / "weights.safetensors")))
 
         report_text = json.dumps(report.to_dict(), indent=2) + "\n"

@@ -191,7 +191,7 @@ class _MacCounter(TorchDispatchMode):
         super().__init__()
         self.stack = stack
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         counted = macs_of(func, args, out)
         if counted is not None and self.stack:

@@ -8,7 +8,7 @@ from typing import Any
 
 from convrewrite.engine import EngineResult
 from convrewrite.profiling import CallRecord, ModelProfile
-from convrewrite.report import MIB, LayerRow, Report, SummaryRow, Totals, TorchSummary
+from convrewrite.report import MIB, LayerRow, Report, SummaryRow, TorchSummary, Totals
 from convrewrite.rule_api import config_as_dict
 
 
@@ -99,13 +99,15 @@ def layer_rows(result: EngineResult) -> list[LayerRow]:
     before = result.before
     after = result.after
     rewritten = {layer.name for layer in result.fidelity.layers} if result.fidelity else set()
-    for record in result.rewrites:
-        rewritten.update(a for a in record.aliases if "." not in a or a.rpartition(".")[0] not in rewritten)
-    kernel_errors = {layer.name: layer.kernel_relative_error for layer in result.fidelity.layers} if result.fidelity else {}
+    for rewrite in result.rewrites:
+        rewritten.update(a for a in rewrite.aliases if "." not in a or a.rpartition(".")[0] not in rewritten)
+    kernel_errors = (
+        {layer.name: layer.kernel_relative_error for layer in result.fidelity.layers} if result.fidelity else {}
+    )
     rules_of: dict[str, list[str]] = {}
-    for record in result.rewrites:
-        root = next((r for r in rewritten if record.name == r or record.name.startswith(r + ".")), record.name)
-        rules_of.setdefault(root, []).append(record.rule)
+    for rewrite in result.rewrites:
+        root = next((r for r in rewritten if rewrite.name == r or rewrite.name.startswith(r + ".")), rewrite.name)
+        rules_of.setdefault(root, []).append(rewrite.rule)
     skip_notes: dict[str, list[str]] = {}
     for skip in result.skipped:
         skip_notes.setdefault(skip.name, []).append(f"{skip.rule}: {skip.reason}" if skip.rule != "*" else skip.reason)
@@ -157,7 +159,19 @@ def layer_rows(result: EngineResult) -> list[LayerRow]:
     for key, (type_after, params, macs, shape) in after_map.items():
         if key not in seen:
             rows.append(
-                LayerRow(key[0] or "(model)", key[1], key[0].count(".") + 1, None, type_after, shape, None, params, None, macs, status="added")
+                LayerRow(
+                    key[0] or "(model)",
+                    key[1],
+                    key[0].count(".") + 1,
+                    None,
+                    type_after,
+                    shape,
+                    None,
+                    params,
+                    None,
+                    macs,
+                    status="added",
+                )
             )
     return rows
 

@@ -34,9 +34,7 @@ class RuleConfig:
     exclude: tuple[str, ...] = field(
         default=(), metadata={"help": "never layers whose qualified name matches one of these globs"}
     )
-    min_channels: int = field(
-        default=0, metadata={"help": "skip convs with fewer input or output channels than this"}
-    )
+    min_channels: int = field(default=0, metadata={"help": "skip convs with fewer input or output channels than this"})
 
     def __post_init__(self) -> None:
         if self.min_channels < 0:
@@ -253,7 +251,13 @@ def format_spec(name: str, config: RuleConfig) -> str:
         value = getattr(config, f.name)
         if value == f.default:
             continue
-        shown = "|".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
+        shown = (
+            "|".join(value)
+            if isinstance(value, tuple)
+            else str(value).lower()
+            if isinstance(value, bool)
+            else str(value)
+        )
         parts.append(f"{f.name.replace('_', '-')}={shown}")
     return name + (":" + ",".join(parts) if parts else "")
 
@@ -347,7 +351,6 @@ def common_skip_reason(site: ConvSite, config: RuleConfig) -> str | None:
         return reason
     if config.min_channels and min(site.in_channels, site.out_channels) < config.min_channels:
         return (
-            f"fewer than min-channels={config.min_channels} channels "
-            f"({site.in_channels} in, {site.out_channels} out)"
+            f"fewer than min-channels={config.min_channels} channels ({site.in_channels} in, {site.out_channels} out)"
         )
     return None

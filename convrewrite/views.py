@@ -87,7 +87,13 @@ def _layer_table(report: Report) -> Table:
 def _cells(row: LayerRow, with_rules: bool) -> list[str]:
     name = row.name + (f" (call {row.call + 1})" if row.call else "")
     if not with_rules:
-        return [name, row.type_before or "--", shape_text(row.output_shape), number(row.params_before), number(row.macs_before)]
+        return [
+            name,
+            row.type_before or "--",
+            shape_text(row.output_shape),
+            number(row.params_before),
+            number(row.macs_before),
+        ]
     changed = row.status in {"rewritten", "added", "removed"}
     if row.status == "rewritten":
         kind = f"{row.type_before} -> {row.type_after}"

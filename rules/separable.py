@@ -14,18 +14,18 @@ because a depthwise bias folds into the pointwise bias.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from torch import nn
-
 from convrewrite.layers import SeparableConv1d, SeparableConv2d
 from convrewrite.rule_api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
 
 @dataclass(frozen=True)
 class SeparableConfig(RuleConfig):
-    multiplier: int = field(default=1, metadata={"help": "depthwise channel multiplier m (rank kept per input channel)"})
+    multiplier: int = field(
+        default=1, metadata={"help": "depthwise channel multiplier m (rank kept per input channel)"}
+    )
     bias: Literal["both", "pointwise"] = field(
         default="both", metadata={"help": "where the original bias goes: both parts, or pointwise only"}
     )
@@ -39,9 +39,7 @@ class SeparableConfig(RuleConfig):
             raise ValueError(f"multiplier must be a positive integer, got {self.multiplier}")
 
 
-def svd_factors(
-    weight: torch.Tensor, multiplier: int
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+def svd_factors(weight: torch.Tensor, multiplier: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Depthwise (Cin*m, 1, *k) and pointwise (Cout, Cin*m) factors, and the energy kept.
 
     Row ``i*m + j`` of the depthwise weight is the j-th component of input channel i.
@@ -115,13 +113,15 @@ class SeparableRule(Rule):
         notes: dict[str, object] = {"multiplier": m, "init": self.config.init}
         if self.config.init == "svd":
             depthwise, pointwise, energy = svd_factors(conv.weight, m)
+            depthwise_conv: Any = block[0]
+            pointwise_conv: Any = block[1]
             with torch.no_grad():
-                block.depthwise.weight.copy_(depthwise)
-                block.pointwise.weight.copy_(pointwise.reshape(block.pointwise.weight.shape))
+                depthwise_conv.weight.copy_(depthwise)
+                pointwise_conv.weight.copy_(pointwise.reshape(pointwise_conv.weight.shape))
                 if depthwise_bias:
-                    block.depthwise.bias.zero_()
+                    depthwise_conv.bias.zero_()
                 if pointwise_bias:
-                    block.pointwise.bias.copy_(conv.bias.detach())
+                    pointwise_conv.bias.copy_(conv.bias.detach())
             notes["energy_retained"] = energy
             notes["exact"] = m >= min(site.out_channels, site.kernel_elements)
         return Replacement(block, notes)
@@ -139,4 +139,3 @@ class SeparableRule(Rule):
 
 
 __all__ = ["SeparableConfig", "SeparableRule", "svd_factors"]
-_ = nn

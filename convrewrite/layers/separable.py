@@ -51,10 +51,11 @@ class _SeparableConvNd(nn.Sequential):
         )
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = self.depthwise.kernel_size
-        self.stride = self.depthwise.stride
-        self.padding = self.depthwise.padding
-        self.dilation = self.depthwise.dilation
+        depthwise = self[0]
+        self.kernel_size = depthwise.kernel_size
+        self.stride = depthwise.stride
+        self.padding = depthwise.padding
+        self.dilation = depthwise.dilation
         self.padding_mode = padding_mode
         self.multiplier = multiplier
         self.depthwise_bias = depthwise_bias
@@ -64,7 +65,7 @@ class _SeparableConvNd(nn.Sequential):
         """The dense (weight, bias) this block computes: pointwise @ depthwise."""
         from convrewrite.dense import compose_pointwise, dense_kernel
 
-        return compose_pointwise(dense_kernel(self.pointwise), dense_kernel(self.depthwise))
+        return compose_pointwise(dense_kernel(self[1]), dense_kernel(self[0]))
 
 
 class SeparableConv1d(_SeparableConvNd):
