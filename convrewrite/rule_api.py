@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
-from convrewrite.errors import ModelError, UsageError
+from convrewrite.errors import UsageError
 
 ENTRY_POINT_GROUP = "convrewrite.rules"
 
@@ -90,9 +90,12 @@ class ConvSite:
 
     @property
     def output_elements_per_channel(self) -> int:
-        """Batch x spatial output positions (what one output channel costs, per kernel tap)."""
+        """Batch x spatial output positions (what one output channel costs, per kernel tap).
+
+        0 for a conv that never ran on the example input (it costs no MACs there).
+        """
         if self.output_shape is None:
-            raise ModelError(f"layer {self.name} was never called, so its output shape is unknown")
+            return 0
         return int(self.output_shape[0]) * int(math.prod(self.output_shape[2:]))
 
 
@@ -344,8 +347,6 @@ def common_skip_reason(site: ConvSite, config: RuleConfig) -> str | None:
         return f"transposed conv ({kind}) is not rewritten"
     if len(getattr(module, "kernel_size", ())) == 3:
         return f"{kind}: only Conv1d and Conv2d are rewritten"
-    if site.output_shape is None:
-        return "never called on the example input, so its shapes are unknown"
     reason = selection_reason(site.name, config)
     if reason:
         return reason
