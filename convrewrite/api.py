@@ -62,12 +62,21 @@ def make_job(
     exclude: Sequence[str] | None = None,
     min_channels: int | None = None,
     require_model: bool = True,
+    config_rules: bool = False,
 ) -> Job:
+    """Resolve settings: command line, then ``[tool.convrewrite]``, then defaults.
+
+    ``rules`` from the config file are "the rules to apply before checking": only ``check`` passes
+    ``config_rules=True``; ``report`` and ``apply`` take rules from the command line alone.
+    """
+    rules_setting = config.resolve("rules", list(rules or []), []) if config_rules else None
+    if rules_setting is None:
+        rules_setting = Setting(list(rules or []), "command line" if rules else "default")
     job = Job(
         model=_relative_to_config(config.resolve("model", model), config),
         input_shapes=config.resolve("input-shape", list(input_shapes or [])),
         weights=_relative_to_config(config.resolve("weights", weights), config),
-        rules=config.resolve("rules", list(rules or []), []),
+        rules=rules_setting,
         include=config.resolve("include", list(include or []), []),
         exclude=config.resolve("exclude", list(exclude or []), []),
         min_channels=config.resolve("min-channels", min_channels, 0),

@@ -121,6 +121,13 @@ def layer_rows(result: EngineResult) -> list[LayerRow]:
                 params, macs = record.params, record.macs
             shape = record.output_shapes[0] if record.output_shapes else None
             after_map[(record.name, record.call_number)] = (_type_label(record), params, macs, shape)
+        # A rewritten conv that never ran has no call record of its own: sum its children.
+        for name in rewritten:
+            if (name, 0) not in after_map and before.first_call(name) is None:
+                prefix = name + "."
+                params = sum(r.params for r in after.records if not r.called and r.name.startswith(prefix))
+                block = type(result.model.get_submodule(name)).__name__
+                after_map[(name, 0)] = (block, params, 0, None)
 
     rows: list[LayerRow] = []
     seen: set[tuple[str, int]] = set()
