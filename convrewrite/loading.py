@@ -356,10 +356,18 @@ def load_weights(model: nn.Module, path: Path) -> None:
             f"unsupported weights format {path.suffix!r} for {path.name}",
             hint="use .safetensors, .pt or .pth",
         )
-    result = model.load_state_dict(state, strict=False)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-    if missing or unexpected:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
         detail = []
+        if mismatched:
+            detail.append(f"{len(mismatched)} with other shapes (e.g. {', '.join(mismatched[:2])})")
         if missing:
             detail.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
         if unexpected:
@@ -368,6 +376,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
             f"weights in {path.name} do not fit the model: {'; '.join(detail)}",
             hint="check that the weights belong to this model",
         )
+    model.load_state_dict(state, strict=True)
 
 
 def _state_dict_from(loaded: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -249,12 +249,14 @@ def profile(model: nn.Module, inputs: ExampleInputs) -> ModelProfile:
 
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(pre_hook))
-        handles.append(module.register_forward_hook(post_hook, always_call=True))
+        # No always_call: when a forward raises, the stack keeps the calls that were open, so the
+        # innermost one names the layer where the input stopped fitting.
+        handles.append(module.register_forward_hook(post_hook))
     try:
         with torch.no_grad(), _MacCounter(stack):
             output = inputs.call(model)
     except Exception as exc:
-        open_calls = [r for r in records if r.post_index < 0 and r.name]
+        open_calls = [r for r in stack if r.name]
         if open_calls:
             innermost = open_calls[-1]
             exc._convrewrite_layer = f"{innermost.name} ({innermost.type})"  # type: ignore[attr-defined]

@@ -1,0 +1,5 @@
+WIDTH = 3
+
+
+def helper(x):
+    return x

@@ -1,0 +1,89 @@
+"""Every bad input: a one-line message on stderr, the documented exit code, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import ASSETS, SAMPLES
+
+
+def assert_one_line_error(result, code: int, *fragments: str) -> None:
+    assert result.code == code, (result.code, result.err)
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("convrewrite: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.err
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragments"),
+    [
+        (["report", "missing.py"], 2, ["model file missing.py does not exist"]),
+        (["report", ASSETS / "syntax_error.py"], 3, ["syntax error in syntax_error.py:4"]),
+        (["report", ASSETS / "raises.py"], 3, ["importing raises.py raised KeyError at raises.py:4", "'b'"]),
+        (["report", ASSETS / "no_model.py"], 3, ["no model found in no_model.py", "no_model.py:NAME"]),
+        (["report", ASSETS / "ambiguous.py"], 3, ["2 nn.Module subclasses (First, Second)", "ambiguous.py:First"]),
+        (["report", f"{ASSETS / 'forms.py'}:Nope"], 3, ["has no 'Nope'", "candidates: Small, Big, model, build_model"]),
+        (["report", ASSETS / "needs_args.py"], 3, ["cannot build Net with no arguments", "build_model()"]),
+        (["report", ASSETS / "no_input.py"], 2, ["no example input", "--input-shape"]),
+        (
+            ["report", ASSETS / "tiny.py", "--input-shape", "1,4,16,16"],
+            3,
+            ["failed at layer conv1 (Conv2d)", "RuntimeError", "--input-shape"],
+        ),
+        (["report", ASSETS / "tiny.py", "--input-shape", "1,three"], 2, ["is not a list of integers"]),
+        (["report", ASSETS / "tiny.py", "--rule", "sepparable"], 2, ["unknown rule 'sepparable'", "valid rules:", "separable"]),
+        (["report", ASSETS / "tiny.py", "--rule", "separable:multiplier=0"], 2, ["multiplier must be a positive integer"]),
+        (["report", ASSETS / "tiny.py", "--rule", "separable:multiplier"], 2, ["is not key=value"]),
+        (["report", ASSETS / "tiny.py", "--format", "yaml"], 2, ["unknown --format 'yaml'"]),
+        (["report", ASSETS / "tiny.py", "--bogus"], 2, ["No such option: --bogus"]),
+        (["report", ASSETS / "tiny.py", "--weights", "nothing.pt"], 2, ["weights file nothing.pt does not exist"]),
+        (["report", ASSETS / "tiny.py", "--rule", "separable", "--include", "conv2", "--min-channels", "9"], 2,
+         ["cannot rewrite conv2, which you named explicitly", "min-channels=9"]),
+        (["report"], 2, ["no MODEL given"]),
+        (["apply", ASSETS / "tiny.py", "--rule", "separable"], 2, ["apply needs --out DIR"]),
+        (["apply", ASSETS / "tiny.py", "--out", "o"], 2, ["apply needs at least one --rule"]),
+    ],
+)
+def test_bad_input(cli, args, code: int, fragments: list[str]) -> None:
+    result = cli(*args)
+    assert_one_line_error(result, code, *fragments)
+    assert result.out == ""
+
+
+def test_debug_shows_the_traceback(cli) -> None:
+    result = cli("report", ASSETS / "raises.py", "--debug")
+    assert result.code == 3
+    assert "Traceback" in result.err and "KeyError" in result.err
+
+
+def test_unsafe_checkpoint(cli, tmp_path: Path) -> None:
+    torch.save({"weights": torch.zeros(1), "code": print}, tmp_path / "unsafe.pt")
+    result = cli("report", ASSETS / "tiny.py", "--weights", tmp_path / "unsafe.pt")
+    assert_one_line_error(result, 3, "refusing to load unsafe.pt", "never unpickles")
+
+
+def test_output_directory_that_exists(cli, tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = cli("apply", ASSETS / "tiny.py", "--rule", "separable", "--out", out)
+    assert_one_line_error(result, 2, "exists and is not empty", "--force")
+    forced = cli("apply", ASSETS / "tiny.py", "--rule", "separable", "--out", out, "--force")
+    assert_one_line_error(forced, 2, "did not write; not replacing it even with --force")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no staging directory left behind
+
+
+def test_report_output_file_is_not_overwritten(cli, tmp_path: Path) -> None:
+    target = tmp_path / "report.json"
+    target.write_text("precious")
+    result = cli("report", SAMPLES / "tdnn.py", "--format", "json", "--output", target)
+    assert_one_line_error(result, 2, "exists", "--force")
+    assert target.read_text() == "precious"
