@@ -193,16 +193,24 @@ class SourceWriter:
             return name == "" or name in self.forward_targets
         return name in self.forward_targets
 
+    def _assign(self, target: str, expression: str) -> None:
+        """``target = expression``, or ``parent.add_module("0", expression)`` for non-identifiers."""
+        match = re.fullmatch(r'getattr\((.+), "([^"]+)"\)', target)
+        if match:
+            self.lines.append(f'{match.group(1)}.add_module("{match.group(2)}", {expression})')
+        else:
+            self.lines.append(f"{target} = {expression}")
+
     def emit(self, target: str, name: str, module: nn.Module) -> None:
         if id(module) in self.emitted:
-            self.lines.append(f"{target} = {self.emitted[id(module)]}")
+            self._assign(target, self.emitted[id(module)])
             return
         self.emitted[id(module)] = target
         expression = self.constructor(module)
         if expression is not None:
             fresh = self._fresh(expression)
             if fresh is not None and _module_signature(fresh) == _module_signature(module):
-                self.lines.append(f"{target} = {expression}")
+                self._assign(target, expression)
                 self._emit_children_diff(target, name, module, fresh)
                 return
         if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and type(module) in (
@@ -210,16 +218,16 @@ class SourceWriter:
             nn.ModuleList,
             nn.ModuleDict,
         ):
-            self.lines.append(f"{target} = nn.{type(module).__name__}()")
+            self._assign(target, f"nn.{type(module).__name__}()")
             self._emit_own_tensors(target, module)
             for child_name, child in module._modules.items():
                 self._emit_child(target, name, child_name, child)
             return
         if self.needs_class(name, module) or name in self.forward_targets:
             class_name = self._user_class(module, name)
-            self.lines.append(f"{target} = _rebuild({class_name}, {self._plain_attributes(module, name)!s})")
+            self._assign(target, f"_rebuild({class_name}, {self._plain_attributes(module, name)!s})")
         else:
-            self.lines.append(f"{target} = nn.Module()")
+            self._assign(target, "nn.Module()")
         self._emit_own_tensors(target, module)
         for child_name, grandchild in module._modules.items():
             self._emit_child(target, name, child_name, grandchild)

@@ -33,7 +33,11 @@ class Mixed(nn.Module):
         q, k, v = self.q(tokens), self.k(tokens), self.v(tokens)
         scores = torch.softmax(q @ k.transpose(1, 2) / 12**0.5, dim=-1)
         mixed = torch.bmm(scores, v)
-        heads = F.scaled_dot_product_attention(q.view(1, -1, 3, 4).transpose(1, 2), k.view(1, -1, 3, 4).transpose(1, 2), v.view(1, -1, 3, 4).transpose(1, 2))
+        heads = F.scaled_dot_product_attention(
+            q.view(1, -1, 3, 4).transpose(1, 2),
+            k.view(1, -1, 3, 4).transpose(1, 2),
+            v.view(1, -1, 3, 4).transpose(1, 2),
+        )
         y = mixed + heads.transpose(1, 2).reshape(1, -1, 12)
         return self.mix(y.transpose(1, 2))
 

@@ -1,0 +1,75 @@
+"""A third-party rule: a KxK conv becomes a rank-r KxK conv followed by a 1x1 conv.
+
+The weights come from the truncated SVD of the (Cout, Cin*k*k) kernel matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from convrewrite.rule_api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
+
+
+@dataclass(frozen=True)
+class LowRankConfig(RuleConfig):
+    rank: int = field(default=4, metadata={"help": "rank of the factorisation"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank < 1:
+            raise ValueError("rank must be >= 1")
+
+
+class LowRankRule(Rule):
+    name = "low-rank"
+    summary = "KxK conv -> rank-r KxK conv + 1x1 conv (SVD of the kernel matrix)"
+    config_class = LowRankConfig
+    config: LowRankConfig
+
+    def skip_reason(self, site: ConvSite) -> str | None:
+        reason = common_skip_reason(site, self.config)
+        if reason:
+            return reason
+        if site.module.groups != 1:
+            return "grouped conv"
+        if self.config.rank >= site.out_channels:
+            return "rank is not below the output channels"
+        return None
+
+    def build(self, site: ConvSite) -> Replacement:
+        conv = site.module
+        conv_class = nn.Conv1d if site.conv_dims == 1 else nn.Conv2d
+        rank = self.config.rank
+        first = conv_class(
+            conv.in_channels,
+            rank,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=False,
+            padding_mode=conv.padding_mode,
+        )
+        second = conv_class(rank, conv.out_channels, 1, bias=conv.bias is not None)
+        matrix = conv.weight.detach().reshape(conv.out_channels, -1).double()
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        root = s[:rank].sqrt()
+        with torch.no_grad():
+            first.weight.copy_((root[:, None] * vh[:rank]).reshape(first.weight.shape))
+            second.weight.copy_((u[:, :rank] * root).reshape(second.weight.shape))
+            if conv.bias is not None:
+                second.bias.copy_(conv.bias)
+        kept = float((s[:rank] ** 2).sum() / (s**2).sum())
+        return Replacement(nn.Sequential(first, second), {"energy_retained": kept})
+
+    def cost(self, site: ConvSite) -> Cost:
+        k = math.prod(site.module.kernel_size)
+        rank = self.config.rank
+        params = site.in_channels * k * rank + rank * site.out_channels
+        params += site.out_channels if site.module.bias is not None else 0
+        positions = site.output_elements_per_channel
+        return Cost(params, positions * (site.in_channels * k * rank + rank * site.out_channels))
