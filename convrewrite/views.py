@@ -38,14 +38,6 @@ def shape_text(shape: list[int] | None) -> str:
     return "--" if not shape else "x".join(str(d) for d in shape)
 
 
-def before_after(before: int | None, after: int | None, changed: bool) -> str:
-    if after is None or (not changed and before == after):
-        return number(before)
-    if before is None:
-        return f"-- -> {number(after)}"
-    return f"{number(before)} -> {number(after)}"
-
-
 def _console(width: int, color: bool) -> Console:
     return Console(
         file=io.StringIO(),
@@ -73,12 +65,14 @@ def _layer_table(report: Report) -> Table:
     with_rules = report.has_rules
     table = Table(box=box.SIMPLE_HEAD, show_footer=False, pad_edge=False, expand=False)
     table.add_column("Layer", overflow="fold")
-    table.add_column("Type" + (" (before -> after)" if with_rules else ""), overflow="fold")
-    table.add_column("Output shape")
-    table.add_column("Params" + (" (before -> after)" if with_rules else ""), justify="right")
-    table.add_column("MACs" + (" (before -> after)" if with_rules else ""), justify="right")
+    table.add_column("Type", no_wrap=True)
+    table.add_column("Output\nshape" if with_rules else "Output shape", no_wrap=True)
     if with_rules:
-        table.add_column("Kernel err", justify="right")
+        for header in ("Params\nbefore", "Params\nafter", "MACs\nbefore", "MACs\nafter", "Kernel\nerror"):
+            table.add_column(header, justify="right", no_wrap=True)
+    else:
+        table.add_column("Params", justify="right", no_wrap=True)
+        table.add_column("MACs", justify="right", no_wrap=True)
     for row in report.layers:
         table.add_row(*_cells(row, with_rules))
     return table
@@ -87,16 +81,9 @@ def _layer_table(report: Report) -> Table:
 def _cells(row: LayerRow, with_rules: bool) -> list[str]:
     name = row.name + (f" (call {row.call + 1})" if row.call else "")
     if not with_rules:
-        return [
-            name,
-            row.type_before or "--",
-            shape_text(row.output_shape),
-            number(row.params_before),
-            number(row.macs_before),
-        ]
-    changed = row.status in {"rewritten", "added", "removed"}
+        return [name, row.type_before or "--", shape_text(row.output_shape), number(row.params_before), number(row.macs_before)]
     if row.status == "rewritten":
-        kind = f"{row.type_before} -> {row.type_after}"
+        kind = f"{row.type_before}->{row.type_after}"
     elif row.status == "added":
         kind = f"(new) {row.type_after}"
     else:
@@ -106,8 +93,10 @@ def _cells(row: LayerRow, with_rules: bool) -> list[str]:
         name,
         kind,
         shape_text(row.output_shape),
-        before_after(row.params_before, row.params_after, changed),
-        before_after(row.macs_before, row.macs_after, changed),
+        number(row.params_before),
+        number(row.params_after),
+        number(row.macs_before),
+        number(row.macs_after),
         error,
     ]
 
@@ -143,7 +132,10 @@ def render_table(report: Report, width: int = 120, color: bool = False) -> str:
     if report.trace.get("leaves"):
         for leaf in report.trace["leaves"]:
             console.print(Text(f"  leaf {leaf['name']} ({leaf['type']}): {leaf['reason']}"))
-    console.print(_layer_table(report))
+    table = _layer_table(report)
+    # Never truncate a number or a shape: a table wider than the terminal keeps its full width.
+    needed = console.measure(table, options=console.options.update(width=10_000)).maximum
+    console.print(table, width=max(width, needed))
     console.print(_totals_table(report))
     console.print(Text(MACS_NOTE))
     if report.has_rules:
@@ -233,7 +225,8 @@ def render_markdown(report: Report, width: int = 120, color: bool = False) -> st
         cells = [label, number(b)] + ([number(a), r] if with_rules else [])
         lines.append(_md_row(cells))
     lines += ["", "<details><summary>Per-layer table</summary>", ""]
-    headers = ["Layer", "Type", "Output shape", "Params", "MACs"] + (["Kernel err"] if with_rules else [])
+    headers = ["Layer", "Type", "Output shape"]
+    headers += ["Params before", "Params after", "MACs before", "MACs after", "Kernel err"] if with_rules else ["Params", "MACs"]
     lines.append(_md_row(headers))
     lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(headers) - 3)) + "|")
     for row in report.layers:
