@@ -135,7 +135,9 @@ def render_table(report: Report, width: int = 120, color: bool = False) -> str:
     table = _layer_table(report)
     # Never truncate a number or a shape: a table wider than the terminal keeps its full width.
     needed = console.measure(table, options=console.options.update(width=10_000)).maximum
-    console.print(table, width=max(width, needed))
+    wide = _console(max(width, needed), color)
+    wide.file = console.file
+    wide.print(table)
     console.print(_totals_table(report))
     console.print(Text(MACS_NOTE))
     if report.has_rules:
