@@ -37,6 +37,7 @@ class ExampleInputs:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    arg_names: tuple[str, ...] = ()
 
     def call(self, model: nn.Module) -> Any:
         return model(*self.args, **self.kwargs)
@@ -56,7 +57,7 @@ class ExampleInputs:
                     walk(f"{prefix}[{key!r}]", item)
 
         for index, value in enumerate(self.args):
-            walk(f"arg{index}", value)
+            walk(self.arg_names[index] if index < len(self.arg_names) else f"arg{index}", value)
         for key, value in self.kwargs.items():
             walk(key, value)
         return found
@@ -393,6 +394,14 @@ def _state_dict_from(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
     )
 
 
+def _forward_argument_names(model: nn.Module) -> tuple[str, ...]:
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    return tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
 def load_model(
     spec: str,
     *,
@@ -480,6 +489,7 @@ def _load_model(
             hint="pass --input-shape 1,3,224,224, or define example_inputs() or INPUT_SHAPE in the file",
         )
     model.eval()
+    inputs.arg_names = _forward_argument_names(model)
     label = f"{source_file.name if source_file else target}:{display}"
     return LoadedModel(
         model=model,

@@ -104,7 +104,7 @@ def _cells(row: LayerRow, with_rules: bool) -> list[str]:
 def _totals_table(report: Report) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("Totals")
-    table.add_column("before", justify="right")
+    table.add_column("before" if report.after is not None else "model", justify="right")
     if report.after is not None:
         table.add_column("after", justify="right")
         table.add_column("reduction", justify="right")
