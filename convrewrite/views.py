@@ -81,7 +81,13 @@ def _layer_table(report: Report) -> Table:
 def _cells(row: LayerRow, with_rules: bool) -> list[str]:
     name = row.name + (f" (call {row.call + 1})" if row.call else "")
     if not with_rules:
-        return [name, row.type_before or "--", shape_text(row.output_shape), number(row.params_before), number(row.macs_before)]
+        return [
+            name,
+            row.type_before or "--",
+            shape_text(row.output_shape),
+            number(row.params_before),
+            number(row.macs_before),
+        ]
     if row.status == "rewritten":
         kind = f"{row.type_before}->{row.type_after}"
     elif row.status == "added":
@@ -228,7 +234,11 @@ def render_markdown(report: Report, width: int = 120, color: bool = False) -> st
         lines.append(_md_row(cells))
     lines += ["", "<details><summary>Per-layer table</summary>", ""]
     headers = ["Layer", "Type", "Output shape"]
-    headers += ["Params before", "Params after", "MACs before", "MACs after", "Kernel err"] if with_rules else ["Params", "MACs"]
+    headers += (
+        ["Params before", "Params after", "MACs before", "MACs after", "Kernel err"]
+        if with_rules
+        else ["Params", "MACs"]
+    )
     lines.append(_md_row(headers))
     lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(headers) - 3)) + "|")
     for row in report.layers:
