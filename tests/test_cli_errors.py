@@ -98,3 +98,19 @@ def test_report_output_file_is_not_overwritten(cli, tmp_path: Path) -> None:
     result = cli("report", SAMPLES / "tdnn.py", "--format", "json", "--output", target)
     assert_one_line_error(result, 2, "exists", "--force")
     assert target.read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["--rule", "separable:multiplier=-1"], 2),
+        (["--rule", "nope"], 2),
+        (["--rule", "separable", "--input-shape", "1,5,16,16"], 3),
+    ],
+)
+def test_failed_apply_writes_nothing(cli, tmp_path: Path, args: list[str], code: int) -> None:
+    out = tmp_path / "out"
+    result = cli("apply", ASSETS / "tiny.py", "--out", out, *args)
+    assert result.code == code
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
