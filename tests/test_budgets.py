@@ -212,3 +212,18 @@ def test_command_line_budget_errors(args: tuple[object, ...], message: str) -> N
     with pytest.raises(UsageError) as caught:
         command_line_budgets(*args)  # type: ignore[arg-type]
     assert message in caught.value.one_line()
+
+
+def test_the_projects_own_budget_config_is_valid() -> None:
+    """The dogfood gate of .ci/run: both sample models, with budgets (parsed without torch)."""
+    from convrewrite.config import load_project_config
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    top, named = config_targets(load_project_config(pyproject))
+    assert top is None
+    assert {t.name: t.config.data["model"] for t in named} == {
+        "crnn": "sample_models/crnn.py",
+        "tdnn": "sample_models/tdnn.py",
+    }
+    assert all(t.budgets for t in named)
+    assert named[0].config.data["rules"] == ["separable"]
