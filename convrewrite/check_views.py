@@ -19,11 +19,13 @@ from convrewrite.check import CheckedTarget, CheckResult, Outcome
 from convrewrite.views import shape_text
 
 CHECK_FORMATS = ("table", "json", "markdown", "github")
-STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}
-STATUS_WORD = {"pass": "pass", "warn": "WARN", "fail": "FAIL"}
+STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+STATUS_WORD = {"pass": "pass", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
 
 
-def amount(value: int, outcome: Outcome) -> str:
+def amount(value: int | None, outcome: Outcome) -> str:
+    if value is None:
+        return "--"
     text = f"{value:,}"
     return f"{text} B" if outcome.budget.metric.kind == "bytes" else text
 
@@ -45,8 +47,10 @@ def metric_cell(outcome: Outcome) -> str:
 
 
 def headroom_cell(outcome: Outcome) -> str:
+    if outcome.limit is None:
+        return "no baseline"
     if outcome.exceeded:
-        over = -outcome.headroom
+        over = outcome.over
         pct = "over" if outcome.limit == 0 else f"{100.0 * over / outcome.limit:.1f}% over"
         return f"-{amount(over, outcome)} ({pct})"
     return f"{amount(outcome.headroom, outcome)} ({percent(outcome.headroom_percent)})"
@@ -60,8 +64,8 @@ def change_cell(outcome: Outcome) -> str:
 
 def breach_sentence(outcome: Outcome) -> str:
     """What was measured against what: "params 881,450 > limit 860,000: over by 21,450 (+2.5%)"."""
-    over = -outcome.headroom
-    pct = "" if outcome.limit == 0 else f" ({100.0 * over / outcome.limit:+.1f}%)"
+    over = outcome.over
+    pct = "" if not outcome.limit else f" ({100.0 * over / outcome.limit:+.1f}%)"
     limit = amount(outcome.limit, outcome)
     increase = outcome.budget.max_increase
     if increase is not None and outcome.baseline is not None:
@@ -116,17 +120,20 @@ def plural(count: int, word: str) -> str:
 
 def verdict(result: CheckResult) -> str:
     total = len(result.outcomes)
-    failures, warnings = len(result.failures), len(result.warnings)
-    held = total - failures - warnings
+    failures, warnings, skipped = len(result.failures), len(result.warnings), len(result.skipped)
+    held = total - failures - warnings - skipped
     models = plural(len(result.targets), "model")
+    skip_text = f", {skipped} skipped (relative, no baseline)" if skipped else ""
     if not failures and not warnings:
-        return f"all {plural(total, 'budget')} hold ({models})"
+        if not skipped:
+            return f"all {plural(total, 'budget')} hold ({models})"
+        return f"{plural(total, 'budget')} ({models}): {held} within limits{skip_text}"
     parts = []
     if failures:
         parts.append(f"{failures} exceeded")
     if warnings:
         parts.append(f"{warnings} over at warn level")
-    text = f"{plural(total, 'budget')} ({models}): {', '.join(parts)}, {held} within limits"
+    text = f"{plural(total, 'budget')} ({models}): {', '.join(parts)}, {held} within limits{skip_text}"
     if failures and result.exit_zero:
         text += " (--exit-zero: not failing)"
     return text
@@ -216,7 +223,7 @@ def render_markdown(result: CheckResult, width: int = 120, color: bool = False) 
         ]
         if result.has_baseline:
             cells.append(change_cell(outcome))
-        cells += [headroom_cell(outcome), status if outcome.status == "pass" else f"**{status}**"]
+        cells += [headroom_cell(outcome), status if outcome.status in ("pass", "skip") else f"**{status}**"]
         lines.append(_md_row(cells))
     breaches = [o for o in result.outcomes if o.exceeded]
     if breaches:

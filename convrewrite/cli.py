@@ -362,6 +362,13 @@ def check(
 
         sys.stdout.write(render(result, fmt, width=table_width, color=fmt == "table" and sys.stdout.isatty()))
         sys.stdout.flush()
+        if result.skipped:
+            names = ", ".join(o.budget.qualified_name for o in result.skipped)
+            print(
+                f"convrewrite: note: {plural(len(result.skipped), 'relative budget')} skipped, no baseline: {names} "
+                "(pass --baseline FILE to compare)",
+                file=sys.stderr,
+            )
         for outcome in result.warnings:
             print(
                 f"convrewrite: warning: budget {outcome.budget.qualified_name} exceeded (level warn): "
