@@ -157,14 +157,16 @@ def render_table(result: CheckResult, width: int = 120, color: bool = False) -> 
     for target in result.targets:
         console.print(Text(target_line(target)), soft_wrap=True)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("Budget", no_wrap=True)
-    table.add_column("Metric")
-    table.add_column("Limit", justify="right", no_wrap=True)
-    table.add_column("Measured", justify="right", no_wrap=True)
+    # Cells wrap at spaces, and fold rather than cut when a word is too long: a number in a
+    # budget table is never shortened with an ellipsis.
+    table.add_column("Budget", overflow="fold")
+    table.add_column("Metric", overflow="fold")
+    table.add_column("Limit", justify="right", overflow="fold")
+    table.add_column("Measured", justify="right", overflow="fold")
     if result.has_baseline:
-        table.add_column("vs baseline", justify="right", no_wrap=True)
-    table.add_column("Headroom", justify="right", no_wrap=True)
-    table.add_column("Status", no_wrap=True)
+        table.add_column("vs baseline", justify="right", overflow="fold")
+    table.add_column("Headroom", justify="right", overflow="fold")
+    table.add_column("Status", overflow="fold")
     for outcome in result.outcomes:
         cells: list[str | Text] = [
             outcome.budget.qualified_name + ("" if outcome.budget.level == "error" else " (warn)"),
