@@ -156,7 +156,7 @@ def render_table(result: CheckResult, width: int = 120, color: bool = False) -> 
     console = _console(width, color)
     for target in result.targets:
         console.print(Text(target_line(target)), soft_wrap=True)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     # Cells wrap at spaces, and fold rather than cut when a word is too long: a number in a
     # budget table is never shortened with an ellipsis.
     table.add_column("Budget", overflow="fold")

@@ -403,7 +403,7 @@ def test_relative_budgets_without_a_baseline_are_skipped_visibly(
     write_config(project, RELATIVE.replace('baseline = "base.json"\n', ""))
     code, out, err = check(capsys, "--width", "120")
     assert code == 0
-    assert "no baseline   skip" in out
+    assert "no baseline  skip" in out
     assert "2 budgets (1 model): 0 within limits, 2 skipped (relative, no baseline)" in out
     assert err == (
         "convrewrite: note: 2 relative budgets skipped, no baseline: params-growth, macs-growth "
