@@ -301,7 +301,10 @@ def _table(project: ProjectConfig, name: str | None, data: dict[str, Any]) -> Ta
 
 
 def config_targets(project: ProjectConfig) -> tuple[Target | None, list[Target]]:
-    """The top-level target (when the table has a model or budgets) and the named targets."""
+    """The top-level target and the named targets.
+
+    The top-level table is a target when it has budgets, or a model and no named targets.
+    """
     data = project.data
     top_data = {k: v for k, v in data.items() if k != "targets"}
     top_config = _table(project, None, top_data)
@@ -339,7 +342,8 @@ def config_targets(project: ProjectConfig) -> tuple[Target | None, list[Target]]
             parse_budgets(target_data["budgets"], config.where("budgets"), name) if "budgets" in target_data else []
         )
         named.append(Target(name, config, budgets))
-    has_top = "model" in data or bool(top_budgets)
+    # With named targets, a top-level model without budgets is just the default of report/apply.
+    has_top = bool(top_budgets) or ("model" in data and not named)
     return (top if has_top else None), named
 
 

@@ -145,7 +145,7 @@ def test_targets_inherit_layer_selection_and_baseline_only(tmp_path: Path) -> No
         },
     )
     top, named = config_targets(project)
-    assert top is not None and top.name is None and top.budgets == []
+    assert top is None  # a top-level model without budgets is only report/apply's default
     (small,) = named
     assert small.budgets[0].qualified_name == "small/macs"
     assert small.config.resolve("exclude", None).value == ["head"]
@@ -153,6 +153,17 @@ def test_targets_inherit_layer_selection_and_baseline_only(tmp_path: Path) -> No
     assert small.config.resolve("baseline", None).value == "base.json"
     assert small.config.resolve("rules", None).value is None  # rules belong to one model
     assert "[tool.convrewrite.targets.small] model" in small.config.resolve("model", None).source
+
+
+def test_top_level_model_is_a_target_with_budgets_or_alone(tmp_path: Path) -> None:
+    budgets = [{"metric": "params", "limit": "1M"}]
+    named = {"small": {"model": "small.py", "budgets": budgets}}
+    top, _ = config_targets(_project(tmp_path, {"model": "top.py"}))
+    assert top is not None and top.budgets == []  # check then says "no budgets"
+    top, _ = config_targets(_project(tmp_path, {"model": "top.py", "budgets": budgets, "targets": named}))
+    assert top is not None and top.budgets[0].qualified_name == "params"
+    top, _ = config_targets(_project(tmp_path, {"targets": named}))
+    assert top is None
 
 
 @pytest.mark.parametrize(
