@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -497,3 +499,12 @@ def test_workflow_command_escaping() -> None:
 
     assert escape_data("50%\r\nnext: a, b") == "50%25%0D%0Anext: a, b"
     assert escape_property("t: a, b%") == "t%3A a%2C b%25"
+
+
+def test_check_modules_do_not_import_torch() -> None:
+    """Config and unit errors answer in milliseconds: parsing, planning and views need no torch."""
+    code = (
+        "import sys, convrewrite.budgets, convrewrite.check, convrewrite.check_views, convrewrite.cli; "
+        "sys.exit('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
