@@ -297,10 +297,6 @@ def plan(project: ProjectConfig, options: CheckOptions) -> tuple[list[PlannedTar
             baseline = Setting(str(target.config.path.parent / str(baseline.value)), baseline.source)
         build_rules(job)  # rule names and options are configuration: fail before loading any model
         planned.append(PlannedTarget(target, job, str(model_setting.value), baseline, budgets))
-    names = [p.target.label for p in planned]
-    duplicates = {n for n in names if names.count(n) > 1}
-    if duplicates:  # pragma: no cover - TOML tables cannot repeat a key
-        raise UsageError(f"target names repeat: {', '.join(sorted(duplicates))}")
     return planned, notes
 
 
@@ -445,8 +441,8 @@ def evaluate(budget: Budget, report: Report, baseline: Report | None) -> Outcome
     elif base is not None:
         assert budget.max_increase is not None
         limit = base + budget.max_increase.resolve(base)
-    people, basis = contributors(report, budget.metric, baseline if budget.relative else None)
-    return Outcome(budget, measured, limit, base, people, basis)
+    layers, basis = contributors(report, budget.metric, baseline if budget.relative else None)
+    return Outcome(budget, measured, limit, base, layers, basis)
 
 
 def execute(
