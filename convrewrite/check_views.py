@@ -139,6 +139,28 @@ def verdict(result: CheckResult) -> str:
     return text
 
 
+def failure_line(result: CheckResult) -> str:
+    """The one line for stderr when error-level budgets are exceeded."""
+    names = "; ".join(f"{o.budget.qualified_name} ({breach_sentence(o)})" for o in result.failures)
+    return f"{plural(len(result.failures), 'budget')} exceeded: {names}"
+
+
+def notes_for_stderr(result: CheckResult) -> list[str]:
+    """Skipped relative budgets, warn-level breaches, and failures under --exit-zero."""
+    lines = []
+    if result.skipped:
+        names = ", ".join(o.budget.qualified_name for o in result.skipped)
+        count = plural(len(result.skipped), "relative budget")
+        lines.append(f"note: {count} skipped, no baseline: {names} (pass --baseline FILE to compare)")
+    for outcome in result.warnings:
+        lines.append(
+            f"warning: budget {outcome.budget.qualified_name} exceeded (level warn): {breach_sentence(outcome)}"
+        )
+    if result.failures and result.exit_zero:
+        lines.append(f"{failure_line(result)} (--exit-zero: not failing)")
+    return lines
+
+
 def _console(width: int, color: bool) -> Console:
     return Console(
         file=io.StringIO(),

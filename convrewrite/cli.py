@@ -358,30 +358,14 @@ def check(
                 print(line, file=sys.stderr)
         progress = (lambda line: print(line, file=sys.stderr)) if verbose else None
         result = execute(planned, exit_zero, progress=progress)
-        from convrewrite.check_views import breach_sentence, plural, render
+        from convrewrite.check_views import failure_line, notes_for_stderr, render
 
         sys.stdout.write(render(result, fmt, width=table_width, color=fmt == "table" and sys.stdout.isatty()))
         sys.stdout.flush()
-        if result.skipped:
-            names = ", ".join(o.budget.qualified_name for o in result.skipped)
-            print(
-                f"convrewrite: note: {plural(len(result.skipped), 'relative budget')} skipped, no baseline: {names} "
-                "(pass --baseline FILE to compare)",
-                file=sys.stderr,
-            )
-        for outcome in result.warnings:
-            print(
-                f"convrewrite: warning: budget {outcome.budget.qualified_name} exceeded (level warn): "
-                f"{breach_sentence(outcome)}",
-                file=sys.stderr,
-            )
-        if result.failures:
-            names = "; ".join(f"{o.budget.qualified_name} ({breach_sentence(o)})" for o in result.failures)
-            count = plural(len(result.failures), "budget")
-            if exit_zero:
-                print(f"convrewrite: {count} exceeded (--exit-zero): {names}", file=sys.stderr)
-                return 0
-            raise BudgetExceeded(f"{count} exceeded: {names}")
+        for line in notes_for_stderr(result):
+            print(f"convrewrite: {line}", file=sys.stderr)
+        if result.failures and not exit_zero:
+            raise BudgetExceeded(failure_line(result))
         return 0
 
     raise typer.Exit(guarded(debug, body))
