@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from convrewrite.errors import ConvRewriteError, UsageError
+from convrewrite.errors import BudgetExceeded, ConvRewriteError, UsageError
 
 app = typer.Typer(
     name="convrewrite",
@@ -256,6 +256,116 @@ def apply(
         written = write_apply_output(result, report_data, out, force=force)
         sys.stdout.write(render(report_data, fmt, width=_width(width), color=fmt == "table" and sys.stdout.isatty()))
         print(written.summary(), file=sys.stderr)
+        return 0
+
+    raise typer.Exit(guarded(debug, body))
+
+
+CHECK_FORMATS = ("table", "json", "markdown", "github")
+COUNT_UNITS_HELP = "k, M, G are decimal (1k = 1,000)"
+SIZE_UNITS_HELP = "KB, MB, GB are decimal (1 MB = 1,000,000 B); KiB, MiB, GiB binary (1 MiB = 1,048,576 B)"
+
+
+@app.command()
+def check(
+    model: ModelArg = None,
+    rule: RuleOpt = None,
+    max_params: Annotated[
+        str | None,
+        typer.Option(
+            "--max-params", help=f"Fail when params exceed this, e.g. 1M; {COUNT_UNITS_HELP}.", show_default=False
+        ),
+    ] = None,
+    max_macs: Annotated[
+        str | None,
+        typer.Option(
+            "--max-macs", help=f"Fail when MACs exceed this, e.g. 500M; {COUNT_UNITS_HELP}.", show_default=False
+        ),
+    ] = None,
+    max_size: Annotated[
+        str | None,
+        typer.Option(
+            "--max-size",
+            help=f"Fail when parameter bytes exceed this, e.g. 3MB; {SIZE_UNITS_HELP}.",
+            show_default=False,
+        ),
+    ] = None,
+    max_increase: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--max-increase",
+            help="METRIC:AMOUNT, growth allowed over --baseline, e.g. params:2% or macs:10M (repeatable). "
+            "Metrics: params, trainable-params, macs, param-bytes.",
+            show_default=False,
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline",
+            help="JSON from `report --format json` or `check --format json` (e.g. made on main) to diff against.",
+            show_default=False,
+        ),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | json | markdown | github")] = "table",
+    exit_zero: Annotated[
+        bool, typer.Option("--exit-zero", help="Report exceeded budgets but exit 0 (usage/model errors still fail).")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Say where each setting and budget came from (on stderr).")
+    ] = False,
+    input_shape: InputShapeOpt = None,
+    weights: WeightsOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    min_channels: MinChannelsOpt = None,
+    width: WidthOpt = None,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Fail when a model exceeds its parameter, MAC or size budgets (exit 1), for CI.
+
+    Budgets come from the options here and from [tool.convrewrite] in pyproject.toml (the command
+    line wins). Exit codes: 0 all budgets hold (warnings too), 1 a budget exceeded, 2 usage or
+    configuration error, 3 the model could not be loaded, traced or rewritten.
+    """
+
+    def body() -> int:
+        _check_format(fmt, CHECK_FORMATS)
+        if min_channels is not None and min_channels < 0:
+            raise UsageError("--min-channels must be >= 0")
+        from convrewrite.budgets import command_line_budgets
+        from convrewrite.check import CheckOptions, describe_settings, execute, plan
+        from convrewrite.config import load_project_config
+
+        options = CheckOptions(
+            model=model,
+            rules=rule,
+            input_shapes=_parse_shapes(input_shape),
+            weights=weights,
+            include=include,
+            exclude=exclude,
+            min_channels=min_channels,
+            baseline=baseline,
+            budgets=command_line_budgets(max_params, max_macs, max_size, max_increase),
+            exit_zero=exit_zero,
+        )
+        table_width = _width(width)
+        project = load_project_config(config)
+        planned, notes = plan(project, options)
+        if verbose:
+            for line in describe_settings(planned, notes):
+                print(line, file=sys.stderr)
+        progress = (lambda line: print(line, file=sys.stderr)) if verbose else None
+        result = execute(planned, exit_zero, progress=progress)
+        from convrewrite.check_views import failure_line, notes_for_stderr, render
+
+        sys.stdout.write(render(result, fmt, width=table_width, color=fmt == "table" and sys.stdout.isatty()))
+        sys.stdout.flush()
+        for line in notes_for_stderr(result):
+            print(f"convrewrite: {line}", file=sys.stderr)
+        if result.failures and not exit_zero:
+            raise BudgetExceeded(failure_line(result))
         return 0
 
     raise typer.Exit(guarded(debug, body))

@@ -19,7 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-#: Keys of [tool.convrewrite]; budgets/baseline belong to ``convrewrite check``.
+#: Keys of [tool.convrewrite]; budgets/baseline/targets belong to ``convrewrite check``.
 KNOWN_KEYS = {
     "model",
     "input-shape",
@@ -30,6 +30,7 @@ KNOWN_KEYS = {
     "min-channels",
     "budgets",
     "baseline",
+    "targets",
 }
 
 
