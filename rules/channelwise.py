@@ -77,12 +77,21 @@ def channelwise_matrix(kernels: torch.Tensor, in_channels: int, out_channels: in
     return matrix
 
 
+def solve_normal_equations(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """The min-norm least-squares solution from normal equations ``gram @ x = rhs`` (gram PSD).
+
+    Through the pseudo-inverse (eigendecomposition): taps that touch no channel, or groups a kernel
+    cannot reach, make ``gram`` singular, and LAPACK's default ``gelsy`` can then return zeros.
+    """
+    return torch.linalg.pinv(gram, hermitian=True) @ rhs
+
+
 def fit_channelwise(target: torch.Tensor, inner: torch.Tensor, groups: int, taps: int, stride: int) -> torch.Tensor:
     """Kernels (g, dc) minimizing ||channelwise_matrix(kernels) @ inner - target||_F.
 
     ``inner`` (K, M) is what the channel-wise conv reads (the identity when it replaces a 1x1 conv
     directly); ``target`` is (Cout, M). The prediction is linear in the kernels, so this is one
-    small least-squares problem (normal equations of size dc per kernel; min-norm if singular).
+    small least-squares problem (normal equations of size dc; min-norm where singular).
     """
     rows, width = inner.shape
     out_channels = target.shape[0]
@@ -95,8 +104,7 @@ def fit_channelwise(target: torch.Tensor, inner: torch.Tensor, groups: int, taps
     windows = torch.stack([padded[index + t] for t in range(taps)])  # (dc, Cout/g, M)
     gram = torch.einsum("tpm,upm->tu", windows, windows)
     rhs = torch.einsum("tpm,jpm->tj", windows, target.reshape(groups, per_kernel, width))
-    solution = torch.linalg.lstsq(gram, rhs).solution  # (dc, g)
-    return solution.T.contiguous()
+    return solve_normal_equations(gram, rhs).T.contiguous()  # (g, dc)
 
 
 def interleave_index(channels: int, groups: int) -> list[int]:
@@ -137,7 +145,7 @@ def fit_group_channelwise(weight: torch.Tensor, groups: int, taps: int, sweeps: 
             rows, columns = slice(b * per_out, (b + 1) * per_out), slice(b * per_in, (b + 1) * per_in)
             part = mixer[:, rows]
             projected = part.T @ weight[:, columns]
-            solution = torch.linalg.lstsq(part.T @ part, projected).solution
+            solution = solve_normal_equations(part.T @ part, projected)
             dense[rows, columns] = solution
             explained += float((solution * projected).sum())
         return dense, max(total - explained, 0.0)
@@ -229,18 +237,18 @@ class ChannelwiseRule(Rule):
             block = block_class(site.in_channels, site.out_channels, taps, 1, bias=has_bias, **geometry(conv))
             kernels = fit_channelwise(weight, torch.eye(site.in_channels, dtype=weight.dtype), 1, taps, stride)
             fitted = channelwise_matrix(kernels, site.in_channels, site.out_channels, stride)
-            channelwise = block
-            notes.update(form="channel-wise", channel_stride=stride)
             total = float(weight.pow(2).sum())
-            notes["energy_retained"] = float(fitted.pow(2).sum()) / total if total > 0 else 1.0
+            notes.update(
+                form="channel-wise",
+                channel_stride=stride,
+                energy_retained=float(fitted.pow(2).sum()) / total if total > 0 else 1.0,
+            )
+            grouped = None
         else:
             block_class = GroupChannelwiseConv1d if site.conv_dims == 1 else GroupChannelwiseConv2d
             block = block_class(site.in_channels, site.out_channels, taps, g, bias=has_bias, **geometry(conv))
             fit = fit_group_channelwise(weight, g, taps, self.config.refine)
-            kernels = fit.kernels
-            channelwise = block.channelwise
-            with torch.no_grad():
-                block.group_conv.weight.copy_(fit.grouped.reshape(block.group_conv.weight.shape))
+            kernels, grouped = fit.kernels, fit.grouped
             notes.update(
                 form="group channel-wise module",
                 channel_stride=g,
@@ -249,10 +257,13 @@ class ChannelwiseRule(Rule):
                 refine_sweeps=fit.sweeps,
             )
         block = block.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        channelwise = block if grouped is None else block.channelwise
         with torch.no_grad():
             channelwise.weight.copy_(kernels)
             if has_bias:
                 channelwise.bias.copy_(conv.bias.detach())
+            if grouped is not None:
+                block.group_conv.weight.copy_(grouped.reshape(block.group_conv.weight.shape))
         return Replacement(block, notes)
 
     def cost(self, site: ConvSite) -> Cost:
@@ -273,4 +284,5 @@ __all__ = [
     "fit_channelwise",
     "fit_group_channelwise",
     "interleave_index",
+    "solve_normal_equations",
 ]

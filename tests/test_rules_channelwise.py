@@ -118,11 +118,21 @@ def test_a_kernel_that_is_already_channel_wise_is_kept_exactly(dims: int) -> Non
     assert relative(replacement.module(x), conv(x)) < 1e-5
 
 
-def test_a_single_channel_layer_is_exact() -> None:
+@pytest.mark.parametrize("spec", ["channelwise", "channelwise:kernel=8"])
+def test_a_single_channel_layer_is_exact(spec: str) -> None:
+    """Taps that meet no channel make the normal equations singular: the fit must not zero out."""
     conv = make_conv(2, 1, 1, 1)
     x = example_input(conv)
-    replacement = rule("channelwise").build(site_of(conv, x))
+    replacement = rule(spec).build(site_of(conv, x))
+    assert replacement.notes["energy_retained"] == pytest.approx(1.0)
     assert relative(replacement.module(x), conv(x)) < 1e-6
+
+
+def test_kernels_longer_than_the_channels_still_fit_by_diagonal_means() -> None:
+    weight = torch.randn(3, 3, dtype=torch.float64)
+    kernel = fit_channelwise(weight, torch.eye(3, dtype=torch.float64), 1, 9, 1)
+    assert torch.allclose(kernel[0], diagonal_means(weight, 9, 1))
+    assert int((kernel[0] != 0).sum()) == 5  # the 5 diagonals of a 3x3 matrix; the other taps see nothing
 
 
 @pytest.mark.parametrize("dims", [1, 2])
