@@ -207,10 +207,7 @@ class ChannelwiseRule(Rule):
         cin, cout, g, taps = site.in_channels, site.out_channels, self.config.groups, self.taps(site)
         if g == 1:
             if cout > cin:
-                return (
-                    f"expands channels ({cin} -> {cout}): a channel-wise conv needs Cin a multiple of Cout "
-                    "(groups=g handles expansion)"
-                )
+                return f"expands channels ({cin} -> {cout}): a channel-wise conv cannot (groups=g can)"
             if cin % cout:
                 return f"in_channels={cin} is not a multiple of out_channels={cout}: no integer channel stride"
             stride = cin // cout

@@ -178,6 +178,20 @@ def test_later_rules_see_layers_earlier_rules_made_and_per_rule_include_limits_t
     assert any(s.reason.startswith("excluded by exclude=conv2") for s in excluded.skipped)
 
 
+def test_the_json_report_says_how_much_of_each_kernel_was_kept(tmp_path, monkeypatch) -> None:
+    from convrewrite.api import report
+
+    monkeypatch.chdir(tmp_path)
+    data = report(str(REPO_SAMPLES / "tdnn.py"), rules=["group-shuffle:assign=energy", "log-group"]).to_dict()
+    rewrites = {(r["name"], r["rule"]): r for r in data["rewrites"]}
+    shuffled = rewrites[("tdnn2", "group-shuffle")]["notes"]
+    assert shuffled["energy_retained"] >= shuffled["energy_retained_shuffle"]
+    assert rewrites[("tdnn1", "log-group")]["notes"]["in_groups"] == [20, 10, 5, 4]
+    errors = {layer["name"]: layer["kernel_relative_error"] for layer in data["fidelity"]["layers"]}
+    assert errors["tdnn2"] == pytest.approx((1 - shuffled["energy_retained"]) ** 0.5, abs=1e-5)
+    assert all(0 < errors[name] < 1 for name in ("tdnn1", "tdnn2", "tdnn3"))
+
+
 @pytest.mark.parametrize(
     "model,specs",
     [
