@@ -126,8 +126,10 @@ def fit_group_channelwise(weight: torch.Tensor, groups: int, taps: int, sweeps: 
     """Grouped 1x1 + interleave + group channel-wise kernels, fitted to the dense (Cout, Cin) weight."""
     out_channels, in_channels = weight.shape
     per_out, per_in = out_channels // groups, in_channels // groups
-    interleave = torch.zeros(out_channels, out_channels, dtype=weight.dtype)
-    interleave[torch.arange(out_channels), torch.tensor(interleave_index(out_channels, groups))] = 1.0
+    # The interleave is a permutation: row p of its output is row source[p] of its input.
+    source = torch.tensor(interleave_index(out_channels, groups))
+    inverse = torch.empty_like(source)
+    inverse[source] = torch.arange(out_channels)
     before, _ = channel_padding(out_channels, per_out, taps, groups)
     total = float(weight.pow(2).sum())
 
@@ -138,7 +140,7 @@ def fit_group_channelwise(weight: torch.Tensor, groups: int, taps: int, sweeps: 
         per group, solved through its small normal equations (min-norm where singular). For a
         least-squares solution the error is ||W_b||^2 - <G_b, A_b^T W_b>.
         """
-        mixer = channelwise_matrix(kernels, out_channels, out_channels, groups) @ interleave
+        mixer = channelwise_matrix(kernels, out_channels, out_channels, groups)[:, inverse]  # C @ interleave
         dense = weight.new_zeros((out_channels, in_channels))
         explained = 0.0
         for b in range(groups):
@@ -157,7 +159,7 @@ def fit_group_channelwise(weight: torch.Tensor, groups: int, taps: int, sweeps: 
     best = (start_error, kernels, dense)
     done = 0
     for _ in range(sweeps):
-        candidate = fit_channelwise(weight, interleave @ dense, groups, taps, groups)
+        candidate = fit_channelwise(weight, dense[source], groups, taps, groups)
         norm = float(candidate.norm())
         if norm == 0.0:
             break
