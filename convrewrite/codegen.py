@@ -67,6 +67,15 @@ def _attribute_target(parent: str, name: str) -> str:
     return f'getattr({parent}, "{name}")'
 
 
+def _assignment(target: str, value: str) -> str:
+    """``target = value``; a ``getattr(parent, "0")`` target (a child named by an index, as in
+    ``nn.Sequential``) is not assignable, so it becomes ``setattr(parent, "0", value)``."""
+    match = re.fullmatch(r'getattr\((.*), "([^"]*)"\)', target)
+    if match:
+        return f'setattr({match.group(1)}, "{match.group(2)}", {value})'
+    return f"{target} = {value}"
+
+
 def _module_signature(module: nn.Module) -> tuple[Any, ...]:
     """What must match for a constructor call to stand for ``module`` (own part only)."""
     own = sorted(
@@ -193,24 +202,16 @@ class SourceWriter:
             return name == "" or name in self.forward_targets
         return name in self.forward_targets
 
-    def _assign(self, target: str, expression: str) -> None:
-        """``target = expression``, or ``parent.add_module("0", expression)`` for non-identifiers."""
-        match = re.fullmatch(r'getattr\((.+), "([^"]+)"\)', target)
-        if match:
-            self.lines.append(f'{match.group(1)}.add_module("{match.group(2)}", {expression})')
-        else:
-            self.lines.append(f"{target} = {expression}")
-
     def emit(self, target: str, name: str, module: nn.Module) -> None:
         if id(module) in self.emitted:
-            self._assign(target, self.emitted[id(module)])
+            self.lines.append(_assignment(target, self.emitted[id(module)]))
             return
         self.emitted[id(module)] = target
         expression = self.constructor(module)
         if expression is not None:
             fresh = self._fresh(expression)
             if fresh is not None and _module_signature(fresh) == _module_signature(module):
-                self._assign(target, expression)
+                self.lines.append(_assignment(target, expression))
                 self._emit_children_diff(target, name, module, fresh)
                 return
         if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and type(module) in (
@@ -218,16 +219,16 @@ class SourceWriter:
             nn.ModuleList,
             nn.ModuleDict,
         ):
-            self._assign(target, f"nn.{type(module).__name__}()")
+            self.lines.append(_assignment(target, f"nn.{type(module).__name__}()"))
             self._emit_own_tensors(target, module)
             for child_name, child in module._modules.items():
                 self._emit_child(target, name, child_name, child)
             return
         if self.needs_class(name, module) or name in self.forward_targets:
             class_name = self._user_class(module, name)
-            self._assign(target, f"_rebuild({class_name}, {self._plain_attributes(module, name)!s})")
+            self.lines.append(_assignment(target, f"_rebuild({class_name}, {self._plain_attributes(module, name)!s})"))
         else:
-            self._assign(target, "nn.Module()")
+            self.lines.append(_assignment(target, "nn.Module()"))
         self._emit_own_tensors(target, module)
         for child_name, grandchild in module._modules.items():
             self._emit_child(target, name, child_name, grandchild)

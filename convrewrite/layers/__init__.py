@@ -5,12 +5,48 @@ keeps it as one readable layer. The files here import nothing but torch: ``convr
 copies their source into the generated ``model.py``.
 """
 
+from convrewrite.layers.channelwise import (
+    ChannelwiseConv1d,
+    ChannelwiseConv2d,
+    GroupChannelwiseConv1d,
+    GroupChannelwiseConv2d,
+)
+from convrewrite.layers.log_group import LogGroupConv1d, LogGroupConv2d, log_group_sizes
 from convrewrite.layers.separable import SeparableConv1d, SeparableConv2d
+from convrewrite.layers.shuffle import ChannelPermutation, ChannelShuffle, GroupShuffleConv1d, GroupShuffleConv2d
 from convrewrite.tracing import register_leaf_module
 
-BLOCK_CLASSES = (SeparableConv1d, SeparableConv2d)
+BLOCK_CLASSES = (
+    SeparableConv1d,
+    SeparableConv2d,
+    GroupShuffleConv1d,
+    GroupShuffleConv2d,
+    ChannelShuffle,
+    ChannelPermutation,
+    LogGroupConv1d,
+    LogGroupConv2d,
+    ChannelwiseConv1d,
+    ChannelwiseConv2d,
+    GroupChannelwiseConv1d,
+    GroupChannelwiseConv2d,
+)
 
 for _cls in BLOCK_CLASSES:
     register_leaf_module(_cls)
 
-__all__ = ["BLOCK_CLASSES", "SeparableConv1d", "SeparableConv2d"]
+__all__ = [
+    "BLOCK_CLASSES",
+    "ChannelPermutation",
+    "ChannelShuffle",
+    "ChannelwiseConv1d",
+    "ChannelwiseConv2d",
+    "GroupChannelwiseConv1d",
+    "GroupChannelwiseConv2d",
+    "GroupShuffleConv1d",
+    "GroupShuffleConv2d",
+    "LogGroupConv1d",
+    "LogGroupConv2d",
+    "SeparableConv1d",
+    "SeparableConv2d",
+    "log_group_sizes",
+]
