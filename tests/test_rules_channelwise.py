@@ -4,16 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rule_test_support import (
-    equivalent_conv,
-    example_input,
-    make_conv,
-    measured,
-    relative,
-    rule,
-    single_thread,
-    site_of,
-)
 from torch import nn
 
 from convrewrite.dense import dense_kernel, kernel_error
@@ -25,6 +15,17 @@ from convrewrite.rules.channelwise import (
     fit_channelwise,
     fit_group_channelwise,
     interleave_index,
+)
+
+from .rule_test_support import (
+    equivalent_conv,
+    example_input,
+    make_conv,
+    measured,
+    relative,
+    rule,
+    single_thread,
+    site_of,
 )
 
 _threads = pytest.fixture(autouse=True)(single_thread)

@@ -6,7 +6,6 @@ import itertools
 
 import pytest
 import torch
-from rule_test_support import equivalent_conv, example_input, make_conv, relative, rule, single_thread, site_of
 from torch import nn
 
 from convrewrite.cli import run
@@ -14,6 +13,8 @@ from convrewrite.dense import dense_kernel, kernel_error
 from convrewrite.errors import UsageError
 from convrewrite.layers import ChannelPermutation, ChannelShuffle, GroupShuffleConv1d, GroupShuffleConv2d
 from convrewrite.rules.group_shuffle import balanced_assignment, group_energy, masked_grouped_weight
+
+from .rule_test_support import equivalent_conv, example_input, make_conv, relative, rule, single_thread, site_of
 
 _threads = pytest.fixture(autouse=True)(single_thread)
 
@@ -223,6 +224,6 @@ def test_an_explicitly_named_layer_that_cannot_be_rewritten_is_a_usage_error(
 
 @pytest.fixture
 def samples():
-    from rule_test_support import REPO_SAMPLES
+    from .rule_test_support import REPO_SAMPLES
 
     return REPO_SAMPLES

@@ -6,8 +6,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rule_test_support import REPO_SAMPLES, equivalent_conv, example_input, make_conv, relative, rule, single_thread
-from rule_test_support import site_of as make_site
 from torch import nn
 
 from convrewrite.api import make_job, run_job
@@ -15,6 +13,9 @@ from convrewrite.config import ProjectConfig
 from convrewrite.dense import dense_kernel, kernel_error
 from convrewrite.errors import UsageError
 from convrewrite.layers import LogGroupConv1d, LogGroupConv2d, log_group_sizes
+
+from .rule_test_support import REPO_SAMPLES, equivalent_conv, example_input, make_conv, relative, rule, single_thread
+from .rule_test_support import site_of as make_site
 
 _threads = pytest.fixture(autouse=True)(single_thread)
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
-from rule_test_support import RULE_SPECS, conv_class, equivalent_conv, measured, relative, rule, single_thread, site_of
 from torch import nn
 
 from convrewrite.engine import analyse
 from convrewrite.loading import ExampleInputs, LoadedModel
+
+from .rule_test_support import RULE_SPECS, conv_class, equivalent_conv, measured, relative, rule, single_thread, site_of
 
 _threads = pytest.fixture(autouse=True)(single_thread)
 
