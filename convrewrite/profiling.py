@@ -187,6 +187,13 @@ def parameter_ownership(model: nn.Module) -> _Ownership:
 
 
 class _MacCounter(TorchDispatchMode):
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # By default torch wraps __torch_dispatch__ in torch._disable_dynamo, whose first call
+        # imports torch._dynamo: seconds of start-up for every report. The counter never runs under
+        # torch.compile, so there is nothing for dynamo to skip.
+        return False
+
     def __init__(self, stack: list[CallRecord]) -> None:
         super().__init__()
         self.stack = stack

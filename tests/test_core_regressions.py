@@ -1,0 +1,48 @@
+"""Regression tests for core bugs that the zoo found on real architectures, one small model each."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from convrewrite.cli import run
+
+ROOT = Path(__file__).resolve().parent.parent
+ZOO = ROOT / "sample_models" / "zoo"
+
+
+@pytest.fixture
+def run_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Callable[..., int]:
+    """The CLI in-process, from an empty directory (no pyproject.toml config applies)."""
+    monkeypatch.chdir(tmp_path)
+
+    def invoke(*args: str | Path) -> int:
+        code = run([str(a) for a in args])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return code
+
+    return invoke
+
+
+def write_model(directory: Path, source: str) -> Path:
+    path = directory / "user_model.py"
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def test_counting_macs_does_not_import_dynamo() -> None:
+    """TorchDispatchMode imports torch._dynamo on first dispatch unless told not to: seconds per run."""
+    code = (
+        "import sys\n"
+        "from convrewrite.api import report\n"
+        f"report({str(ZOO / 'tied.py')!r}, rules=['separable'])\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr
