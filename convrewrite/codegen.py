@@ -325,6 +325,12 @@ class SourceWriter:
                 continue
             if getattr(builtins, global_name, None) is value:
                 continue
+            if isinstance(value, str):
+                # A string annotation (the user's file uses ``from __future__ import annotations``):
+                # fx names it ``_torch_Tensor_``. model.py has that import too, so the annotation is
+                # never evaluated and its text can stand as written.
+                source = re.sub(rf"\b{re.escape(global_name)}\b", _annotation_text(value), source)
+                continue
             module_name = getattr(value, "__module__", None)
             qualname = getattr(value, "__qualname__", None)
             if self.user_module is not None and module_name == self.user_module.__name__:
@@ -421,6 +427,15 @@ class SourceWriter:
             line = f"{_attribute_target(target_expr, attr)} = {_attribute_target(source_expr, src_attr)}"
             if line not in self.lines:
                 self.lines.append(f"{line}  # tied")
+
+
+def _annotation_text(annotation: str) -> str:
+    """A string annotation as source: itself when it parses as an expression, else quoted."""
+    try:
+        ast.parse(annotation, mode="eval")
+    except SyntaxError:
+        return repr(annotation)
+    return annotation
 
 
 def _same_tree(a: nn.Module, b: nn.Module) -> bool:

@@ -36,6 +36,31 @@ def write_model(directory: Path, source: str) -> Path:
     return path
 
 
+def test_apply_with_string_annotations(run_cli: Callable[..., int], tmp_path: Path) -> None:
+    """``from __future__ import annotations`` made fx emit ``_torch_Tensor_`` globals that codegen refused."""
+    path = write_model(
+        tmp_path,
+        """
+        from __future__ import annotations
+        import torch
+        from torch import nn
+        INPUT_SHAPE = (1, 3, 16, 16)
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+            def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+                return {"out": self.conv(x)}
+        """,
+    )
+    run_cli("apply", path, "--rule", "separable", "--out", tmp_path / "out")
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:" in source
+    assert "_torch_Tensor_" not in source
+
+
 def test_counting_macs_does_not_import_dynamo() -> None:
     """TorchDispatchMode imports torch._dynamo on first dispatch unless told not to: seconds per run."""
     code = (
