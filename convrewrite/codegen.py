@@ -424,7 +424,7 @@ class SourceWriter:
             source_expr = self.emitted.get(id(source_module))
             if target_expr is None or source_expr is None:
                 continue
-            line = f"{_attribute_target(target_expr, attr)} = {_attribute_target(source_expr, src_attr)}"
+            line = _assignment(_attribute_target(target_expr, attr), _attribute_target(source_expr, src_attr))
             if line not in self.lines:
                 self.lines.append(f"{line}  # tied")
 

@@ -9,8 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from convrewrite.cli import run
+from convrewrite.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "sample_models" / "zoo"
@@ -59,6 +61,37 @@ def test_apply_with_string_annotations(run_cli: Callable[..., int], tmp_path: Pa
     source = (tmp_path / "out" / "model.py").read_text()
     assert "def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:" in source
     assert "_torch_Tensor_" not in source
+
+
+def test_apply_with_container_children(run_cli: Callable[..., int], tmp_path: Path) -> None:
+    """Children named "0" or "seg-out" were written as ``getattr(...) = ...``, a syntax error."""
+    path = write_model(
+        tmp_path,
+        """
+        import torch
+        from torch import nn
+        INPUT_SHAPE = (1, 3, 16, 16)
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Sequential(nn.Conv2d(8, 8, 3)))
+                self.heads = nn.ModuleDict({"seg-out": nn.Conv2d(8, 2, 3), "logits": nn.Conv2d(8, 4, 1)})
+
+            def forward(self, x):
+                x = self.body(x)
+                return self.heads["seg-out"](x), self.heads["logits"](x)
+        """,
+    )
+    out = tmp_path / "out"
+    run_cli("apply", path, "--rule", "separable", "--out", out)
+    source = (out / "model.py").read_text()
+    assert 'setattr(self.body, "0", SeparableConv2d(' in source
+    assert 'setattr(self.heads, "seg-out", SeparableConv2d(' in source
+    original, rewritten = load_model(str(path)), load_model(str(out))
+    with torch.no_grad():
+        for a, b in zip(original.model(*original.inputs.args), rewritten.model(*original.inputs.args)):
+            assert a.shape == b.shape
 
 
 def test_counting_macs_does_not_import_dynamo() -> None:
