@@ -110,7 +110,13 @@ def trace(model: nn.Module, leaf_names: set[str] | None = None) -> TraceResult:
             leaves[failing] = LeafInfo(failing, module_types.get(failing, "?"), _first_line(exc))
             continue
         name = type(model).__name__
-        graph_module = fx.GraphModule(tracer.root, graph, name)
+        try:
+            graph_module = fx.GraphModule(tracer.root, graph, name)
+        except Exception as exc:
+            # fx can write code that does not compile: a submodule named after a Python keyword
+            # (a ModuleDict key "class") becomes ``self.heads.class``.
+            failure = f"the traced graph does not compile ({_first_line(exc)})"
+            return TraceResult(None, "eager", list(leaves.values()), failure=failure)
         for fixed_name in sorted(fixed):
             if fixed_name not in leaves and fixed_name in module_types:
                 leaves[fixed_name] = LeafInfo(

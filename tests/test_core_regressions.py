@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from convrewrite.api import report
 from convrewrite.cli import run
 from convrewrite.loading import load_model
 
@@ -104,3 +105,30 @@ def test_counting_macs_does_not_import_dynamo() -> None:
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_submodule_named_after_a_keyword_falls_back_to_eager(run_cli: Callable[..., int], tmp_path: Path) -> None:
+    """fx writes ``self.heads.class(...)`` for a ModuleDict key "class": the run crashed with a SyntaxError."""
+    path = write_model(
+        tmp_path,
+        """
+        import torch
+        from torch import nn
+        INPUT_SHAPE = (1, 3, 16, 16)
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.heads = nn.ModuleDict({"class": nn.Conv2d(3, 4, 3), "box": nn.Conv2d(3, 4, 3)})
+
+            def forward(self, x):
+                return self.heads["class"](x) + self.heads["box"](x)
+        """,
+    )
+    result = report(str(path), rules=["separable"])
+    assert result.trace["mode"] == "eager"
+    assert "does not compile" in result.trace["failure"]
+    assert {r["name"] for r in result.rewrites} == {"heads.class", "heads.box"}
+    out = tmp_path / "out"
+    run_cli("apply", path, "--rule", "separable", "--out", out)
+    assert 'setattr(self.model.heads, "class", SeparableConv2d(' in (out / "model.py").read_text()
