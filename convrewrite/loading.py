@@ -358,7 +358,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
             hint="use .safetensors, .pt or .pth",
         )
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    # A shared module or tied parameter is saved once; its other names are filled by that one.
+    missing = _unshared(model, [k for k in expected if k not in state], state)
     unexpected = [k for k in state if k not in expected]
     mismatched = [
         f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
@@ -377,7 +378,23 @@ def load_weights(model: nn.Module, path: Path) -> None:
             f"weights in {path.name} do not fit the model: {'; '.join(detail)}",
             hint="check that the weights belong to this model",
         )
-    model.load_state_dict(state, strict=True)
+    # Not strict: the names left out above are aliases of tensors loaded under another name.
+    model.load_state_dict(state, strict=False)
+
+
+def _unshared(model: nn.Module, missing: list[str], state: dict[str, torch.Tensor]) -> list[str]:
+    """The missing keys that are really missing: a shared module or tied parameter is saved once
+    (safetensors keeps one name per tensor), and loading that one name fills every alias."""
+    if not missing:
+        return missing
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        names_of.setdefault(id(tensor), []).append(name)
+    loaded_aliases = {name for names in names_of.values() if any(n in state for n in names) for name in names}
+    return [key for key in missing if key not in loaded_aliases]
 
 
 def _state_dict_from(loaded: Any, path: Path) -> dict[str, torch.Tensor]:

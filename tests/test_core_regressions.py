@@ -95,6 +95,15 @@ def test_apply_with_container_children(run_cli: Callable[..., int], tmp_path: Pa
             assert a.shape == b.shape
 
 
+def test_apply_directory_with_shared_modules_loads(run_cli: Callable[..., int], tmp_path: Path) -> None:
+    """safetensors saves a shared tensor once; loading an apply directory called that "missing"."""
+    out = tmp_path / "out"
+    run_cli("apply", ZOO / "shared_conv.py", "--rule", "separable", "--out", out)
+    loaded = load_model(str(out))
+    assert loaded.model.encoder_a is loaded.model.encoder_b
+    run_cli("report", out)
+
+
 def test_counting_macs_does_not_import_dynamo() -> None:
     """TorchDispatchMode imports torch._dynamo on first dispatch unless told not to: seconds per run."""
     code = (
