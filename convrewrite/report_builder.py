@@ -95,6 +95,31 @@ def _type_label(record: CallRecord) -> str:
     return record.type
 
 
+def _match_shared_calls(result: EngineResult, after_map: dict[tuple[str, int], Any]) -> None:
+    """Give each call of a shared replacement the row of the original call it stands for.
+
+    Tied convs (distinct modules sharing their parameters) become one replacement module, which
+    the rewritten model's profile names after its first name only: ``left`` call 0 and 1 stand for
+    ``left`` and ``right`` call 0. The model runs its layers in the same order before and after,
+    so the calls pair up in execution order.
+    """
+    assert result.after is not None
+    for rewrite in result.rewrites:
+        if not rewrite.aliases:
+            continue
+        names = {rewrite.name, *rewrite.aliases}
+        before_calls = sorted((r for r in result.before.records if r.name in names and r.called), key=lambda r: r.index)
+        after_calls = sorted((r for r in result.after.records if r.name in names and r.called), key=lambda r: r.index)
+        if len(before_calls) != len(after_calls):
+            continue
+        moved = {}
+        for old, new in zip(before_calls, after_calls):
+            key = (new.name, new.call_number)
+            if key in after_map:
+                moved[(old.name, old.call_number)] = after_map.pop(key)
+        after_map.update(moved)
+
+
 def layer_rows(result: EngineResult) -> list[LayerRow]:
     before = result.before
     after = result.after
@@ -104,6 +129,10 @@ def layer_rows(result: EngineResult) -> list[LayerRow]:
     kernel_errors = (
         {layer.name: layer.kernel_relative_error for layer in result.fidelity.layers} if result.fidelity else {}
     )
+    for rewrite in result.rewrites:
+        for alias in rewrite.aliases:
+            if rewrite.name in kernel_errors:
+                kernel_errors.setdefault(alias, kernel_errors[rewrite.name])
     rules_of: dict[str, list[str]] = {}
     for rewrite in result.rewrites:
         root = next((r for r in rewritten if rewrite.name == r or rewrite.name.startswith(r + ".")), rewrite.name)
@@ -121,8 +150,11 @@ def layer_rows(result: EngineResult) -> list[LayerRow]:
                 params, macs = record.params, record.macs
             shape = record.output_shapes[0] if record.output_shapes else None
             after_map[(record.name, record.call_number)] = (_type_label(record), params, macs, shape)
-        # A rewritten conv that never ran has no call record of its own: sum its children.
-        for name in rewritten:
+        _match_shared_calls(result, after_map)
+        # A rewritten conv that never ran has no call record of its own: sum its children. A
+        # second name of a rewritten module is not a layer of its own.
+        alias_names = {alias for rewrite in result.rewrites for alias in rewrite.aliases}
+        for name in rewritten - alias_names:
             if (name, 0) not in after_map and before.first_call(name) is None:
                 prefix = name + "."
                 params = sum(r.params for r in after.records if not r.called and r.name.startswith(prefix))

@@ -104,6 +104,28 @@ def test_apply_directory_with_shared_modules_loads(run_cli: Callable[..., int], 
     run_cli("report", out)
 
 
+def test_rows_of_tied_convs_rewritten_into_one_block() -> None:
+    """The second name of a shared replacement showed as "Conv2d -> None" plus an "added" row."""
+    result = report(str(ZOO / "tied.py"), rules=["separable"])
+    rows = {row.name: row for row in result.layers}
+    assert [row.status for row in result.layers if row.name in ("left", "right")] == ["rewritten", "rewritten"]
+    assert rows["right"].type_after == rows["left"].type_after == "SeparableConv2d"
+    assert rows["right"].macs_after == rows["left"].macs_after > 0
+    assert rows["right"].params_after == 0
+    assert rows["right"].kernel_error == rows["left"].kernel_error
+    assert not [row for row in result.layers if row.status == "added"]
+
+
+def test_rows_of_a_conv_called_twice_and_registered_twice() -> None:
+    """A module under two names got a spurious "(new)" row for its second name."""
+    result = report(str(ZOO / "shared_conv.py"), rules=["separable"])
+    assert [(row.name, row.call) for row in result.layers if row.name.startswith("encoder")] == [
+        ("encoder_a", 0),
+        ("encoder_a", 1),
+    ]
+    assert not [row for row in result.layers if row.status == "added"]
+
+
 def test_counting_macs_does_not_import_dynamo() -> None:
     """TorchDispatchMode imports torch._dynamo on first dispatch unless told not to: seconds per run."""
     code = (
