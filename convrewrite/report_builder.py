@@ -151,11 +151,12 @@ def layer_rows(result: EngineResult) -> list[LayerRow]:
             shape = record.output_shapes[0] if record.output_shapes else None
             after_map[(record.name, record.call_number)] = (_type_label(record), params, macs, shape)
         _match_shared_calls(result, after_map)
-        # A rewritten conv that never ran has no call record of its own: sum its children. A
-        # second name of a rewritten module is not a layer of its own.
+        # A rewritten conv that never ran (on the example input, or no longer after the rewrite,
+        # when the model's control flow depends on values) has no call record of its own: sum its
+        # children. A second name of a rewritten module is not a layer of its own.
         alias_names = {alias for rewrite in result.rewrites for alias in rewrite.aliases}
         for name in rewritten - alias_names:
-            if (name, 0) not in after_map and before.first_call(name) is None:
+            if (name, 0) not in after_map:
                 prefix = name + "."
                 params = sum(r.params for r in after.records if not r.called and r.name.startswith(prefix))
                 block = type(result.model.get_submodule(name)).__name__

@@ -126,6 +126,38 @@ def test_rows_of_a_conv_called_twice_and_registered_twice() -> None:
     assert not [row for row in result.layers if row.status == "added"]
 
 
+def test_row_of_a_conv_the_rewritten_model_no_longer_calls(tmp_path: Path) -> None:
+    """Control flow can change after a rewrite; the rewritten conv's row lost its "after" numbers."""
+    path = write_model(
+        tmp_path,
+        """
+        import torch
+        from torch import nn
+        INPUT_SHAPE = (1, 3, 16, 16)
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.stem = nn.Conv2d(3, 8, 3, padding=1)
+                self.optional = nn.Conv2d(8, 8, 3, padding=1)
+
+            def forward(self, x):
+                x = self.stem(x)
+                if isinstance(self.optional, nn.Conv2d):
+                    x = self.optional(x)
+                return x
+        """,
+    )
+    result = report(str(path), rules=["separable"])
+    row = next(row for row in result.layers if row.name == "optional")
+    assert row.status == "rewritten"
+    assert row.type_after == "SeparableConv2d"
+    assert row.params_after == 8 * 9 + 8 + 8 * 8 + 8
+    assert row.macs_after == 0
+    assert result.after is not None
+    assert sum(r.params_after or 0 for r in result.layers) == result.after.params
+
+
 def test_counting_macs_does_not_import_dynamo() -> None:
     """TorchDispatchMode imports torch._dynamo on first dispatch unless told not to: seconds per run."""
     code = (
