@@ -225,6 +225,17 @@ def _conv_geometry(module: nn.Module) -> tuple[Any, ...]:
     )
 
 
+def _tie_mismatch(module: nn.Module, other_name: str, other: nn.Module) -> str | None:
+    """Why ``other`` (holding ``module``'s weight) cannot share one replacement with it, or None."""
+    if not isinstance(other, CONV_TYPES) or type(other) is not type(module):
+        return f"{other_name} ({type(other).__name__})"
+    if _conv_geometry(other)[:-1] != _conv_geometry(module)[:-1]:
+        return f"{other_name} (a conv of another shape)"
+    if _conv_geometry(other) != _conv_geometry(module):
+        return f"{other_name} (own bias: one shared replacement cannot keep both biases)"
+    return None
+
+
 # --------------------------------------------------------------------------- sites
 
 
@@ -300,11 +311,9 @@ def apply_rule(
             holders = users.get(id(module.weight), [])
             others = [(n, m) for n, m in holders if m is not module]
             if others:
-                mismatched = [
-                    n for n, m in others if not isinstance(m, CONV_TYPES) or _conv_geometry(m) != _conv_geometry(module)
-                ]
-                if mismatched:
-                    reason = f"weight is tied to {', '.join(mismatched)}; rewriting would untie it"
+                mismatched = [_tie_mismatch(module, n, m) for n, m in others]
+                if any(mismatched):
+                    reason = f"weight is tied to {', '.join(m for m in mismatched if m)}; rewriting would untie it"
                 else:
                     tied_with = [m for _, m in others]
         if reason is not None:

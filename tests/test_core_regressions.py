@@ -126,6 +126,13 @@ def test_rows_of_a_conv_called_twice_and_registered_twice() -> None:
     assert not [row for row in result.layers if row.status == "added"]
 
 
+def test_tie_skip_reasons_say_what_the_weight_is_tied_to() -> None:
+    result = report(str(ZOO / "tied.py"), rules=["separable"])
+    reasons = {skip["name"]: skip["reason"] for skip in result.skipped}
+    assert "branch_b (own bias" in reasons["branch_a"]
+    assert "decode (ConvTranspose2d)" in reasons["encode"]
+
+
 def test_row_of_a_conv_the_rewritten_model_no_longer_calls(tmp_path: Path) -> None:
     """Control flow can change after a rewrite; the rewritten conv's row lost its "after" numbers."""
     path = write_model(
