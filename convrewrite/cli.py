@@ -397,15 +397,23 @@ def list_rules(
     raise typer.Exit(guarded(debug, body))
 
 
-@app.callback()
-def _root(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)] = False,
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    # An eager option's callback runs while the options are parsed, before click asks for a command.
+    if value:
         from convrewrite import __version__
 
         print(f"convrewrite {__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
+    ] = False,
+) -> None:
+    pass
 
 
 def run(argv: Sequence[str] | None = None) -> int:
