@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves
 
 import convrewrite.layers  # noqa: F401  (registers the replacement blocks as FX leaves)
@@ -150,11 +149,24 @@ def output_shapes(value: Any) -> list[tuple[int, ...]]:
     return [tuple(t.shape) for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Run the graph and note each node's output shapes in ``node.meta['output_shapes']``.
+
+    fx's own ShapeProp records more (strides, dtypes, quantization) and imports
+    torch.fx.experimental.symbolic_shapes, which pulls in sympy: half a second of every run.
+    """
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta["output_shapes"] = output_shapes(result)
+        return result
+
+
 def propagate_shapes(graph_module: fx.GraphModule, inputs: ExampleInputs) -> Any:
-    """ShapeProp over the graph: every node gets ``meta['tensor_meta']``; returns the output."""
+    """Run the graph on the inputs: every node gets ``meta['output_shapes']``; returns the output."""
     values = placeholder_values(graph_module, inputs.args, inputs.kwargs)
     with torch.no_grad():
-        return ShapeProp(graph_module).propagate(*values)
+        return _ShapeRecorder(graph_module).run(*values)
 
 
 def verified_trace(
@@ -428,10 +440,9 @@ def verify_rewrite(result: EngineResult, before_trace: TraceResult, reference_ou
         if node.op != "call_module":
             continue
         old = old_nodes.get(node.name)
-        if old is None or "tensor_meta" not in old.meta or "tensor_meta" not in node.meta:
+        if old is None or "output_shapes" not in old.meta or "output_shapes" not in node.meta:
             continue
-        old_shapes = [tuple(m.shape) for m in tree_leaves(old.meta["tensor_meta"]) if hasattr(m, "shape")]
-        new_shapes = [tuple(m.shape) for m in tree_leaves(node.meta["tensor_meta"]) if hasattr(m, "shape")]
+        old_shapes, new_shapes = old.meta["output_shapes"], node.meta["output_shapes"]
         if old_shapes != new_shapes:
             raise ModelError(f"node {node.format_node()} changed shape: {old_shapes} -> {new_shapes}")
     result.rewritten_trace = rewritten

@@ -202,3 +202,15 @@ def test_submodule_named_after_a_keyword_falls_back_to_eager(run_cli: Callable[.
     out = tmp_path / "out"
     run_cli("apply", path, "--rule", "separable", "--out", out)
     assert 'setattr(self.model.heads, "class", SeparableConv2d(' in (out / "model.py").read_text()
+
+
+def test_shapes_are_recorded_without_importing_sympy() -> None:
+    """fx's ShapeProp imports torch.fx.experimental.symbolic_shapes and sympy: half a second per run."""
+    code = (
+        "import sys\n"
+        "from convrewrite.api import report\n"
+        f"report({str(ZOO / 'tied.py')!r}, rules=['separable'])\n"
+        "assert 'sympy' not in sys.modules, 'sympy was imported'\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr
