@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ from convrewrite.errors import ModelError, UsageError
 from convrewrite.loading import ExampleInputs, LoadedModel
 from convrewrite.profiling import ModelProfile, profile
 from convrewrite.rule_api import ConvSite, Rule, is_explicit, selection_reason
-from convrewrite.tracing import TraceResult, placeholder_values, trace
+from convrewrite.tracing import LeafAwareTracer, TraceResult, placeholder_values, trace
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
@@ -170,11 +171,28 @@ def propagate_shapes(graph_module: fx.GraphModule, inputs: ExampleInputs) -> Any
 
 
 def verified_trace(
-    model: nn.Module, inputs: ExampleInputs, reference: Any, leaf_names: set[str] | None = None
+    model: nn.Module,
+    inputs: ExampleInputs,
+    reference: Any,
+    leaf_names: set[str] | None = None,
+    *,
+    calls: ModelProfile | None = None,
 ) -> TraceResult:
-    """Trace, propagate shapes and check the graph reproduces the eager output."""
+    """Trace, and check that the graph does what the model does on the example input.
+
+    By default the graph runs (recording each node's output shapes, which the rewrite verification
+    compares) and must reproduce the eager output. With ``calls``, the profile of that eager run,
+    the graph is not run: it must call the same modules as often as the model did. A report
+    without rules only describes the graph, and this saves it a second forward pass.
+    """
     traced = trace(model, leaf_names)
     if traced.graph_module is None:
+        return traced
+    if calls is not None:
+        mismatch = _call_mismatch(model, traced, calls)
+        if mismatch is not None:
+            return TraceResult(None, "eager", traced.leaves, failure=f"the traced graph {mismatch}")
+        traced.checked = "module calls"
         return traced
     try:
         graph_output = propagate_shapes(traced.graph_module, inputs)
@@ -184,7 +202,33 @@ def verified_trace(
         return TraceResult(
             None, "eager", traced.leaves, failure="the traced graph computes a different output than the model"
         )
+    traced.checked = "outputs"
     return traced
+
+
+def _call_mismatch(model: nn.Module, traced: TraceResult, profile_: ModelProfile) -> str | None:
+    """How the graph's module calls differ from the eager run's, or None when they agree."""
+    assert traced.graph_module is not None
+    graph_calls = Counter(str(n.target) for n in traced.graph_module.graph.nodes if n.op == "call_module")
+    tracer = LeafAwareTracer(traced.leaf_names)
+    modules = dict(model.named_modules())
+    by_index = {r.index: r for r in profile_.records}
+    eager_calls: Counter[str] = Counter()
+    for record in profile_.records:
+        if not record.called or not record.name:
+            continue
+        parent = record.parent
+        while parent is not None and by_index[parent].name not in graph_calls:
+            parent = by_index[parent].parent
+        if parent is not None:
+            continue  # inside a module the graph calls as one node
+        module = modules.get(record.name)
+        if record.name in graph_calls or (module is not None and tracer.is_leaf_module(module, record.name)):
+            eager_calls[record.name] += 1
+    for name in sorted(set(graph_calls) | set(eager_calls)):
+        if graph_calls[name] != eager_calls[name]:
+            return f"calls {name} {graph_calls[name]} time(s), the model {eager_calls[name]}"
+    return None
 
 
 def module_aliases(model: nn.Module) -> dict[int, list[str]]:
@@ -457,7 +501,7 @@ def analyse(loaded: LoadedModel, rules: Sequence[Rule] = ()) -> EngineResult:
     before = run_profile(model, inputs)
     timings["profile"] = time.perf_counter() - start
     start = time.perf_counter()
-    traced = verified_trace(model, inputs, before.output)
+    traced = verified_trace(model, inputs, before.output, calls=None if rules else before)
     timings["trace"] = time.perf_counter() - start
     result = EngineResult(loaded=loaded, trace=traced, before=before, rules=list(rules), timings=timings)
     if not rules:

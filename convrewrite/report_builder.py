@@ -240,6 +240,7 @@ def build_report(result: EngineResult) -> Report:
         "description": trace.describe(),
         "leaves": [asdict(leaf) for leaf in trace.leaves],
         "failure": trace.failure,
+        "checked": trace.checked,
     }
     rules = [{"name": rule.name, "spec": rule.spec(), "options": config_as_dict(rule.config)} for rule in result.rules]
     report = Report(

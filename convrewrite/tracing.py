@@ -44,6 +44,8 @@ class TraceResult:
     mode: str
     leaves: list[LeafInfo] = field(default_factory=list)
     failure: str | None = None
+    #: How the graph was checked against the model: "outputs", "module calls", or "" (not yet).
+    checked: str = ""
 
     @property
     def leaf_names(self) -> set[str]:

@@ -214,3 +214,44 @@ def test_shapes_are_recorded_without_importing_sympy() -> None:
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr
+
+
+STATEFUL = """
+import torch
+from torch import nn
+INPUT_SHAPE = (1, 3, 16, 16)
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.odd = nn.Conv2d(3, 8, 3, padding=1)
+        self.even = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        # Python state: tracing (the second call) takes the other branch than the eager run.
+        self.calls += 1
+        return self.odd(x) if self.calls % 2 else self.even(x)
+"""
+
+
+@pytest.mark.parametrize("rules", [[], ["separable"]])
+def test_a_graph_that_calls_other_modules_than_the_model_is_not_used(tmp_path: Path, rules: list[str]) -> None:
+    path = write_model(tmp_path, STATEFUL)
+    result = report(str(path), rules=rules)
+    assert result.trace["mode"] == "eager"
+    expected = "calls even 1 time(s), the model 0" if not rules else "computes a different output"
+    assert expected in result.trace["failure"]
+
+
+def test_a_report_without_rules_does_not_run_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Profiling already ran the model; a second forward pass would double the time of a report."""
+    import convrewrite.engine
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the graph was run")
+
+    monkeypatch.setattr(convrewrite.engine, "propagate_shapes", refuse)
+    result = report(str(ZOO / "resnet.py:resnet18"), input_shapes=[(1, 3, 32, 32)])
+    assert result.trace["mode"] == "fx"
+    assert result.trace["checked"] == "module calls"

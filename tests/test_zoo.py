@@ -267,3 +267,17 @@ def test_every_zoo_file_is_listed() -> None:
     listed = {entry.spec.partition(":")[0] for entry in zoo.ZOO}
     files = {path.name for path in zoo.ZOO_DIR.glob("*.py") if path.name != "__init__.py"}
     assert files == listed
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("entry", zoo.ZOO, ids=[entry.name for entry in zoo.ZOO])
+def test_report_without_rules(entry: Any) -> None:
+    """Without rules the graph is checked by its module calls (no second forward): same trace mode."""
+    loaded = load_model(entry.path, input_shapes=list(entry.test_shapes) if entry.test_shapes else None)
+    params, macs = sum(p.numel() for p in loaded.model.parameters()), flop_counter_macs(loaded.model, loaded.inputs)
+    report = build_report(analyse(loaded))
+    assert report.trace["mode"] == entry.trace, report.trace
+    assert report.trace["checked"] == ("" if entry.trace == "eager" else "module calls")
+    assert (report.before.params, report.before.macs) == (params, macs)
+    assert sum(row.params_before or 0 for row in report.layers) == params
+    assert sum(row.macs_before or 0 for row in report.layers) == macs
