@@ -40,6 +40,10 @@ class SeparableConfig(RuleConfig):
             raise ValueError(f"multiplier must be a positive integer, got {self.multiplier}")
 
 
+#: float64 elements of kernel slices factored at once by ``svd_factors`` (8 MiB).
+_SVD_CHUNK_ELEMENTS = 1 << 20
+
+
 def svd_factors(weight: torch.Tensor, multiplier: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Depthwise (Cin*m, 1, *k) and pointwise (Cout, Cin*m) factors, and the energy kept.
 
@@ -48,24 +52,31 @@ def svd_factors(weight: torch.Tensor, multiplier: int) -> tuple[torch.Tensor, to
     out_channels, in_channels = weight.shape[0], weight.shape[1]
     kernel = tuple(weight.shape[2:])
     elements = int(torch.tensor(kernel).prod()) if kernel else 1
-    slices = weight.detach().to(torch.float64).permute(1, 0, *range(2, weight.dim()))
-    slices = slices.reshape(in_channels, out_channels, elements)
-    u, s, vh = torch.linalg.svd(slices, full_matrices=False)  # (Cin,Cout,r) (Cin,r) (Cin,r,K)
-    rank = s.shape[1]
+    rank = min(out_channels, elements)
     kept = min(multiplier, rank)
-    root = s[:, :kept].sqrt()
     depthwise = torch.zeros(in_channels, multiplier, elements, dtype=torch.float64)
     pointwise = torch.zeros(out_channels, in_channels, multiplier, dtype=torch.float64)
-    depthwise[:, :kept] = root.unsqueeze(-1) * vh[:, :kept, :]
-    pointwise[:, :, :kept] = (u[:, :, :kept] * root.unsqueeze(1)).permute(1, 0, 2)
+    total = retained = 0.0
+    # A few input channels at a time: float64 copies and U factors of a whole large kernel would
+    # cost several times its size at once (the memory peak of rewriting a 100M-parameter network).
+    step = max(1, _SVD_CHUNK_ELEMENTS // max(out_channels * elements, 1))
+    for start in range(0, in_channels, step):
+        stop = min(start + step, in_channels)
+        slices = weight[:, start:stop].detach().to(torch.float64).permute(1, 0, *range(2, weight.dim()))
+        slices = slices.reshape(stop - start, out_channels, elements)
+        u, s, vh = torch.linalg.svd(slices, full_matrices=False)  # (c,Cout,r) (c,r) (c,r,K)
+        root = s[:, :kept].sqrt()
+        depthwise[start:stop, :kept] = root.unsqueeze(-1) * vh[:, :kept, :]
+        pointwise[:, start:stop, :kept] = (u[:, :, :kept] * root.unsqueeze(1)).permute(1, 0, 2)
+        total += float((s**2).sum())
+        retained += float((s[:, :kept] ** 2).sum())
     if multiplier > kept:
         # Components beyond the kernel's rank: a random depthwise filter with a zero pointwise
         # column keeps the output exact and still lets both parts learn.
         generator = torch.Generator().manual_seed(0)
         extra = torch.randn(in_channels, multiplier - kept, elements, generator=generator, dtype=torch.float64)
         depthwise[:, kept:] = extra / max(elements, 1) ** 0.5
-    total = float((s**2).sum())
-    energy = float((s[:, :kept] ** 2).sum()) / total if total > 0 else 1.0
+    energy = retained / total if total > 0 else 1.0
     depthwise = depthwise.reshape(in_channels * multiplier, 1, *kernel)
     pointwise = pointwise.reshape(out_channels, in_channels * multiplier)
     return depthwise, pointwise, energy

@@ -255,3 +255,15 @@ def test_a_report_without_rules_does_not_run_the_graph(monkeypatch: pytest.Monke
     result = report(str(ZOO / "resnet.py:resnet18"), input_shapes=[(1, 3, 32, 32)])
     assert result.trace["mode"] == "fx"
     assert result.trace["checked"] == "module calls"
+
+
+def test_svd_transfer_factored_in_chunks_is_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """svd_factors works a few input channels at a time (memory); the factors must not change."""
+    from convrewrite.rules import separable
+
+    weight = torch.randn(24, 40, 3, 3, generator=torch.Generator().manual_seed(0))
+    whole = separable.svd_factors(weight, 2)
+    monkeypatch.setattr(separable, "_SVD_CHUNK_ELEMENTS", 24 * 9 * 3)  # 3 input channels per chunk
+    chunked = separable.svd_factors(weight, 2)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    assert chunked[2] == pytest.approx(whole[2], rel=1e-12)
