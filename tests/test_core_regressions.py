@@ -267,3 +267,16 @@ def test_svd_transfer_factored_in_chunks_is_unchanged(monkeypatch: pytest.Monkey
     chunked = separable.svd_factors(weight, 2)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
     assert chunked[2] == pytest.approx(whole[2], rel=1e-12)
+
+
+def test_relative_error_summed_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from convrewrite import dense
+
+    generator = torch.Generator().manual_seed(0)
+    approx, exact = torch.randn(1000, generator=generator), torch.randn(1000, generator=generator)
+    norm = torch.linalg.vector_norm
+    expected = float(norm(approx.double() - exact.double()) / norm(exact.double()))
+    monkeypatch.setattr(dense, "_CHUNK_ELEMENTS", 64)
+    assert dense.relative_error(approx, exact) == pytest.approx(expected, rel=1e-12)
+    assert dense.relative_error(torch.zeros(5), torch.zeros(5)) == 0.0
+    assert dense.relative_error(torch.ones(5), torch.zeros(5)) == float("inf")
