@@ -205,6 +205,8 @@ def write_apply_output(result: Any, report: Any, directory: Path, force: bool = 
         save_model(fresh, str(staging / "weights.safetensors"), metadata=metadata)
         os.chmod(staging / "weights.safetensors", 0o666 & ~_umask())
         _check_weights_read_back(fresh, load_file(str(staging / "weights.safetensors")))
+        # A model of 100M+ parameters: free this copy before the reload builds another.
+        del fresh, module
 
         report_text = json.dumps(report.to_dict(), indent=2) + "\n"
         write_file_atomic(staging / "report.json", report_text.encode())
