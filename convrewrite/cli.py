@@ -158,6 +158,28 @@ def _job(
     )
 
 
+def import_engine() -> None:
+    """Import torch and the engine with the cyclic garbage collector paused, then freeze them.
+
+    Importing torch creates hundreds of thousands of objects that live as long as the process.
+    Left to the collector, every full collection scans them all again, during the import and
+    while the model is built and run (`report` on ResNet-50 at 224: 2.4 s -> 1.6 s, best of 7,
+    on the 2-core development machine). Freezing moves them out of its way; garbage created later
+    is still collected. Only the CLI does this: it owns its process, a library user's is theirs.
+    """
+    import gc
+
+    gc.disable()
+    try:
+        import convrewrite.engine  # noqa: F401
+        import convrewrite.output  # noqa: F401
+        import convrewrite.report_builder  # noqa: F401
+        import convrewrite.views  # noqa: F401
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def write_text_atomic(path: Path, text: str, force: bool) -> None:
     from convrewrite.output import write_file_atomic
 
@@ -190,6 +212,7 @@ def report(
     def body() -> int:
         _check_format(fmt)
         job = _job(model, rule, input_shape, weights, include, exclude, min_channels, config)
+        import_engine()
         from convrewrite.api import run_job
         from convrewrite.report_builder import build_report
         from convrewrite.views import render
@@ -246,6 +269,7 @@ def apply(
         job = _job(model, rule, input_shape, weights, include, exclude, min_channels, config)
         if not job.rules.value:
             raise UsageError("apply needs at least one --rule", hint="see `convrewrite rules`")
+        import_engine()
         from convrewrite.api import run_job
         from convrewrite.output import write_apply_output
         from convrewrite.report_builder import build_report

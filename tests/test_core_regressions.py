@@ -280,3 +280,16 @@ def test_relative_error_summed_in_chunks(monkeypatch: pytest.MonkeyPatch) -> Non
     assert dense.relative_error(approx, exact) == pytest.approx(expected, rel=1e-12)
     assert dense.relative_error(torch.zeros(5), torch.zeros(5)) == 0.0
     assert dense.relative_error(torch.ones(5), torch.zeros(5)) == float("inf")
+
+
+def test_the_cli_freezes_the_objects_of_its_imports() -> None:
+    """import_engine() pauses the collector for torch's import and freezes what it created."""
+    code = (
+        "import gc\n"
+        "from convrewrite.cli import import_engine\n"
+        "import_engine()\n"
+        "assert gc.isenabled()\n"
+        "assert gc.get_freeze_count() > 100_000, gc.get_freeze_count()\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr
