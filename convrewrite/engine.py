@@ -29,7 +29,7 @@ import convrewrite.layers  # noqa: F401  (registers the replacement blocks as FX
 from convrewrite.dense import kernel_error
 from convrewrite.errors import ModelError, UsageError
 from convrewrite.loading import ExampleInputs, LoadedModel
-from convrewrite.profiling import ModelProfile, profile
+from convrewrite.profiling import CallRecord, ModelProfile, profile
 from convrewrite.rule_api import ConvSite, Rule, is_explicit, selection_reason
 from convrewrite.tracing import LeafAwareTracer, TraceResult, placeholder_values, trace
 
@@ -257,13 +257,7 @@ def install(model: nn.Module, name: str, replacement: nn.Module) -> None:
 
 def subtree_totals(profile_: ModelProfile, name: str) -> tuple[int, int]:
     """(params, MACs) of the calls of ``name`` and everything under it."""
-    prefix = name + "."
-    params = macs = 0
-    for record in profile_.records:
-        if record.name == name or record.name.startswith(prefix):
-            params += record.params
-            macs += record.macs
-    return params, macs
+    return profile_.subtree_totals(name)
 
 
 def _conv_geometry(module: nn.Module) -> tuple[Any, ...]:
@@ -300,10 +294,14 @@ def collect_sites(model: nn.Module, current: ModelProfile) -> tuple[list[ConvSit
     aliases = module_aliases(model)
     sites: list[ConvSite] = []
     notes: list[SkipRecord] = []
+    calls_of: dict[str, list[CallRecord]] = {}
+    for record in current.records:
+        if record.called:
+            calls_of.setdefault(record.name, []).append(record)
     for name, module in model.named_modules():
         if not isinstance(module, CONV_TYPES):
             continue
-        calls = [r for r in current.records if r.name == name and r.called]
+        calls = calls_of.get(name, [])
         first = calls[0] if calls else None
         input_shape = tuple(first.input_shapes[0]) if first and first.input_shapes else None
         output_shape = tuple(first.output_shapes[0]) if first and first.output_shapes else None

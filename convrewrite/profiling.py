@@ -154,6 +154,7 @@ class ModelProfile:
     macs: int
     input_shapes: list[list[int]]
     output: Any = None
+    _subtrees: dict[str, tuple[int, int]] | None = field(default=None, repr=False, compare=False)
 
     def by_name(self, name: str) -> list[CallRecord]:
         return [r for r in self.records if r.name == name]
@@ -163,6 +164,21 @@ class ModelProfile:
             if record.name == name and record.called:
                 return record
         return None
+
+    def subtree_totals(self, name: str) -> tuple[int, int]:
+        """(params, MACs) of the calls of module ``name`` and of every module under it."""
+        if self._subtrees is None:
+            # One pass, each record added to its own name and every enclosing one ("a.b.c" to
+            # "a.b.c", "a.b", "a"): looking names up one by one would be quadratic in the layers.
+            totals: dict[str, list[int]] = {}
+            for record in self.records:
+                parts = record.name.split(".") if record.name else [""]
+                for end in range(1, len(parts) + 1):
+                    entry = totals.setdefault(".".join(parts[:end]), [0, 0])
+                    entry[0] += record.params
+                    entry[1] += record.macs
+            self._subtrees = {key: (value[0], value[1]) for key, value in totals.items()}
+        return self._subtrees.get(name, (0, 0))
 
 
 @dataclass

@@ -293,3 +293,16 @@ def test_the_cli_freezes_the_objects_of_its_imports() -> None:
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_subtree_totals_match_a_scan_of_the_records() -> None:
+    """The per-name index (one pass, linear) gives what scanning every record for a prefix gives."""
+    from convrewrite.engine import run_profile
+
+    loaded = load_model(str(ZOO / "densenet.py"), input_shapes=[(1, 3, 32, 32)])
+    profile = run_profile(loaded.model, loaded.inputs)
+    for name, _ in loaded.model.named_modules():
+        if not name:
+            continue
+        inside = [r for r in profile.records if r.name == name or r.name.startswith(name + ".")]
+        assert profile.subtree_totals(name) == (sum(r.params for r in inside), sum(r.macs for r in inside))
