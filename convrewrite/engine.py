@@ -527,11 +527,14 @@ def analyse(loaded: LoadedModel, rules: Sequence[Rule] = ()) -> EngineResult:
     relative, cosine, max_abs = fidelity_of(before.output, current.output)
     layers = []
     for name, original in originals.items():
-        try:
-            error = kernel_error(model.get_submodule(name), original)
-        except (TypeError, ValueError, AttributeError):
-            error = None
-        rules_used = [r.rule for r in result.rewrites if r.name == name or r.name.startswith(name + ".")]
-        layers.append(LayerFidelity(name, rules_used, error))
+        touching = [r for r in result.rewrites if r.name == name or r.name.startswith(name + ".")]
+        if len(touching) == 1 and touching[0].name == name and touching[0].kernel_error is not None:
+            error: float | None = touching[0].kernel_error  # one rule, already measured against the original
+        else:
+            try:
+                error = kernel_error(model.get_submodule(name), original)
+            except (TypeError, ValueError, AttributeError):
+                error = None
+        layers.append(LayerFidelity(name, [r.rule for r in touching], error))
     result.fidelity = Fidelity(relative, cosine, max_abs, layers)
     return result
