@@ -26,11 +26,12 @@ def conv_dense_kernel(conv: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     else:
         out_channels, in_per_group = weight.shape[0], weight.shape[1]
         out_per_group = out_channels // groups
-        dense = weight.new_zeros((out_channels, in_per_group * groups, *weight.shape[2:]))
-        for g in range(groups):
-            rows = slice(g * out_per_group, (g + 1) * out_per_group)
-            cols = slice(g * in_per_group, (g + 1) * in_per_group)
-            dense[rows, cols] = weight[rows]
+        kernel = tuple(weight.shape[2:])
+        # Block g of the (group, out, group, in) view is group g's weight; the rest stays zero.
+        blocks = weight.new_zeros((groups, out_per_group, groups, in_per_group, *kernel))
+        index = torch.arange(groups)
+        blocks[index, :, index] = weight.reshape(groups, out_per_group, in_per_group, *kernel)
+        dense = blocks.reshape(out_channels, groups * in_per_group, *kernel)
     bias = conv.bias.detach().clone() if conv.bias is not None else None
     return dense, bias
 
@@ -77,8 +78,8 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     for start in range(0, exact_flat.numel(), _CHUNK_ELEMENTS):
         a = approx_flat[start : start + _CHUNK_ELEMENTS].to(torch.float64)
         e = exact_flat[start : start + _CHUNK_ELEMENTS].to(torch.float64)
-        squared_difference += float(torch.sum((a - e) ** 2))
-        squared_exact += float(torch.sum(e**2))
+        squared_difference += float(torch.linalg.vector_norm(a - e)) ** 2
+        squared_exact += float(torch.linalg.vector_norm(e)) ** 2
     if squared_exact == 0.0:
         return 0.0 if squared_difference == 0.0 else float("inf")
     return math.sqrt(squared_difference / squared_exact)

@@ -306,3 +306,20 @@ def test_subtree_totals_match_a_scan_of_the_records() -> None:
             continue
         inside = [r for r in profile.records if r.name == name or r.name.startswith(name + ".")]
         assert profile.subtree_totals(name) == (sum(r.params for r in inside), sum(r.macs for r in inside))
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [torch.nn.Conv2d(12, 18, 3, groups=3), torch.nn.Conv1d(6, 12, 5, groups=6), torch.nn.Conv3d(4, 8, 2, groups=4)],
+)
+def test_grouped_dense_kernel_is_block_diagonal(conv: torch.nn.Module) -> None:
+    from convrewrite.dense import conv_dense_kernel
+
+    dense, _ = conv_dense_kernel(conv)
+    groups, weight = conv.groups, conv.weight.detach()
+    out_per_group, in_per_group = weight.shape[0] // groups, weight.shape[1]
+    expected = torch.zeros_like(dense)
+    for g in range(groups):
+        rows, cols = slice(g * out_per_group, (g + 1) * out_per_group), slice(g * in_per_group, (g + 1) * in_per_group)
+        expected[rows, cols] = weight[rows]
+    assert torch.equal(dense, expected)
