@@ -1,9 +1,10 @@
 """Data-dependent Python control flow that torch.fx cannot trace.
 
-``GatedBlock`` picks a branch with ``if x.mean() > 0`` and ``RepeatBlock`` loops until a tensor
-value falls below a threshold: both raise during symbolic tracing. convrewrite marks each of them as a leaf,
-traces the rest of the model, and still rewrites the convs inside the leaves module by module.
-The root's own forward is plain, so the model as a whole keeps a graph (``fx+leaves``).
+``GatedBlock`` picks a branch with ``if x.mean() > 0``, and ``RepeatBlock`` applies its conv until
+the activations fall below a threshold (three times on the example input): both raise during
+symbolic tracing. convrewrite marks each of them as a leaf, traces the rest of the model, and still
+rewrites the convs inside the leaves module by module, including the branch the example input does
+not take. The root's own forward is plain, so the model keeps a graph (``fx+leaves``).
 Input 1x3x64x64.
 """
 
@@ -32,7 +33,7 @@ class GatedBlock(nn.Module):
 class RepeatBlock(nn.Module):
     """Applies the same conv until the activations are small enough, at most three times."""
 
-    def __init__(self, channels: int, threshold: float = 0.05) -> None:
+    def __init__(self, channels: int, threshold: float = 1e-3) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.threshold = threshold
