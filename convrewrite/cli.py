@@ -163,7 +163,7 @@ def import_engine() -> None:
 
     Importing torch creates hundreds of thousands of objects that live as long as the process.
     Left to the collector, every full collection scans them all again, during the import and
-    while the model is built and run (`report` on ResNet-50 at 224: 2.4 s -> 1.6 s, best of 7,
+    while the model is built and run (`report` on ResNet-50 at 224: 2.7 s -> 2.2 s, best of 8,
     on the 2-core development machine). Freezing moves them out of its way; garbage created later
     is still collected. Only the CLI does this: it owns its process, a library user's is theirs.
     """
