@@ -381,6 +381,7 @@ def check(
             for line in describe_settings(planned, notes):
                 print(line, file=sys.stderr)
         progress = (lambda line: print(line, file=sys.stderr)) if verbose else None
+        import_engine()
         result = execute(planned, exit_zero, progress=progress)
         from convrewrite.check_views import failure_line, notes_for_stderr, render
 
