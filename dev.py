@@ -63,7 +63,9 @@ def demo() -> None:
 
 def test() -> None:
     ensure_environment()
-    run(BIN / "ruff", "check", "convrewrite", "rules", "tests", "sample_models", "dev.py")
+    sources = ("convrewrite", "rules", "tests", "sample_models", "benchmarks", "dev.py")
+    run(BIN / "ruff", "check", *sources)
+    run(BIN / "ruff", "format", "--check", *sources)
     run(PYTHON, "-m", "mypy")
     run(PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider")
 
