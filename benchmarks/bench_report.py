@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common import CONVREWRITE, PYTHON, ROOT, ZOO, Run, best, machine, run_process, summarize
+from common import CONVREWRITE, PYTHON, ROOT, ZOO, Run, best, compile_bytecode, machine, run_process, summarize
 
 MODEL = "resnet.py:resnet50"
 SHAPE = "1,3,224,224"
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--model", default=MODEL, help="zoo spec (file.py[:factory]); default %(default)s")
     parser.add_argument("--input-shape", default=SHAPE)
     args = parser.parse_args()
+    compile_bytecode()
 
     model_path = str(ZOO / args.model)
     work = Path(tempfile.mkdtemp(prefix="convrewrite-bench-"))
