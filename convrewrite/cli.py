@@ -72,6 +72,9 @@ FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table | torchsum
 WidthOpt = Annotated[
     int | None, typer.Option("--width", help="Table width in characters (default: terminal).", show_default=False)
 ]
+# The per-layer tables of report/apply keep their natural width (nothing wraps or is cut), so there
+# --width is accepted for old scripts but hidden; check's budget table still honours it.
+TableWidthOpt = Annotated[int | None, typer.Option("--width", hidden=True, show_default=False)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of a failure.")]
 ConfigOpt = Annotated[
     Path | None,
@@ -203,7 +206,7 @@ def report(
         typer.Option("--output", "-o", help="Write the report to this file instead of stdout.", show_default=False),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file.")] = False,
-    width: WidthOpt = None,
+    width: TableWidthOpt = None,
     config: ConfigOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -253,7 +256,7 @@ def apply(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     min_channels: MinChannelsOpt = None,
-    width: WidthOpt = None,
+    width: TableWidthOpt = None,
     config: ConfigOpt = None,
     debug: DebugOpt = False,
 ) -> None:
