@@ -24,7 +24,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from convrewrite.config import ProjectConfig, _validate_common
+from convrewrite.config import ProjectConfig, _validate_common, normalized_keys
 from convrewrite.errors import UsageError
 
 LEVELS = ("error", "warn")
@@ -202,12 +202,7 @@ def parse_budget(raw: Any, where: str, target: str | None) -> Budget:
     """One entry of a ``budgets`` list; ``where`` names it in messages (file, table, index)."""
     if not isinstance(raw, dict):
         raise UsageError(f'{where} must be a table such as {{ name = "params", metric = "params", limit = "1M" }}')
-    data: dict[str, Any] = {}
-    for raw_key, value in raw.items():
-        key = raw_key.replace("_", "-")
-        if key not in BUDGET_KEYS:
-            raise UsageError(f"{where}: unknown key {raw_key!r}", hint=f"a budget takes {', '.join(BUDGET_KEYS)}")
-        data[key] = value
+    data = normalized_keys(raw, BUDGET_KEYS, where, hint=f"a budget takes {', '.join(BUDGET_KEYS)}")
     if "metric" not in data:
         raise UsageError(f"{where} has no metric", hint=f"add metric = one of {', '.join(METRICS)}")
     metric = parse_metric(data["metric"], f"{where} metric")
@@ -324,12 +319,7 @@ def config_targets(project: ProjectConfig) -> tuple[Target | None, list[Target]]
             raise UsageError(f"{where}: a target name takes letters, digits, '-' and '_' only")
         if not isinstance(raw, dict):
             raise UsageError(f"{where} must be a table with model = ... and budgets = [...]")
-        target_data: dict[str, Any] = {}
-        for raw_key, value in raw.items():
-            key = raw_key.replace("_", "-")
-            if key not in TARGET_KEYS:
-                raise UsageError(f"{where}: unknown key {raw_key!r}", hint=f"a target takes {', '.join(TARGET_KEYS)}")
-            target_data[key] = value
+        target_data = normalized_keys(raw, TARGET_KEYS, where, hint=f"a target takes {', '.join(TARGET_KEYS)}")
         if "model" not in target_data:
             raise UsageError(f"{where} has no model", hint='add model = "path/file.py[:NAME]"')
         config = _table(project, name, target_data)

@@ -8,6 +8,7 @@ keys are errors that name the key: a typo must never silently disable a budget.
 from __future__ import annotations
 
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,16 +102,25 @@ def load_project_config(path: Path | None = None, start: Path | None = None) -> 
         return ProjectConfig()
     if not isinstance(table, dict):
         raise UsageError(f"{path}: [tool.convrewrite] must be a table")
-    data: dict[str, Any] = {}
-    for raw_key, value in table.items():
-        key = raw_key.replace("_", "-")
-        if key not in KNOWN_KEYS:
-            known = ", ".join(sorted(KNOWN_KEYS))
-            raise UsageError(f"{path}: unknown key [tool.convrewrite] {raw_key!r}", hint=f"known keys: {known}")
-        data[key] = value
+    known = ", ".join(sorted(KNOWN_KEYS))
+    data = normalized_keys(table, KNOWN_KEYS, str(path), hint=f"known keys: {known}", label="[tool.convrewrite] ")
     config = ProjectConfig(path, data)
     _validate_common(config)
     return config
+
+
+def normalized_keys(
+    table: dict[str, Any], allowed: Collection[str], where: str, *, hint: str, label: str = ""
+) -> dict[str, Any]:
+    """``table`` with keys spelled with dashes (``min_channels`` = ``min-channels``); an unknown key
+    is a usage error that names it, so a typo never silently disables a setting or a budget."""
+    data: dict[str, Any] = {}
+    for raw_key, value in table.items():
+        key = raw_key.replace("_", "-")
+        if key not in allowed:
+            raise UsageError(f"{where}: unknown key {label}{raw_key!r}", hint=hint)
+        data[key] = value
+    return data
 
 
 def _validate_common(config: ProjectConfig) -> None:
