@@ -395,16 +395,8 @@ class SourceWriter:
 
     def _emit_graph_constants(self) -> None:
         """Tensors the trace captured as constants (``_tensor_constant0``) become buffers."""
-        assert self.graph_module is not None
-        known = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
-        known |= {name for name, _ in self.model.named_buffers(remove_duplicate=False)}
-        buffers = dict(self.graph_module.named_buffers())
-        for node in self.graph_module.graph.nodes:
-            if node.op == "get_attr" and node.target not in known and node.target in buffers:
-                value = buffers[node.target]
-                self.lines.append(
-                    f'self.register_buffer("{node.target}", torch.empty({tuple(value.shape)}, dtype={value.dtype}))'
-                )
+        for name, value in graph_constants(self.model, self.graph_module).items():
+            self.lines.append(f'self.register_buffer("{name}", torch.empty({tuple(value.shape)}, dtype={value.dtype}))')
 
     def _emit_ties(self) -> None:
         """Parameters registered under several names (tied weights) stay one parameter."""

@@ -255,11 +255,6 @@ def install(model: nn.Module, name: str, replacement: nn.Module) -> None:
     setattr(parent, attribute, replacement)
 
 
-def subtree_totals(profile_: ModelProfile, name: str) -> tuple[int, int]:
-    """(params, MACs) of the calls of ``name`` and everything under it."""
-    return profile_.subtree_totals(name)
-
-
 def _conv_geometry(module: nn.Module) -> tuple[Any, ...]:
     return (
         type(module),
@@ -400,10 +395,10 @@ def apply_rule(
         for tied in tied_with:
             all_names.extend(n for n in module_aliases(model).get(id(tied), []) if n not in all_names)
             done[id(tied)] = new_module
-        params_before, macs_before = subtree_totals(current, site.name)
+        params_before, macs_before = current.subtree_totals(site.name)
         for tied in tied_with:
             for tied_name in module_aliases(model).get(id(tied), []):
-                macs_before += subtree_totals(current, tied_name)[1]
+                macs_before += current.subtree_totals(tied_name)[1]
         if site.name not in originals and not _created_by_rule(site.name, result):
             originals[site.name] = module
         for name in all_names:
@@ -512,10 +507,10 @@ def analyse(loaded: LoadedModel, rules: Sequence[Rule] = ()) -> EngineResult:
         records = apply_rule(rule, model, current, originals, result)
         current = run_profile(model, inputs, "the rewritten model")
         for record in records:
-            record.params_after, record.macs_after = subtree_totals(current, record.name)
+            record.params_after, record.macs_after = current.subtree_totals(record.name)
             for alias in record.aliases:
                 if current.first_call(alias) is not None:
-                    record.macs_after += subtree_totals(current, alias)[1]
+                    record.macs_after += current.subtree_totals(alias)[1]
         result.rewrites.extend(records)
     timings["rewrite"] = time.perf_counter() - start
     result.after = current

@@ -184,9 +184,7 @@ def write_apply_output(result: Any, report: Any, directory: Path, force: bool = 
     os.chmod(staging, 0o777 & ~_umask())
     try:
         with loaded.module_registered():
-            writer = SourceWriter(
-                model, graph_module, loaded.user_module, loaded.source_file, _layer_classes(BLOCK_CLASSES)
-            )
+            writer = SourceWriter(model, graph_module, loaded.user_module, loaded.source_file, BLOCK_CLASSES)
             class_name = class_name_for(model)
             generated = writer.generate(
                 class_name, _header(result, report), inputs_source(loaded.inputs.args, loaded.inputs.kwargs)
@@ -225,10 +223,6 @@ def write_apply_output(result: Any, report: Any, directory: Path, force: bool = 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return WrittenOutput(directory, files, worst, generated.user_source_copy_name)
-
-
-def _layer_classes(blocks: tuple[type[nn.Module], ...]) -> tuple[type[nn.Module], ...]:
-    return tuple(blocks)
 
 
 def _check_weights_read_back(model: nn.Module, loaded: dict[str, torch.Tensor]) -> None:
