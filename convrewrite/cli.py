@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from convrewrite.errors import BudgetExceeded, ConvRewriteError, UsageError
+from convrewrite.errors import BudgetExceeded, ConvRewriteError, UsageError, describe
 
 app = typer.Typer(
     name="convrewrite",
@@ -104,9 +104,7 @@ def guarded(debug: bool, body: Callable[[], int | None]) -> int:
     except Exception as exc:
         if debug:
             traceback.print_exc()
-        lines = str(exc).strip().splitlines()
-        first = lines[0] if lines else ""
-        _fail(f"unexpected {type(exc).__name__}: {first} (a bug: please report it; --debug shows the traceback)", 3)
+        _fail(f"unexpected {describe(exc)} (a bug: please report it; --debug shows the traceback)", 3)
     return 3
 
 

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_leaves
 
 import convrewrite.layers  # noqa: F401  (registers the replacement blocks as FX leaves)
 from convrewrite.dense import kernel_error
-from convrewrite.errors import ModelError, UsageError
+from convrewrite.errors import ModelError, UsageError, describe, first_line
 from convrewrite.loading import ExampleInputs, LoadedModel
 from convrewrite.profiling import CallRecord, ModelProfile, profile
 from convrewrite.rule_api import ConvSite, Rule, is_explicit, selection_reason
@@ -109,11 +109,6 @@ class EngineResult:
 # --------------------------------------------------------------------------- helpers
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def run_profile(model: nn.Module, inputs: ExampleInputs, what: str = "the model") -> ModelProfile:
     """Profile, turning a failing forward into a message that names the layer where it broke."""
     try:
@@ -124,8 +119,7 @@ def run_profile(model: nn.Module, inputs: ExampleInputs, what: str = "the model"
         layer = getattr(exc, "_convrewrite_layer", None)
         where = f" at layer {layer}" if layer else ""
         raise ModelError(
-            f"running {what} on the example input ({inputs.describe()}) failed{where}: "
-            f"{type(exc).__name__}: {_first_line(exc)}",
+            f"running {what} on the example input ({inputs.describe()}) failed{where}: {describe(exc)}",
             hint="check --input-shape (batch first) or the file's example_inputs()",
         ) from exc
 
@@ -197,7 +191,7 @@ def verified_trace(
     try:
         graph_output = propagate_shapes(traced.graph_module, inputs)
     except Exception as exc:
-        return TraceResult(None, "eager", traced.leaves, failure=f"the traced graph does not run: {_first_line(exc)}")
+        return TraceResult(None, "eager", traced.leaves, failure=f"the traced graph does not run: {first_line(exc)}")
     if not outputs_close(graph_output, reference):
         return TraceResult(
             None, "eager", traced.leaves, failure="the traced graph computes a different output than the model"
@@ -379,9 +373,7 @@ def apply_rule(
         except (ModelError, UsageError):
             raise
         except Exception as exc:
-            raise ModelError(
-                f"rule {rule.name!r} failed on layer {site.name}: {type(exc).__name__}: {_first_line(exc)}"
-            ) from exc
+            raise ModelError(f"rule {rule.name!r} failed on layer {site.name}: {describe(exc)}") from exc
         new_module = replacement.module
         if site.calls == 0:
             replacement.notes.setdefault(

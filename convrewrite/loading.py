@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convrewrite.errors import ModelError, UsageError
+from convrewrite.errors import ModelError, UsageError, first_line
 
 #: Discovery order when MODEL names no object.
 DISCOVERY_ORDER = ("build_model", "model", "the single nn.Module subclass")
@@ -345,7 +345,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
         try:
             loaded = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise ModelError(
                 f"refusing to load {path.name}: it is not a plain tensor checkpoint "
                 f"(torch.load(weights_only=True) failed: {first})",

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from convrewrite.errors import describe
+
 #: Module classes that tracing must never enter (the replacement blocks register here).
 _leaf_classes: set[type[nn.Module]] = set()
 
@@ -90,12 +92,6 @@ class LeafAwareTracer(fx.Tracer):
             raise
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    message = text[0] if text else ""
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
 def trace(model: nn.Module, leaf_names: set[str] | None = None) -> TraceResult:
     """Symbolically trace ``model``; on failure retry with the failing submodules as leaves."""
     leaves: dict[str, LeafInfo] = {}
@@ -108,8 +104,8 @@ def trace(model: nn.Module, leaf_names: set[str] | None = None) -> TraceResult:
         except Exception as exc:
             failing = getattr(exc, "_convrewrite_failing_module", "")
             if not failing or failing in leaves or failing in fixed:
-                return TraceResult(None, "eager", list(leaves.values()), failure=_first_line(exc))
-            leaves[failing] = LeafInfo(failing, module_types.get(failing, "?"), _first_line(exc))
+                return TraceResult(None, "eager", list(leaves.values()), failure=describe(exc))
+            leaves[failing] = LeafInfo(failing, module_types.get(failing, "?"), describe(exc))
             continue
         name = type(model).__name__
         try:
@@ -117,7 +113,7 @@ def trace(model: nn.Module, leaf_names: set[str] | None = None) -> TraceResult:
         except Exception as exc:
             # fx can write code that does not compile: a submodule named after a Python keyword
             # (a ModuleDict key "class") becomes ``self.heads.class``.
-            failure = f"the traced graph does not compile ({_first_line(exc)})"
+            failure = f"the traced graph does not compile ({describe(exc)})"
             return TraceResult(None, "eager", list(leaves.values()), failure=failure)
         for fixed_name in sorted(fixed):
             if fixed_name not in leaves and fixed_name in module_types:
