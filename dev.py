@@ -63,7 +63,7 @@ def demo() -> None:
 
 def test() -> None:
     ensure_environment()
-    sources = ("convrewrite", "rules", "tests", "sample_models", "benchmarks", "dev.py")
+    sources = ("convrewrite", "tests", "sample_models", "benchmarks", "dev.py")
     run(BIN / "ruff", "check", *sources)
     run(BIN / "ruff", "format", "--check", *sources)
     run(PYTHON, "-m", "mypy")

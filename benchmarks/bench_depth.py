@@ -46,10 +46,10 @@ def engine_seconds(factory: str, runs: int) -> dict[str, float]:
     """In this process (torch already imported): best time of each engine phase, and in all."""
     import time
 
-    from convrewrite.engine import analyse
-    from convrewrite.loading import load_model
-    from convrewrite.report_builder import build_report
-    from convrewrite.rule_api import make_rule
+    from convrewrite.engine.loading import load_model
+    from convrewrite.engine.pipeline import analyse
+    from convrewrite.report.builder import build_report
+    from convrewrite.rules.api import make_rule
 
     best_phases: dict[str, float] = {}
     shape = tuple(int(d) for d in SHAPE.split(","))

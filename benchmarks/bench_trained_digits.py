@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from convrewrite.engine import analyse
-from convrewrite.loading import load_model
-from convrewrite.report_builder import build_report
-from convrewrite.rule_api import make_rule
+from convrewrite.engine.loading import load_model
+from convrewrite.engine.pipeline import analyse
+from convrewrite.report.builder import build_report
+from convrewrite.rules.api import make_rule
 
 MODEL_SOURCE = textwrap.dedent(
     """

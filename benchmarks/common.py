@@ -30,8 +30,7 @@ def compile_bytecode() -> None:
     """
     import compileall
 
-    for package in ("convrewrite", "rules"):
-        compileall.compile_dir(str(ROOT / package), quiet=1)
+    compileall.compile_dir(str(ROOT / "convrewrite"), quiet=1)
 
 
 @dataclass

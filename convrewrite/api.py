@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convrewrite.config import ProjectConfig, Setting, config_input_shapes
 from convrewrite.errors import UsageError
+from convrewrite.gate.config import ProjectConfig, Setting, config_input_shapes
 
 
 @dataclass
@@ -93,7 +93,7 @@ def make_job(
 
 
 def build_rules(job: Job) -> list[Any]:
-    from convrewrite.rule_api import make_rule
+    from convrewrite.rules.api import make_rule
 
     rules = []
     for spec in job.rules.value or []:
@@ -107,8 +107,8 @@ def build_rules(job: Job) -> list[Any]:
 
 def run_job(job: Job) -> Any:
     """Load and analyse (rewriting when the job has rules); returns the engine result."""
-    from convrewrite.engine import analyse
-    from convrewrite.loading import load_model
+    from convrewrite.engine.loading import load_model
+    from convrewrite.engine.pipeline import analyse
 
     rules = build_rules(job)
     weights = Path(job.weights.value) if job.weights.value else None
@@ -123,7 +123,7 @@ def report(
     weights: str | None = None,
 ) -> Any:
     """Analyse ``model`` (optionally rewritten by ``rules``) and return the ``Report``."""
-    from convrewrite.report_builder import build_report
+    from convrewrite.report.builder import build_report
 
     job = make_job(ProjectConfig(), model=model, rules=list(rules), input_shapes=input_shapes, weights=weights)
     return build_report(run_job(job))

@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from convrewrite.dense import dense_kernel
-from convrewrite.loading import ExampleInputs
-from convrewrite.profiling import profile
-from convrewrite.rule_api import ConvSite, Rule, make_rule
+from convrewrite.engine.loading import ExampleInputs
+from convrewrite.engine.profiling import profile
+from convrewrite.layers.dense import dense_kernel
+from convrewrite.rules.api import ConvSite, Rule, make_rule
 
 REPO_SAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "sample_models"
 

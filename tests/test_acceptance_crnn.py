@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torchsummary import summary
 
-from convrewrite.engine import analyse
-from convrewrite.loading import load_model
-from convrewrite.report_builder import build_report
-from convrewrite.rule_api import make_rule
-from convrewrite.views import render_torchsummary_block
+from convrewrite.engine.loading import load_model
+from convrewrite.engine.pipeline import analyse
+from convrewrite.report.builder import build_report
+from convrewrite.report.views import render_torchsummary_block
+from convrewrite.rules.api import make_rule
 
 GOLDEN = Path(__file__).parent / "golden"
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"

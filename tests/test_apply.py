@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from convrewrite.loading import load_model
+from convrewrite.engine.loading import load_model
 
 from .conftest import ASSETS, SAMPLES
 
@@ -73,8 +73,8 @@ assert losses[-1] < losses[0]
 
 
 def test_reloaded_weights_match_the_rewritten_model(cli, tmp_path: Path) -> None:
-    from convrewrite.engine import analyse
-    from convrewrite.rule_api import make_rule
+    from convrewrite.engine.pipeline import analyse
+    from convrewrite.rules.api import make_rule
 
     out = tmp_path / "tiny"
     assert cli("apply", ASSETS / "tiny.py", "--rule", "separable", "--out", out).code == 0

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from convrewrite.cli import run
-from convrewrite.report import Report
+from convrewrite.report.model import Report
 
 GOLDEN = Path(__file__).parent / "golden" / "check"
 
@@ -496,7 +496,7 @@ def test_github_format_on_pass_has_no_annotations(project: Path, capsys: pytest.
 
 
 def test_workflow_command_escaping() -> None:
-    from convrewrite.check_views import escape_data, escape_property
+    from convrewrite.gate.views import escape_data, escape_property
 
     assert escape_data("50%\r\nnext: a, b") == "50%25%0D%0Anext: a, b"
     assert escape_property("t: a, b%") == "t%3A a%2C b%25"
@@ -505,7 +505,7 @@ def test_workflow_command_escaping() -> None:
 def test_check_modules_do_not_import_torch() -> None:
     """Config and unit errors answer in milliseconds: parsing, planning and views need no torch."""
     code = (
-        "import sys, convrewrite.budgets, convrewrite.check, convrewrite.check_views, convrewrite.cli; "
+        "import sys, convrewrite.gate.budgets, convrewrite.gate.check, convrewrite.gate.views, convrewrite.cli; "
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 from convrewrite.cli import run
-from convrewrite.codegen import _assignment
+from convrewrite.export.source import _assignment
 
 MODEL = textwrap.dedent(
     """

@@ -13,7 +13,7 @@ import torch
 
 from convrewrite.api import report
 from convrewrite.cli import run
-from convrewrite.loading import load_model
+from convrewrite.engine.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "sample_models" / "zoo"
@@ -246,12 +246,12 @@ def test_a_graph_that_calls_other_modules_than_the_model_is_not_used(tmp_path: P
 
 def test_a_report_without_rules_does_not_run_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     """Profiling already ran the model; a second forward pass would double the time of a report."""
-    import convrewrite.engine
+    import convrewrite.engine.pipeline
 
     def refuse(*args: object) -> None:
         raise AssertionError("the graph was run")
 
-    monkeypatch.setattr(convrewrite.engine, "propagate_shapes", refuse)
+    monkeypatch.setattr(convrewrite.engine.pipeline, "propagate_shapes", refuse)
     result = report(str(ZOO / "resnet.py:resnet18"), input_shapes=[(1, 3, 32, 32)])
     assert result.trace["mode"] == "fx"
     assert result.trace["checked"] == "module calls"
@@ -270,7 +270,7 @@ def test_svd_transfer_factored_in_chunks_is_unchanged(monkeypatch: pytest.Monkey
 
 
 def test_relative_error_summed_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    from convrewrite import dense
+    from convrewrite.layers import dense
 
     generator = torch.Generator().manual_seed(0)
     approx, exact = torch.randn(1000, generator=generator), torch.randn(1000, generator=generator)
@@ -297,7 +297,7 @@ def test_the_cli_freezes_the_objects_of_its_imports() -> None:
 
 def test_subtree_totals_match_a_scan_of_the_records() -> None:
     """The per-name index (one pass, linear) gives what scanning every record for a prefix gives."""
-    from convrewrite.engine import run_profile
+    from convrewrite.engine.pipeline import run_profile
 
     loaded = load_model(str(ZOO / "densenet.py"), input_shapes=[(1, 3, 32, 32)])
     profile = run_profile(loaded.model, loaded.inputs)
@@ -313,7 +313,7 @@ def test_subtree_totals_match_a_scan_of_the_records() -> None:
     [torch.nn.Conv2d(12, 18, 3, groups=3), torch.nn.Conv1d(6, 12, 5, groups=6), torch.nn.Conv3d(4, 8, 2, groups=4)],
 )
 def test_grouped_dense_kernel_is_block_diagonal(conv: torch.nn.Module) -> None:
-    from convrewrite.dense import conv_dense_kernel
+    from convrewrite.layers.dense import conv_dense_kernel
 
     dense, _ = conv_dense_kernel(conv)
     groups, weight = conv.groups, conv.weight.detach()

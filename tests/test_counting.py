@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convrewrite.loading import ExampleInputs
-from convrewrite.profiling import profile
+from convrewrite.engine.loading import ExampleInputs
+from convrewrite.engine.profiling import profile
 
 from .oracles import flop_counter_macs, unique_params
 

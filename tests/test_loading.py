@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from convrewrite.engine.loading import load_model, parse_input_shape
 from convrewrite.errors import ModelError, UsageError
-from convrewrite.loading import load_model, parse_input_shape
 
 from .conftest import ASSETS
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from convrewrite.api import report as make_report
-from convrewrite.report import Report
-from convrewrite.views import render
+from convrewrite.report.model import Report
+from convrewrite.report.views import render
 
 from .conftest import ASSETS, SAMPLES
 from .golden_files import assert_matches_golden
@@ -48,10 +48,10 @@ def test_rows_sum_to_totals_before_and_after(crnn_separable: Report) -> None:
 
 
 def test_totals_match_the_oracles() -> None:
-    from convrewrite.engine import analyse
-    from convrewrite.loading import load_model
-    from convrewrite.report_builder import build_report
-    from convrewrite.rule_api import make_rule
+    from convrewrite.engine.loading import load_model
+    from convrewrite.engine.pipeline import analyse
+    from convrewrite.report.builder import build_report
+    from convrewrite.rules.api import make_rule
 
     loaded = load_model(str(SAMPLES / "tdnn.py"))
     before_macs = flop_counter_macs(loaded.model, loaded.inputs.args)

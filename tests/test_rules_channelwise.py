@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from convrewrite.dense import dense_kernel, kernel_error
 from convrewrite.errors import UsageError
 from convrewrite.layers import ChannelwiseConv1d, ChannelwiseConv2d, GroupChannelwiseConv1d, GroupChannelwiseConv2d
+from convrewrite.layers.dense import dense_kernel, kernel_error
 from convrewrite.rules.channelwise import (
     channel_padding,
     channelwise_matrix,

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from convrewrite.cli import run
-from convrewrite.dense import kernel_error
-from convrewrite.engine import analyse
+from convrewrite.engine.loading import ExampleInputs, LoadedModel
+from convrewrite.engine.pipeline import analyse
 from convrewrite.layers import BLOCK_CLASSES
-from convrewrite.loading import ExampleInputs, LoadedModel
+from convrewrite.layers.dense import kernel_error
 
 from .rule_test_support import (
     REPO_SAMPLES,

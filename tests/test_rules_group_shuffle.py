@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from convrewrite.cli import run
-from convrewrite.dense import dense_kernel, kernel_error
 from convrewrite.errors import UsageError
 from convrewrite.layers import ChannelPermutation, ChannelShuffle, GroupShuffleConv1d, GroupShuffleConv2d
+from convrewrite.layers.dense import dense_kernel, kernel_error
 from convrewrite.rules.group_shuffle import balanced_assignment, group_energy, masked_grouped_weight
 
 from .rule_test_support import equivalent_conv, example_input, make_conv, relative, rule, single_thread, site_of

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from convrewrite.api import make_job, run_job
-from convrewrite.config import ProjectConfig
-from convrewrite.dense import dense_kernel, kernel_error
 from convrewrite.errors import UsageError
+from convrewrite.gate.config import ProjectConfig
 from convrewrite.layers import LogGroupConv1d, LogGroupConv2d, log_group_sizes
+from convrewrite.layers.dense import dense_kernel, kernel_error
 
 from .rule_test_support import REPO_SAMPLES, equivalent_conv, example_input, make_conv, relative, rule, single_thread
 from .rule_test_support import site_of as make_site

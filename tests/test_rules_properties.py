@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from convrewrite.engine import analyse
-from convrewrite.loading import ExampleInputs, LoadedModel
+from convrewrite.engine.loading import ExampleInputs, LoadedModel
+from convrewrite.engine.pipeline import analyse
 
 from .rule_test_support import RULE_SPECS, conv_class, equivalent_conv, measured, relative, rule, single_thread, site_of
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from convrewrite.dense import dense_kernel, relative_error
-from convrewrite.loading import ExampleInputs
-from convrewrite.profiling import profile
-from convrewrite.rule_api import ConvSite, build_config
+from convrewrite.engine.loading import ExampleInputs
+from convrewrite.engine.profiling import profile
+from convrewrite.layers.dense import dense_kernel, relative_error
+from convrewrite.rules.api import ConvSite, build_config
 from convrewrite.rules.separable import SeparableConfig, SeparableRule
 
 

@@ -26,11 +26,11 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
-from convrewrite.engine import CONV_TYPES, EngineResult, analyse
-from convrewrite.loading import ExampleInputs, load_model
-from convrewrite.output import write_apply_output
-from convrewrite.report_builder import build_report
-from convrewrite.rule_api import make_rule, rule_registry
+from convrewrite.engine.loading import ExampleInputs, load_model
+from convrewrite.engine.pipeline import CONV_TYPES, EngineResult, analyse
+from convrewrite.export.writer import write_apply_output
+from convrewrite.report.builder import build_report
+from convrewrite.rules.api import make_rule, rule_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 

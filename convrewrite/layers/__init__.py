@@ -5,6 +5,7 @@ keeps it as one readable layer. The files here import nothing but torch: ``convr
 copies their source into the generated ``model.py``.
 """
 
+from convrewrite.engine.tracing import register_leaf_module
 from convrewrite.layers.channelwise import (
     ChannelwiseConv1d,
     ChannelwiseConv2d,
@@ -14,7 +15,6 @@ from convrewrite.layers.channelwise import (
 from convrewrite.layers.log_group import LogGroupConv1d, LogGroupConv2d, log_group_sizes
 from convrewrite.layers.separable import SeparableConv1d, SeparableConv2d
 from convrewrite.layers.shuffle import ChannelPermutation, ChannelShuffle, GroupShuffleConv1d, GroupShuffleConv2d
-from convrewrite.tracing import register_leaf_module
 
 BLOCK_CLASSES = (
     SeparableConv1d,

@@ -199,7 +199,7 @@ class _GroupChannelwiseConvNd(nn.Module):
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The dense (weight, bias): channel-wise matrix @ interleave @ block-diagonal grouped kernel."""
-        from convrewrite.dense import compose_pointwise, dense_kernel
+        from convrewrite.layers.dense import compose_pointwise, dense_kernel
 
         weight, _ = dense_kernel(self.group_conv)
         channels, per_group = self.out_channels, self.out_channels // self.groups

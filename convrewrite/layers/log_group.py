@@ -86,7 +86,7 @@ class _LogGroupConvNd(nn.Module):
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The dense (weight, bias) this block computes: the branch kernels on the block diagonal."""
-        from convrewrite.dense import dense_kernel
+        from convrewrite.layers.dense import dense_kernel
 
         kernels = [dense_kernel(branch) for branch in self.branches]
         first = kernels[0][0]

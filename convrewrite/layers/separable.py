@@ -63,7 +63,7 @@ class _SeparableConvNd(nn.Sequential):
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The dense (weight, bias) this block computes: pointwise @ depthwise."""
-        from convrewrite.dense import compose_pointwise, dense_kernel
+        from convrewrite.layers.dense import compose_pointwise, dense_kernel
 
         return compose_pointwise(dense_kernel(self[1]), dense_kernel(self[0]))
 

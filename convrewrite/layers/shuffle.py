@@ -109,7 +109,7 @@ class _GroupShuffleConvNd(nn.Sequential):
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The dense (weight, bias) this block computes: the grouped kernel with its rows permuted."""
-        from convrewrite.dense import dense_kernel
+        from convrewrite.layers.dense import dense_kernel
 
         weight, bias = dense_kernel(self[0])
         index = self[1].source_indices(int(weight.shape[0]))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from convrewrite.rule_api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
+from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
 
 @dataclass(frozen=True)

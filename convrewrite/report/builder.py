@@ -6,10 +6,10 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from convrewrite.engine import EngineResult
-from convrewrite.profiling import CallRecord, ModelProfile
-from convrewrite.report import MIB, LayerRow, Report, SummaryRow, TorchSummary, Totals
-from convrewrite.rule_api import config_as_dict
+from convrewrite.engine.pipeline import EngineResult
+from convrewrite.engine.profiling import CallRecord, ModelProfile
+from convrewrite.report.model import MIB, LayerRow, Report, SummaryRow, TorchSummary, Totals
+from convrewrite.rules.api import config_as_dict
 
 
 def totals_of(profile: ModelProfile) -> Totals:

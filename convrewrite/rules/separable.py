@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 
 from convrewrite.layers import SeparableConv1d, SeparableConv2d
-from convrewrite.rule_api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
+from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
 
 @dataclass(frozen=True)

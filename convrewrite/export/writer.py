@@ -102,7 +102,7 @@ def check_destination(directory: Path, force: bool) -> None:
 
 
 def _import_generated(path: Path, tag: str) -> Any:
-    from convrewrite.loading import import_file, isolated_import
+    from convrewrite.engine.loading import import_file, isolated_import
 
     with isolated_import(path.parent):
         try:
@@ -170,7 +170,7 @@ def write_apply_output(result: Any, report: Any, directory: Path, force: bool = 
     """Generate, save, verify and move into place the rewritten model in ``directory``."""
     from safetensors.torch import load_file, save_model
 
-    from convrewrite.codegen import SourceWriter, class_name_for, graph_constants, inputs_source
+    from convrewrite.export.source import SourceWriter, class_name_for, graph_constants, inputs_source
     from convrewrite.layers import BLOCK_CLASSES
 
     check_destination(directory, force)

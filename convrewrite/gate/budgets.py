@@ -24,8 +24,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from convrewrite.config import ProjectConfig, _validate_common, normalized_keys
 from convrewrite.errors import UsageError
+from convrewrite.gate.config import ProjectConfig, _validate_common, normalized_keys
 
 LEVELS = ("error", "warn")
 

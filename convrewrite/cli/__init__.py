@@ -111,7 +111,7 @@ def guarded(debug: bool, body: Callable[[], int | None]) -> int:
 def _parse_shapes(values: Sequence[str] | None) -> list[tuple[int, ...]] | None:
     if not values:
         return None
-    from convrewrite.loading import parse_input_shape
+    from convrewrite.engine.loading import parse_input_shape
 
     return [parse_input_shape(v) for v in values]
 
@@ -142,7 +142,7 @@ def _job(
     config: Path | None,
 ) -> Any:
     from convrewrite.api import make_job
-    from convrewrite.config import load_project_config
+    from convrewrite.gate.config import load_project_config
 
     if min_channels is not None and min_channels < 0:
         raise UsageError("--min-channels must be >= 0")
@@ -172,17 +172,17 @@ def import_engine() -> None:
 
     gc.disable()
     try:
-        import convrewrite.engine  # noqa: F401
-        import convrewrite.output  # noqa: F401
-        import convrewrite.report_builder  # noqa: F401
-        import convrewrite.views  # noqa: F401
+        import convrewrite.engine.pipeline  # noqa: F401
+        import convrewrite.export.writer  # noqa: F401
+        import convrewrite.report.builder  # noqa: F401
+        import convrewrite.report.views  # noqa: F401
     finally:
         gc.freeze()
         gc.enable()
 
 
 def write_text_atomic(path: Path, text: str, force: bool) -> None:
-    from convrewrite.output import write_file_atomic
+    from convrewrite.export.writer import write_file_atomic
 
     if path.exists() and not force:
         raise UsageError(f"{path} exists", hint="pass --force to replace it, or choose another --output")
@@ -215,8 +215,8 @@ def report(
         job = _job(model, rule, input_shape, weights, include, exclude, min_channels, config)
         import_engine()
         from convrewrite.api import run_job
-        from convrewrite.report_builder import build_report
-        from convrewrite.views import render
+        from convrewrite.report.builder import build_report
+        from convrewrite.report.views import render
 
         result = run_job(job)
         text = render(
@@ -264,7 +264,7 @@ def apply(
         _check_format(fmt)
         if out is None:
             raise UsageError("apply needs --out DIR", hint="for example --out rewritten/")
-        from convrewrite.output import check_destination
+        from convrewrite.export.writer import check_destination
 
         check_destination(out, force)
         job = _job(model, rule, input_shape, weights, include, exclude, min_channels, config)
@@ -272,9 +272,9 @@ def apply(
             raise UsageError("apply needs at least one --rule", hint="see `convrewrite rules`")
         import_engine()
         from convrewrite.api import run_job
-        from convrewrite.output import write_apply_output
-        from convrewrite.report_builder import build_report
-        from convrewrite.views import render
+        from convrewrite.export.writer import write_apply_output
+        from convrewrite.report.builder import build_report
+        from convrewrite.report.views import render
 
         result = run_job(job)
         report_data = build_report(result)
@@ -359,9 +359,9 @@ def check(
         _check_format(fmt, CHECK_FORMATS)
         if min_channels is not None and min_channels < 0:
             raise UsageError("--min-channels must be >= 0")
-        from convrewrite.budgets import command_line_budgets
-        from convrewrite.check import CheckOptions, describe_settings, execute, plan
-        from convrewrite.config import load_project_config
+        from convrewrite.gate.budgets import command_line_budgets
+        from convrewrite.gate.check import CheckOptions, describe_settings, execute, plan
+        from convrewrite.gate.config import load_project_config
 
         options = CheckOptions(
             model=model,
@@ -384,7 +384,7 @@ def check(
         progress = (lambda line: print(line, file=sys.stderr)) if verbose else None
         import_engine()
         result = execute(planned, exit_zero, progress=progress)
-        from convrewrite.check_views import failure_line, notes_for_stderr, render
+        from convrewrite.gate.views import failure_line, notes_for_stderr, render
 
         sys.stdout.write(render(result, fmt, width=table_width, color=fmt == "table" and sys.stdout.isatty()))
         sys.stdout.flush()
@@ -404,7 +404,7 @@ def list_rules(
     """List the installed rules and their options."""
 
     def body() -> int:
-        from convrewrite.rule_api import load_rule_class, option_table, rule_registry
+        from convrewrite.rules.api import load_rule_class, option_table, rule_registry
 
         registry = rule_registry()
         if not registry:

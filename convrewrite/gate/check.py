@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from convrewrite.api import Job, build_rules, make_job
-from convrewrite.budgets import (
+from convrewrite.errors import ConvRewriteError, UsageError
+from convrewrite.gate.budgets import (
     Budget,
     Metric,
     TableConfig,
@@ -24,9 +25,8 @@ from convrewrite.budgets import (
     display_path,
     with_command_line,
 )
-from convrewrite.config import ProjectConfig, Setting
-from convrewrite.errors import ConvRewriteError, UsageError
-from convrewrite.report import Report
+from convrewrite.gate.config import ProjectConfig, Setting
+from convrewrite.report.model import Report
 
 CHECK_SCHEMA = "convrewrite.check/1"
 TOP_CONTRIBUTORS = 3
@@ -453,7 +453,7 @@ def execute(
     """Load baselines, analyse every target once and evaluate its budgets."""
     baselines = resolve_baselines(planned)
     from convrewrite.api import run_job
-    from convrewrite.report_builder import build_report
+    from convrewrite.report.builder import build_report
 
     checked: list[CheckedTarget] = []
     outcomes: list[Outcome] = []

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from convrewrite.layers import LogGroupConv1d, LogGroupConv2d, log_group_sizes
-from convrewrite.rule_api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 from convrewrite.rules._shared import energy_fraction, float64_weight, geometry, grouping_skip_reason
+from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,12 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 import convrewrite.layers  # noqa: F401  (registers the replacement blocks as FX leaves)
-from convrewrite.dense import kernel_error
+from convrewrite.engine.loading import ExampleInputs, LoadedModel
+from convrewrite.engine.profiling import CallRecord, ModelProfile, profile
+from convrewrite.engine.tracing import LeafAwareTracer, TraceResult, placeholder_values, trace
 from convrewrite.errors import ModelError, UsageError, describe, first_line
-from convrewrite.loading import ExampleInputs, LoadedModel
-from convrewrite.profiling import CallRecord, ModelProfile, profile
-from convrewrite.rule_api import ConvSite, Rule, is_explicit, selection_reason
-from convrewrite.tracing import LeafAwareTracer, TraceResult, placeholder_values, trace
+from convrewrite.layers.dense import kernel_error
+from convrewrite.rules.api import ConvSite, Rule, is_explicit, selection_reason
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,

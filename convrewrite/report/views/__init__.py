@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from convrewrite.report import MIB, LayerRow, Report, TorchSummary
+from convrewrite.report.model import MIB, LayerRow, Report, TorchSummary
 
 FORMATS = ("table", "torchsummary", "json", "markdown")
 

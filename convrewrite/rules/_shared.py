@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from convrewrite.rule_api import ConvSite
+from convrewrite.rules.api import ConvSite
 
 
 def grouping_skip_reason(site: ConvSite) -> str | None:

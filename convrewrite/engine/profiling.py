@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from convrewrite.loading import ExampleInputs
+from convrewrite.engine.loading import ExampleInputs
 
 aten = torch.ops.aten
 

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from convrewrite.check import CheckedTarget, CheckResult, Outcome
-from convrewrite.views import shape_text
+from convrewrite.gate.check import CheckedTarget, CheckResult, Outcome
+from convrewrite.report.views import shape_text
 
 CHECK_FORMATS = ("table", "json", "markdown", "github")
 STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}

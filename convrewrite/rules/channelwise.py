@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from convrewrite.layers import ChannelwiseConv1d, ChannelwiseConv2d, GroupChannelwiseConv1d, GroupChannelwiseConv2d
-from convrewrite.rule_api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 from convrewrite.rules._shared import describe_kernel, float64_weight, geometry, grouping_skip_reason
+from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from typing import Any, Literal
 import torch
 
 from convrewrite.layers import GroupShuffleConv1d, GroupShuffleConv2d
-from convrewrite.rule_api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 from convrewrite.rules._shared import energy_fraction, float64_weight, geometry, grouping_skip_reason
+from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""What ``apply`` writes: readable PyTorch source, safetensors weights, the JSON report."""
