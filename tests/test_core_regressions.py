@@ -128,7 +128,7 @@ def test_rows_of_a_conv_called_twice_and_registered_twice() -> None:
 
 def test_tie_skip_reasons_say_what_the_weight_is_tied_to() -> None:
     result = report(str(ZOO / "tied.py"), rules=["separable"])
-    reasons = {skip["name"]: skip["reason"] for skip in result.skipped}
+    reasons = {skip.name: skip.reason for skip in result.skipped}
     assert "branch_b (own bias" in reasons["branch_a"]
     assert "decode (ConvTranspose2d)" in reasons["encode"]
 
@@ -198,7 +198,7 @@ def test_submodule_named_after_a_keyword_falls_back_to_eager(run_cli: Callable[.
     result = report(str(path), rules=["separable"])
     assert result.trace["mode"] == "eager"
     assert "does not compile" in result.trace["failure"]
-    assert {r["name"] for r in result.rewrites} == {"heads.class", "heads.box"}
+    assert {r.name for r in result.rewrites} == {"heads.class", "heads.box"}
     out = tmp_path / "out"
     run_cli("apply", path, "--rule", "separable", "--out", out)
     assert 'setattr(self.model.heads, "class", SeparableConv2d(' in (out / "model.py").read_text()
@@ -246,12 +246,12 @@ def test_a_graph_that_calls_other_modules_than_the_model_is_not_used(tmp_path: P
 
 def test_a_report_without_rules_does_not_run_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     """Profiling already ran the model; a second forward pass would double the time of a report."""
-    import convrewrite.engine.pipeline
+    import convrewrite.engine.stages.trace
 
     def refuse(*args: object) -> None:
         raise AssertionError("the graph was run")
 
-    monkeypatch.setattr(convrewrite.engine.pipeline, "propagate_shapes", refuse)
+    monkeypatch.setattr(convrewrite.engine.stages.trace, "propagate_shapes", refuse)
     result = report(str(ZOO / "resnet.py:resnet18"), input_shapes=[(1, 3, 32, 32)])
     assert result.trace["mode"] == "fx"
     assert result.trace["checked"] == "module calls"
@@ -297,7 +297,7 @@ def test_the_cli_freezes_the_objects_of_its_imports() -> None:
 
 def test_subtree_totals_match_a_scan_of_the_records() -> None:
     """The per-name index (one pass, linear) gives what scanning every record for a prefix gives."""
-    from convrewrite.engine.pipeline import run_profile
+    from convrewrite.engine.stages.profile import run_profile
 
     loaded = load_model(str(ZOO / "densenet.py"), input_shapes=[(1, 3, 32, 32)])
     profile = run_profile(loaded.model, loaded.inputs)

@@ -66,7 +66,7 @@ def test_totals_match_the_oracles() -> None:
 
 def test_skips_and_reasons_in_the_report() -> None:
     report = make_report(str(ASSETS / "tiny.py"), rules=["separable"])
-    skipped = {s["name"]: s["reason"] for s in report.skipped}
+    skipped = {s.name: s.reason for s in report.skipped}
     assert skipped == {"proj": "1x1 conv: nothing to separate"}
     row = next(r for r in report.layers if r.name == "proj")
     assert row.status == "skipped" and row.note == "separable: 1x1 conv: nothing to separate"

@@ -27,7 +27,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
 from convrewrite.engine.loading import ExampleInputs, load_model
-from convrewrite.engine.pipeline import CONV_TYPES, EngineResult, analyse
+from convrewrite.engine.modules import CONV_TYPES
+from convrewrite.engine.pipeline import EngineResult, analyse
 from convrewrite.export.writer import write_apply_output
 from convrewrite.report.builder import build_report
 from convrewrite.rules.api import make_rule, rule_registry

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from convrewrite.engine.compare import output_shapes
 from convrewrite.engine.loading import ExampleInputs
 
 aten = torch.ops.aten
@@ -226,7 +226,7 @@ class _MacCounter(TorchDispatchMode):
 
 
 def _shapes(value: Any) -> list[list[int]]:
-    return [list(t.shape) for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+    return [list(shape) for shape in output_shapes(value)]
 
 
 def profile(model: nn.Module, inputs: ExampleInputs) -> ModelProfile:

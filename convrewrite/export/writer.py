@@ -144,26 +144,17 @@ def transplant(generated: nn.Module, source: dict[str, torch.Tensor], prefix: st
 
 
 def _compare_outputs(expected: Any, actual: Any) -> float:
-    from torch.utils._pytree import tree_leaves
+    """The reload check: the written files must reproduce the rewritten model (max abs diff)."""
+    from convrewrite.engine.compare import max_abs_difference, outputs_close, same_structure
 
-    left = [t for t in tree_leaves(expected) if isinstance(t, torch.Tensor)]
-    right = [t for t in tree_leaves(actual) if isinstance(t, torch.Tensor)]
-    if len(left) != len(right) or any(a.shape != b.shape for a, b in zip(left, right)):
+    if not same_structure(expected, actual):
         raise ModelError("the reloaded model's outputs have different shapes from the rewritten model's")
-    worst = 0.0
-    for a, b in zip(left, right):
-        if a.numel() == 0:
-            continue
-        if a.is_floating_point():
-            if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
-                raise ModelError(
-                    "the reloaded model.py + weights do not reproduce the rewritten model "
-                    f"(max abs diff {float((a - b).abs().max()):.3g})"
-                )
-            worst = max(worst, float((a - b).abs().max()))
-        elif not torch.equal(a, b):
-            raise ModelError("the reloaded model gives different integer outputs")
-    return worst
+    if not outputs_close(expected, actual, rtol=1e-5, atol=1e-6):
+        raise ModelError(
+            "the reloaded model.py + weights do not reproduce the rewritten model "
+            f"(max abs diff {max_abs_difference(expected, actual):.3g})"
+        )
+    return max_abs_difference(expected, actual)
 
 
 def write_apply_output(result: Any, report: Any, directory: Path, force: bool = False) -> WrittenOutput:

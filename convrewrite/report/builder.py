@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from convrewrite.engine.pipeline import EngineResult
-from convrewrite.engine.profiling import CallRecord, ModelProfile
 from convrewrite.report.model import MIB, LayerRow, Report, SummaryRow, TorchSummary, Totals
 from convrewrite.rules.api import config_as_dict
 
+if TYPE_CHECKING:  # the builder reads engine records; importing it must not import torch
+    from convrewrite.engine.profiling import CallRecord, ModelProfile
+    from convrewrite.engine.state import RunState as EngineResult
 
-def totals_of(profile: ModelProfile) -> Totals:
+
+def totals_of(profile: ModelProfile, metrics: dict[str, float] | None = None) -> Totals:
     return Totals(
         params=profile.params,
         trainable_params=profile.trainable_params,
         macs=profile.macs,
         param_bytes=profile.param_bytes,
         buffer_bytes=profile.buffer_bytes,
+        metrics=dict(metrics or {}),
     )
 
 
@@ -103,7 +106,7 @@ def _match_shared_calls(result: EngineResult, after_map: dict[tuple[str, int], A
     ``left`` and ``right`` call 0. The model runs its layers in the same order before and after,
     so the calls pair up in execution order.
     """
-    assert result.after is not None
+    assert result.after is not None and result.before is not None
     for rewrite in result.rewrites:
         if not rewrite.aliases:
             continue
@@ -122,6 +125,7 @@ def _match_shared_calls(result: EngineResult, after_map: dict[tuple[str, int], A
 
 def layer_rows(result: EngineResult) -> list[LayerRow]:
     before = result.before
+    assert before is not None
     after = result.after
     rewritten = {layer.name for layer in result.fidelity.layers} if result.fidelity else set()
     for rewrite in result.rewrites:
@@ -226,6 +230,7 @@ def _input_list(result: EngineResult) -> list[dict[str, Any]]:
 def build_report(result: EngineResult) -> Report:
     loaded = result.loaded
     trace = result.trace
+    assert trace is not None and result.before is not None
     model_info = {
         "spec": loaded.spec,
         "name": loaded.display_name,
@@ -243,18 +248,22 @@ def build_report(result: EngineResult) -> Report:
         "checked": trace.checked,
     }
     rules = [{"name": rule.name, "spec": rule.spec(), "options": config_as_dict(rule.config)} for rule in result.rules]
+    # Metrics named "before:NAME" were measured on the original model (a user's evaluate(), say).
+    before_metrics = {k.partition(":")[2]: v for k, v in result.metrics.items() if k.startswith("before:")}
+    after_metrics = {k: v for k, v in result.metrics.items() if not k.startswith("before:")}
     report = Report(
         model=model_info,
         trace=trace_info,
         rules=rules,
-        before=totals_of(result.before),
-        after=totals_of(result.after) if result.after is not None else None,
+        before=totals_of(result.before, before_metrics),
+        after=totals_of(result.after, after_metrics) if result.after is not None else None,
         layers=layer_rows(result),
-        rewrites=[asdict(r) for r in result.rewrites],
-        skipped=[asdict(s) for s in result.skipped],
-        fidelity=asdict(result.fidelity) if result.fidelity else None,
+        rewrites=list(result.rewrites),
+        skipped=list(result.skipped),
+        fidelity=result.fidelity,
         torchsummary_before=torchsummary_of(result.before),
         torchsummary_after=torchsummary_of(result.after) if result.after is not None else None,
         timings=dict(result.timings),
+        sections={key: section.to_dict() for key, section in result.sections.items()},
     )
     return report

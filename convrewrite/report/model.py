@@ -1,16 +1,19 @@
-"""The report: one data object that every view (table, torchsummary, JSON, markdown) renders.
+"""The report: one data object that every view (table, torchsummary, JSON, markdown, ...) renders.
 
-The JSON form is a contract (``schema: convrewrite.report/1``); change it deliberately, and only
-by adding keys. ``Report.from_dict`` reads it back, so a saved report can serve as a baseline.
+The JSON form is a contract (``schema: convrewrite.report/1``), written down in
+``report/schema/report-1.json`` and held to it by ``tests/test_report_schema.py``; change it
+deliberately, and only by adding keys. ``Report.from_dict`` reads it back, so a saved report can
+serve as a baseline. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from convrewrite import __version__
+from convrewrite.report.log import Fidelity, RewriteRecord, SkipRecord
 
 SCHEMA = "convrewrite.report/1"
 MACS_UNIT = "multiply-accumulates (1 MAC = one multiply + one add); FLOPs = 2 x MACs"
@@ -19,21 +22,49 @@ MIB = 1024.0**2
 
 @dataclass
 class Totals:
+    """A model's totals, plus an open map of measured metrics.
+
+    ``metrics`` holds figures that stages measure beyond counting (``output-error``,
+    ``agreement``, ``speedup``, ``eval:NAME`` for a user's own task metric...); every one of them
+    can be held to a budget by ``convrewrite check`` by its name.
+    """
+
     params: int
     trainable_params: int
     macs: int
     param_bytes: int
     buffer_bytes: int
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def flops(self) -> int:
         return 2 * self.macs
 
+    def value(self, name: str) -> float | None:
+        """A counted total (``params``, ``macs``...) or a measured metric by name; None if absent."""
+        counted = {
+            "params": self.params,
+            "trainable_params": self.trainable_params,
+            "macs": self.macs,
+            "param_bytes": self.param_bytes,
+            "buffer_bytes": self.buffer_bytes,
+        }
+        key = name.replace("-", "_")
+        if key in counted:
+            return counted[key]
+        return self.metrics.get(name)
+
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["flops"] = self.flops
-        data["non_trainable_params"] = self.params - self.trainable_params
-        return data
+        return {
+            "params": self.params,
+            "trainable_params": self.trainable_params,
+            "macs": self.macs,
+            "param_bytes": self.param_bytes,
+            "buffer_bytes": self.buffer_bytes,
+            "metrics": dict(self.metrics),
+            "flops": self.flops,
+            "non_trainable_params": self.params - self.trainable_params,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Totals:
@@ -43,6 +74,7 @@ class Totals:
             macs=int(data["macs"]),
             param_bytes=int(data.get("param_bytes", 4 * int(data["params"]))),
             buffer_bytes=int(data.get("buffer_bytes", 0)),
+            metrics={str(k): float(v) for k, v in (data.get("metrics") or {}).items() if v is not None},
         )
 
 
@@ -64,6 +96,24 @@ class LayerRow:
     rules: list[str] = field(default_factory=list)
     kernel_error: float | None = None
     note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "call": self.call,
+            "depth": self.depth,
+            "type_before": self.type_before,
+            "type_after": self.type_after,
+            "output_shape": self.output_shape,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "status": self.status,
+            "rules": list(self.rules),
+            "kernel_error": self.kernel_error,
+            "note": self.note,
+        }
 
 
 @dataclass
@@ -112,12 +162,15 @@ class Report:
     before: Totals
     after: Totals | None
     layers: list[LayerRow]
-    rewrites: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    fidelity: dict[str, Any] | None = None
+    rewrites: list[RewriteRecord] = field(default_factory=list)
+    skipped: list[SkipRecord] = field(default_factory=list)
+    fidelity: Fidelity | None = None
     torchsummary_before: TorchSummary | None = None
     torchsummary_after: TorchSummary | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: Sections that optional stages add (``fitting``, ``distillation``, ``latency``, ``export``...),
+    #: already in their JSON form; views show the ones they know.
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def has_rules(self) -> bool:
@@ -147,15 +200,17 @@ class Report:
             "before": self.before.to_dict(),
             "after": self.after.to_dict() if self.after is not None else None,
             "reduction": self.reduction(),
-            "layers": [asdict(row) for row in self.layers],
-            "rewrites": self.rewrites,
-            "skipped": self.skipped,
-            "fidelity": self.fidelity,
+            "layers": [row.to_dict() for row in self.layers],
+            "rewrites": [record.to_dict() for record in self.rewrites],
+            "skipped": [record.to_dict() for record in self.skipped],
+            "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None,
             "torchsummary": {
                 "before": self.torchsummary_before.to_dict() if self.torchsummary_before else None,
                 "after": self.torchsummary_after.to_dict() if self.torchsummary_after else None,
             },
         }
+        for key, section in self.sections.items():
+            data[key] = section
         return _finite(data)
 
     @classmethod
@@ -165,6 +220,7 @@ class Report:
             raise ValueError("not a convrewrite JSON report (no 'schema': 'convrewrite.report/...')")
         layers = [LayerRow(**row) for row in data.get("layers", [])]
         after = data.get("after")
+        fidelity = data.get("fidelity")
         return cls(
             model=data.get("model", {}),
             trace=data.get("trace", {}),
@@ -172,10 +228,20 @@ class Report:
             before=Totals.from_dict(data["before"]),
             after=Totals.from_dict(after) if after else None,
             layers=layers,
-            rewrites=data.get("rewrites", []),
-            skipped=data.get("skipped", []),
-            fidelity=data.get("fidelity"),
+            rewrites=[_rewrite_from_dict(r) for r in data.get("rewrites", [])],
+            skipped=[SkipRecord(s["name"], s["rule"], s["type"], s["reason"]) for s in data.get("skipped", [])],
+            fidelity=Fidelity.from_dict(fidelity) if fidelity else None,
+            sections={key: data[key] for key in SECTION_KEYS if isinstance(data.get(key), dict)},
         )
+
+
+#: Keys of optional sections that stages add to the JSON report (each documented in the schema).
+SECTION_KEYS = ("calibration", "fitting", "distillation", "evaluation", "latency", "export")
+
+
+def _rewrite_from_dict(data: dict[str, Any]) -> RewriteRecord:
+    known = {f for f in RewriteRecord.__dataclass_fields__}
+    return RewriteRecord(**{k: v for k, v in data.items() if k in known})
 
 
 def _ratio(before: int, after: int) -> float | None:

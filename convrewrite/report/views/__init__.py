@@ -138,14 +138,15 @@ def render_table(report: Report, width: int = 120, color: bool = False) -> str:
 def _rule_outcome(report: Report) -> list[str]:
     lines = [f"Rewritten: {len(report.rewrites)} layer rewrite(s); skipped: {len(report.skipped)}"]
     for skip in report.skipped:
-        rule = "" if skip["rule"] == "*" else f"[{skip['rule']}] "
-        lines.append(f"  skipped {rule}{skip['name']} ({skip['type']}): {skip['reason']}")
+        rule = "" if skip.rule == "*" else f"[{skip.rule}] "
+        lines.append(f"  skipped {rule}{skip.name} ({skip.type}): {skip.reason}")
     fidelity = report.fidelity
     if fidelity:
         lines.append(
-            "Fidelity on the example input: output relative error "
-            f"{fidelity['output_relative_error']:.3g}, cosine similarity "
-            f"{fidelity['output_cosine_similarity']:.4f}"
+            f"Fidelity on {fidelity.measured_on}: output relative error "
+            f"{fidelity.output_relative_error:.3g}, cosine similarity "
+            f"{fidelity.output_cosine_similarity:.4f}"
+            + (f", top-1 agreement {fidelity.agreement:.4f}" if fidelity.agreement is not None else "")
         )
     return lines
 
@@ -229,13 +230,14 @@ def render_markdown(report: Report, width: int = 120, color: bool = False) -> st
             lines.append("Skipped convs:")
             lines.append("")
             for skip in report.skipped:
-                lines.append(f"- `{skip['name']}` ({skip['type']}, {skip['rule']}): {skip['reason']}")
+                lines.append(f"- `{skip.name}` ({skip.type}, {skip.rule}): {skip.reason}")
             lines.append("")
         if report.fidelity:
             f = report.fidelity
             lines.append(
-                f"Fidelity: output relative error {f['output_relative_error']:.3g}, "
-                f"cosine similarity {f['output_cosine_similarity']:.4f}."
+                f"Fidelity on {f.measured_on}: output relative error {f.output_relative_error:.3g}, "
+                f"cosine similarity {f.output_cosine_similarity:.4f}"
+                + (f", top-1 agreement {f.agreement:.4f}." if f.agreement is not None else ".")
             )
             lines.append("")
     lines.append(f"_{MACS_NOTE}_")

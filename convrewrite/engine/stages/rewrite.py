@@ -1,0 +1,232 @@
+"""Stage ``rewrite[RULE]``, once per rule in command-line order: offer every site to the rule.
+
+A site is a module of a type the rule accepts (``Rule.site_types``, convs by default). The rule
+rewrites it or says why not. The replacement is installed at the same qualified name (every alias
+of a shared module), so untouched layers keep their state_dict keys and a module called twice
+stays one module. Later rules see the layers earlier rules produced. The stage ``ensures`` that
+every layer it rewrote keeps its output shapes on the example input.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from convrewrite.engine.modules import CONV_TYPES, install, module_aliases, parameter_users, tie_mismatch
+from convrewrite.engine.profiling import CallRecord, ModelProfile
+from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
+from convrewrite.engine.stages.profile import run_profile
+from convrewrite.engine.state import RunState
+from convrewrite.errors import ModelError, UsageError, describe
+from convrewrite.layers.dense import kernel_error
+from convrewrite.report.log import RewriteRecord, SkipRecord
+from convrewrite.rules.api import ConvSite, Rule, is_explicit, selection_reason
+
+
+def collect_sites(model: nn.Module, current: ModelProfile) -> list[ConvSite]:
+    """Every conv module with the shapes of its first call on the example input."""
+    aliases = module_aliases(model)
+    sites: list[ConvSite] = []
+    calls_of: dict[str, list[CallRecord]] = {}
+    for record in current.records:
+        if record.called:
+            calls_of.setdefault(record.name, []).append(record)
+    for name, module in model.named_modules():
+        if not isinstance(module, CONV_TYPES):
+            continue
+        calls = calls_of.get(name, [])
+        first = calls[0] if calls else None
+        input_shape = tuple(first.input_shapes[0]) if first and first.input_shapes else None
+        output_shape = tuple(first.output_shapes[0]) if first and first.output_shapes else None
+        names = aliases.get(id(module), [name])
+        sites.append(
+            ConvSite(
+                name=name,
+                module=module,
+                input_shape=input_shape,
+                output_shape=output_shape,
+                calls=len(calls),
+                aliases=tuple(n for n in names if n != name),
+            )
+        )
+    return sites
+
+
+def functional_conv_notes(current: ModelProfile) -> list[SkipRecord]:
+    """Convolutions computed by ``F.conv*d`` inside a forward: reported, never rewritten."""
+    conv_type_names = {t.__name__ for t in CONV_TYPES}
+    notes: dict[tuple[str, str], SkipRecord] = {}
+    for record in current.records:
+        if record.macs_by_kind.get("convolution") and record.type not in conv_type_names:
+            owner = record.name or "(model)"
+            notes[(owner, record.type)] = SkipRecord(
+                owner, "*", record.type, "functional convolution (F.conv*d in forward), not a module: left as is"
+            )
+    return list(notes.values())
+
+
+@dataclass
+class RuleOutcome:
+    """What one rule did: the layers it rewrote, those it left alone, the originals it replaced."""
+
+    rewrites: list[RewriteRecord] = field(default_factory=list)
+    skipped: list[SkipRecord] = field(default_factory=list)
+    originals: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def apply_rule(rule: Rule, model: nn.Module, current: ModelProfile, earlier: list[RewriteRecord]) -> RuleOutcome:
+    """Offer every site to ``rule`` and install its replacements; returns what it did."""
+    outcome = RuleOutcome()
+    users = parameter_users(model)
+    done: dict[int, nn.Module] = {}
+    for site in collect_sites(model, current):
+        module = site.module
+        if id(module) in done:
+            continue
+        site.explicit = is_explicit(site.name, rule.config.include)
+        if not site.name:
+            outcome.skipped.append(
+                SkipRecord("(model)", rule.name, type(module).__name__, "the model itself is a single conv")
+            )
+            continue
+        reason = rule.skip_reason(site)
+        # Tied weights: only rewrite when every holder is an identical conv (then one shared
+        # replacement keeps the tie); otherwise rewriting would silently untie them.
+        tied_with: list[nn.Module] = []
+        if reason is None:
+            holders = users.get(id(module.weight), [])
+            others = [(n, m) for n, m in holders if m is not module]
+            if others:
+                mismatched = [tie_mismatch(module, n, m) for n, m in others]
+                if any(mismatched):
+                    reason = f"weight is tied to {', '.join(m for m in mismatched if m)}; rewriting would untie it"
+                else:
+                    tied_with = [m for _, m in others]
+        if reason is not None:
+            if site.explicit and selection_reason(site.name, rule.config) is None:
+                raise UsageError(
+                    f"rule {rule.name!r} cannot rewrite {site.name}, which you named explicitly: {reason}",
+                    hint="change the rule's options or leave that layer out of include",
+                )
+            outcome.skipped.append(SkipRecord(site.name, rule.name, type(module).__name__, reason))
+            continue
+        try:
+            cost = rule.cost(site)
+            replacement = rule.build(site)
+        except (ModelError, UsageError):
+            raise
+        except Exception as exc:
+            raise ModelError(f"rule {rule.name!r} failed on layer {site.name}: {describe(exc)}") from exc
+        new_module = replacement.module
+        if site.calls == 0:
+            replacement.notes.setdefault(
+                "unverified", "not called on the example input: shapes and output were not checked for this layer"
+            )
+        try:
+            error = kernel_error(new_module, module)
+        except (TypeError, ValueError):
+            error = None
+        all_names = [site.name, *site.aliases]
+        aliases = module_aliases(model)
+        for tied in tied_with:
+            all_names.extend(n for n in aliases.get(id(tied), []) if n not in all_names)
+            done[id(tied)] = new_module
+        params_before, macs_before = current.subtree_totals(site.name)
+        for tied in tied_with:
+            for tied_name in aliases.get(id(tied), []):
+                macs_before += current.subtree_totals(tied_name)[1]
+        if not any(site.name.startswith(previous.name + ".") for previous in earlier):
+            outcome.originals[site.name] = module
+        for name in all_names:
+            install(model, name, new_module)
+        done[id(module)] = new_module
+        outcome.rewrites.append(
+            RewriteRecord(
+                name=site.name,
+                rule=rule.name,
+                type_before=type(module).__name__,
+                type_after=type(new_module).__name__,
+                calls=site.calls,
+                params_before=params_before,
+                macs_before=macs_before,
+                analytic_params=cost.params,
+                analytic_macs=cost.macs * max(site.calls, 1),
+                kernel_error=error,
+                aliases=all_names[1:],
+                notes=dict(replacement.notes),
+            )
+        )
+    return outcome
+
+
+@register_stage
+class RewriteStage(Stage):
+    name = "rewrite"
+    order = 300
+    requires = ("trace", "current")
+    ensures = ("current",)
+
+    def __init__(self, rule: Rule, first: bool) -> None:
+        self.rule = rule
+        self.first = first
+        self.records: list[RewriteRecord] = []
+
+    @property
+    def label(self) -> str:
+        return f"rewrite[{self.rule.name}]"
+
+    @classmethod
+    def plan(cls, state: RunState) -> list[Stage]:
+        return [cls(rule, index == 0) for index, rule in enumerate(state.rules)]
+
+    def run(self, state: RunState) -> StageOutcome:
+        assert state.current is not None
+        if self.first:
+            state.log.skipped.extend(functional_conv_notes(state.current))
+            if state.settings.get("keep_reference") and state.reference is None:
+                state.reference = _frozen_copy(state.model)
+        outcome = apply_rule(self.rule, state.model, state.current, state.log.rewrites)
+        for name, module in outcome.originals.items():
+            state.originals.setdefault(name, module)
+        state.log.skipped.extend(outcome.skipped)
+        current = run_profile(state.model, state.loaded.inputs, "the rewritten model")
+        for record in outcome.rewrites:
+            record.params_after, record.macs_after = current.subtree_totals(record.name)
+            for alias in record.aliases:
+                if current.first_call(alias) is not None:
+                    record.macs_after += current.subtree_totals(alias)[1]
+        state.log.rewrites.extend(outcome.rewrites)
+        state.current = state.after = current
+        self.records = outcome.rewrites
+        return StageOutcome(
+            bool(outcome.rewrites), f"{len(outcome.rewrites)} rewritten, {len(outcome.skipped)} skipped"
+        )
+
+    def check_ensures(self, state: RunState) -> None:
+        super().check_ensures(state)
+        assert state.before is not None and state.current is not None
+        for record in self.records:
+            old = state.before.first_call(record.name)
+            new = state.current.first_call(record.name)
+            if old and new and old.output_shapes != new.output_shapes and old.name == record.name:
+                raise ModelError(
+                    f"rule {record.rule!r} changed the output shape of {record.name}: "
+                    f"{old.output_shapes} -> {new.output_shapes}"
+                )
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    """The original model, kept for fitting, distillation and fidelity on calibration data."""
+    try:
+        reference = copy.deepcopy(model)
+    except Exception as exc:
+        raise ModelError(
+            f"the model cannot be copied (copy.deepcopy failed: {describe(exc)}), "
+            "which fitting and distillation need to keep the original as a reference"
+        ) from exc
+    reference.eval()
+    for parameter in reference.parameters():
+        parameter.requires_grad_(False)
+    return reference
