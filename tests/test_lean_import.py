@@ -19,3 +19,30 @@ def test_help_does_not_import_torch(args: list[str]) -> None:
     imported = {line.rsplit("|", 1)[-1].strip() for line in completed.stderr.splitlines() if "|" in line}
     assert "typer" in imported  # the probe works
     assert not {name for name in imported if name == "torch" or name.startswith("torch.")}
+
+
+def test_report_gate_planning_and_settings_never_import_torch() -> None:
+    """The report data model and its views, the gate's planning and the settings schema stay torch-free:
+    a saved report renders anywhere, and `check` fails fast on bad configuration before torch loads."""
+    modules = [
+        "convrewrite.report.model",
+        "convrewrite.report.log",
+        "convrewrite.report.views",
+        "convrewrite.report.builder",
+        "convrewrite.settings",
+        "convrewrite.gate.config",
+        "convrewrite.gate.budgets",
+        "convrewrite.gate.job",
+        "convrewrite.gate.check",
+        "convrewrite.gate.views",
+        "convrewrite.rules.api",
+        "convrewrite.cli",
+    ]
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "[]"

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from convrewrite.api import make_job, run_job
 from convrewrite.errors import UsageError
 from convrewrite.gate.config import ProjectConfig
+from convrewrite.gate.job import make_job, run_job
 from convrewrite.layers import LogGroupConv1d, LogGroupConv2d, log_group_sizes
 from convrewrite.layers.dense import dense_kernel, kernel_error
 
@@ -51,7 +51,9 @@ def test_halving_partitions_the_channels_largest_first(channels: int, groups: in
 def test_tdnn_groups_have_the_documents_shapes(tmp_path, monkeypatch) -> None:
     """(batch, 50, 20), (batch, 50, 10), (batch, 50, 5), (batch, 50, 5) in channel-first order."""
     monkeypatch.chdir(tmp_path)
-    job = make_job(ProjectConfig(), model=str(REPO_SAMPLES / "tdnn.py"), rules=["log-group:include=tdnn2"])
+    job = make_job(
+        "report", {"model": str(REPO_SAMPLES / "tdnn.py"), "rules": ["log-group:include=tdnn2"]}, ProjectConfig()
+    )
     result = run_job(job)
     block = result.model.tdnn2
     assert isinstance(block, LogGroupConv1d)

@@ -16,7 +16,11 @@ from typing import Annotated, Any
 
 import typer
 
+from convrewrite.cli.options import with_settings
 from convrewrite.errors import BudgetExceeded, ConvRewriteError, UsageError, describe
+from convrewrite.gate.views import CHECK_FORMATS
+from convrewrite.report.views import FORMATS as REPORT_FORMATS
+from convrewrite.report.views import get_view
 
 app = typer.Typer(
     name="convrewrite",
@@ -27,55 +31,15 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-FORMATS = ("table", "torchsummary", "json", "markdown")
-
-ModelArg = Annotated[
-    str | None,
-    typer.Argument(
-        metavar="MODEL",
-        help="path/file.py, path/file.py:NAME, package.module:NAME, or a directory written by apply "
-        "(default: model in [tool.convrewrite]). Importing a model file runs its code.",
-        show_default=False,
-    ),
-]
-RuleOpt = Annotated[
-    list[str] | None,
-    typer.Option("--rule", "-r", help="NAME[:key=value,...]; repeat to compose, applied in order.", show_default=False),
-]
-InputShapeOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--input-shape",
-        help="Example input shape, batch first (1,3,224,224); repeat for several inputs.",
-        show_default=False,
-    ),
-]
-WeightsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--weights", help=".safetensors, or .pt/.pth read with torch.load(weights_only=True).", show_default=False
-    ),
-]
-IncludeOpt = Annotated[
-    list[str] | None,
-    typer.Option("--include", help="Only rewrite layers matching this glob (repeatable).", show_default=False),
-]
-ExcludeOpt = Annotated[
-    list[str] | None,
-    typer.Option("--exclude", help="Never rewrite layers matching this glob (repeatable).", show_default=False),
-]
-MinChannelsOpt = Annotated[
-    int | None,
-    typer.Option("--min-channels", help="Skip convs with fewer input or output channels.", show_default=False),
-]
-FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table | torchsummary | json | markdown")]
-WidthOpt = Annotated[
-    int | None, typer.Option("--width", help="Table width in characters (default: terminal).", show_default=False)
-]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", help=f"{' | '.join(REPORT_FORMATS)}")]
 # The per-layer tables of report/apply keep their natural width (nothing wraps or is cut), so there
 # --width is accepted for old scripts but hidden; check's budget table still honours it.
 TableWidthOpt = Annotated[int | None, typer.Option("--width", hidden=True, show_default=False)]
+WidthOpt = Annotated[
+    int | None, typer.Option("--width", help="Table width in characters (default: terminal).", show_default=False)
+]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of a failure.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Say where each setting came from (on stderr).")]
 ConfigOpt = Annotated[
     Path | None,
     typer.Option(
@@ -108,17 +72,8 @@ def guarded(debug: bool, body: Callable[[], int | None]) -> int:
     return 3
 
 
-def _parse_shapes(values: Sequence[str] | None) -> list[tuple[int, ...]] | None:
-    if not values:
-        return None
-    from convrewrite.engine.loading import parse_input_shape
-
-    return [parse_input_shape(v) for v in values]
-
-
-def _check_format(fmt: str, allowed: Sequence[str] = FORMATS) -> None:
-    if fmt not in allowed:
-        raise UsageError(f"unknown --format {fmt!r}", hint=f"choose one of {', '.join(allowed)}")
+def _check_format(fmt: str, subject: str = "report") -> None:
+    get_view(subject, fmt)  # an unknown format is a usage error that lists the choices
 
 
 def _width(width: int | None) -> int:
@@ -131,32 +86,24 @@ def _width(width: int | None) -> int:
     return max(80, shutil.get_terminal_size((120, 24)).columns)
 
 
-def _job(
-    model: str | None,
-    rule: list[str] | None,
-    input_shape: list[str] | None,
-    weights: str | None,
-    include: list[str] | None,
-    exclude: list[str] | None,
-    min_channels: int | None,
-    config: Path | None,
-) -> Any:
-    from convrewrite.api import make_job
+def _job(command: str, settings: dict[str, Any], config: Path | None, verbose: bool = False) -> Any:
     from convrewrite.gate.config import load_project_config
+    from convrewrite.gate.job import make_job
 
-    if min_channels is not None and min_channels < 0:
-        raise UsageError("--min-channels must be >= 0")
-    project = load_project_config(config)
-    return make_job(
-        project,
-        model=model,
-        input_shapes=_parse_shapes(input_shape),
-        weights=weights,
-        rules=rule,
-        include=include,
-        exclude=exclude,
-        min_channels=min_channels,
-    )
+    job = make_job(command, settings, load_project_config(config))
+    if verbose:
+        for line in describe_job(job):
+            print(line, file=sys.stderr)
+    return job
+
+
+def describe_job(job: Any) -> list[str]:
+    """``--verbose``: every setting and where it came from."""
+    lines = [f"note: {note}" for note in job.notes]
+    for name, value in job.settings().items():
+        shown = [list(v) for v in value.value] if name == "input-shape" and value.value else value.value
+        lines.append(f"  {name} = {shown!r}  ({value.source})")
+    return lines
 
 
 def import_engine() -> None:
@@ -190,15 +137,10 @@ def write_text_atomic(path: Path, text: str, force: bool) -> None:
 
 
 @app.command()
+@with_settings("report")
 def report(
-    model: ModelArg = None,
-    rule: RuleOpt = None,
+    settings: dict[str, Any],
     fmt: FormatOpt = "table",
-    input_shape: InputShapeOpt = None,
-    weights: WeightsOpt = None,
-    include: IncludeOpt = None,
-    exclude: ExcludeOpt = None,
-    min_channels: MinChannelsOpt = None,
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Write the report to this file instead of stdout.", show_default=False),
@@ -206,15 +148,16 @@ def report(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file.")] = False,
     width: TableWidthOpt = None,
     config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Count params and MACs per layer; with --rule, show before/after side by side."""
 
     def body() -> int:
         _check_format(fmt)
-        job = _job(model, rule, input_shape, weights, include, exclude, min_channels, config)
+        job = _job("report", settings, config, verbose)
         import_engine()
-        from convrewrite.api import run_job
+        from convrewrite.gate.job import run_job
         from convrewrite.report.builder import build_report
         from convrewrite.report.views import render
 
@@ -236,9 +179,9 @@ def report(
 
 
 @app.command()
+@with_settings("apply")
 def apply(
-    model: ModelArg = None,
-    rule: RuleOpt = None,
+    settings: dict[str, Any],
     out: Annotated[
         Path | None,
         typer.Option(
@@ -249,13 +192,9 @@ def apply(
         bool, typer.Option("--force", help="Replace DIR if it holds an earlier convrewrite output.")
     ] = False,
     fmt: FormatOpt = "table",
-    input_shape: InputShapeOpt = None,
-    weights: WeightsOpt = None,
-    include: IncludeOpt = None,
-    exclude: ExcludeOpt = None,
-    min_channels: MinChannelsOpt = None,
     width: TableWidthOpt = None,
     config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Rewrite MODEL with the rules and write readable source, safetensors weights and a JSON report."""
@@ -267,12 +206,12 @@ def apply(
         from convrewrite.export.writer import check_destination
 
         check_destination(out, force)
-        job = _job(model, rule, input_shape, weights, include, exclude, min_channels, config)
-        if not job.rules.value:
+        job = _job("apply", settings, config, verbose)
+        if not job["rules"]:
             raise UsageError("apply needs at least one --rule", hint="see `convrewrite rules`")
         import_engine()
-        from convrewrite.api import run_job
         from convrewrite.export.writer import write_apply_output
+        from convrewrite.gate.job import run_job
         from convrewrite.report.builder import build_report
         from convrewrite.report.views import render
 
@@ -286,15 +225,14 @@ def apply(
     raise typer.Exit(guarded(debug, body))
 
 
-CHECK_FORMATS = ("table", "json", "markdown", "github")
 COUNT_UNITS_HELP = "k, M, G are decimal (1k = 1,000)"
 SIZE_UNITS_HELP = "KB, MB, GB are decimal (1 MB = 1,000,000 B); KiB, MiB, GiB binary (1 MiB = 1,048,576 B)"
 
 
 @app.command()
+@with_settings("check")
 def check(
-    model: ModelArg = None,
-    rule: RuleOpt = None,
+    settings: dict[str, Any],
     max_params: Annotated[
         str | None,
         typer.Option(
@@ -324,26 +262,13 @@ def check(
             show_default=False,
         ),
     ] = None,
-    baseline: Annotated[
-        str | None,
-        typer.Option(
-            "--baseline",
-            help="JSON from `report --format json` or `check --format json` (e.g. made on main) to diff against.",
-            show_default=False,
-        ),
-    ] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table | json | markdown | github")] = "table",
+    fmt: Annotated[str, typer.Option("--format", "-f", help=" | ".join(CHECK_FORMATS))] = "table",
     exit_zero: Annotated[
         bool, typer.Option("--exit-zero", help="Report exceeded budgets but exit 0 (usage/model errors still fail).")
     ] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Say where each setting and budget came from (on stderr).")
     ] = False,
-    input_shape: InputShapeOpt = None,
-    weights: WeightsOpt = None,
-    include: IncludeOpt = None,
-    exclude: ExcludeOpt = None,
-    min_channels: MinChannelsOpt = None,
     width: WidthOpt = None,
     config: ConfigOpt = None,
     debug: DebugOpt = False,
@@ -356,22 +281,13 @@ def check(
     """
 
     def body() -> int:
-        _check_format(fmt, CHECK_FORMATS)
-        if min_channels is not None and min_channels < 0:
-            raise UsageError("--min-channels must be >= 0")
+        _check_format(fmt, "check")
         from convrewrite.gate.budgets import command_line_budgets
         from convrewrite.gate.check import CheckOptions, describe_settings, execute, plan
         from convrewrite.gate.config import load_project_config
 
         options = CheckOptions(
-            model=model,
-            rules=rule,
-            input_shapes=_parse_shapes(input_shape),
-            weights=weights,
-            include=include,
-            exclude=exclude,
-            min_channels=min_channels,
-            baseline=baseline,
+            settings=settings,
             budgets=command_line_budgets(max_params, max_macs, max_size, max_increase),
             exit_zero=exit_zero,
         )

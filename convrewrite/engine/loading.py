@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from convrewrite.errors import ModelError, UsageError, first_line
+from convrewrite.settings import parse_shape
 
 #: Discovery order when MODEL names no object.
 DISCOVERY_ORDER = ("build_model", "model", "the single nn.Module subclass")
@@ -104,20 +105,7 @@ class LoadedModel:
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
     """``"1,1,32,320"`` (or ``1x1x32x320``) to a shape; batch included."""
-    cleaned = text.strip().strip("()[]").replace("x", ",").replace("×", ",")
-    parts = [p.strip() for p in cleaned.split(",") if p.strip()]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        raise UsageError(
-            f"--input-shape {text!r} is not a list of integers", hint="write it like 1,3,224,224"
-        ) from None
-    if not shape or any(d <= 0 for d in shape):
-        raise UsageError(
-            f"--input-shape {text!r} needs positive dimensions, batch first",
-            hint="write it like 1,3,224,224",
-        )
-    return shape
+    return parse_shape(text)
 
 
 @contextlib.contextmanager
@@ -424,8 +412,12 @@ def load_model(
     *,
     input_shapes: list[tuple[int, ...]] | None = None,
     weights: Path | None = None,
+    input_source: str = "--input-shape",
 ) -> LoadedModel:
-    """Resolve MODEL, build it, load weights and find the example input."""
+    """Resolve MODEL, build it, load weights and find the example input.
+
+    ``input_source`` names where ``input_shapes`` came from, for the report's header.
+    """
     target, name = split_spec(spec)
     path = Path(target)
     search_dir = path if path.is_dir() else (path.parent if path.suffix == ".py" else Path.cwd())
@@ -434,7 +426,7 @@ def load_model(
     # Seed torch first: a model built with random init then gives the same report every run.
     torch.manual_seed(0)
     with isolated_import(search_dir.resolve()):
-        return _load_model(spec, target, name, path, input_shapes, weights)
+        return _load_model(spec, target, name, path, input_shapes, weights, input_source)
 
 
 def _load_model(
@@ -444,6 +436,7 @@ def _load_model(
     path: Path,
     input_shapes: list[tuple[int, ...]] | None,
     weights: Path | None,
+    input_source: str = "--input-shape",
 ) -> LoadedModel:
     module: ModuleType | None
     apply_dir: Path | None = None
@@ -497,7 +490,7 @@ def _load_model(
 
     inputs: ExampleInputs | None
     if input_shapes:
-        inputs = random_inputs(list(input_shapes), "--input-shape")
+        inputs = random_inputs(list(input_shapes), input_source)
     else:
         inputs = _example_inputs_from(module, where)
     if inputs is None:

@@ -21,11 +21,11 @@ import math
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any
 
+from convrewrite import settings as schema
 from convrewrite.errors import UsageError
-from convrewrite.gate.config import ProjectConfig, _validate_common, normalized_keys
+from convrewrite.gate.config import ProjectConfig, _validate_common, display_path, normalized_keys
 
 LEVELS = ("error", "warn")
 
@@ -68,21 +68,12 @@ COUNT_UNITS_TEXT = "k, M or G (decimal: 1k = 1,000)"
 BYTE_UNITS_TEXT = "B, KB, MB, GB (decimal: 1 KB = 1,000 B) or KiB, MiB, GiB (binary: 1 KiB = 1,024 B)"
 
 BUDGET_KEYS = ("name", "metric", "limit", "max-increase", "level")
-TARGET_KEYS = (
-    "model",
-    "input-shape",
-    "weights",
-    "rules",
-    "include",
-    "exclude",
-    "min-channels",
-    "baseline",
-    "budgets",
-)
+#: Keys a named target takes: every setting of the schema that a config may hold, and budgets.
+TARGET_KEYS = (*(s.name for s in schema.SCHEMA if s.toml), "budgets")
 #: Settings a named target takes from the top-level table when it does not set them: they select
-#: layers or name a baseline file, which can serve every model. Model, input shape, weights and
-#: rules belong to one model and are never inherited.
-INHERITED_KEYS = ("include", "exclude", "min-channels", "baseline")
+#: layers, say how to use calibration data or name a baseline file, which can serve every model.
+#: Model, input shape, weights, data and rules belong to one model and are never inherited.
+INHERITED_KEYS = schema.inherited_keys()
 
 _NUMBER = re.compile(r"^\s*(-?)\s*(\d[\d_]*(?:\.\d+)?|\.\d+)\s*([A-Za-z%]*)\s*$")
 _TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -246,16 +237,6 @@ def parse_budgets(raw: Any, where: str, target: str | None) -> list[Budget]:
 
 
 # -- targets: the models that budgets gate ------------------------------------------------------
-
-
-def display_path(path: Path | None) -> str:
-    """A config path as messages show it: relative to the working directory when below it."""
-    if path is None:
-        return "command line"
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 @dataclass

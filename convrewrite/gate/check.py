@@ -9,12 +9,11 @@ The result is a ``CheckResult`` data object; the table, markdown and GitHub view
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convrewrite.api import Job, build_rules, make_job
 from convrewrite.errors import ConvRewriteError, UsageError
 from convrewrite.gate.budgets import (
     Budget,
@@ -25,7 +24,8 @@ from convrewrite.gate.budgets import (
     display_path,
     with_command_line,
 )
-from convrewrite.gate.config import ProjectConfig, Setting
+from convrewrite.gate.config import ProjectConfig, Value
+from convrewrite.gate.job import Job, build_rules, make_job
 from convrewrite.report.model import Report
 
 CHECK_SCHEMA = "convrewrite.check/1"
@@ -34,18 +34,16 @@ TOP_CONTRIBUTORS = 3
 
 @dataclass
 class CheckOptions:
-    """What the command line gave; ``None``/empty means "not given" (the config decides)."""
+    """What the command line gave: ``settings`` maps the schema's setting names to raw values
+    (None or empty: not given, the config decides), plus the command line's budgets."""
 
-    model: str | None = None
-    rules: Sequence[str] | None = None
-    input_shapes: Sequence[tuple[int, ...]] | None = None
-    weights: str | None = None
-    include: Sequence[str] | None = None
-    exclude: Sequence[str] | None = None
-    min_channels: int | None = None
-    baseline: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
     budgets: list[Budget] = field(default_factory=list)
     exit_zero: bool = False
+
+    @property
+    def model(self) -> str | None:
+        return self.settings.get("model")
 
 
 @dataclass
@@ -53,7 +51,7 @@ class PlannedTarget:
     target: Target
     job: Job
     model_text: str
-    baseline: Setting
+    baseline: Value
     budgets: list[Budget]
 
 
@@ -280,21 +278,12 @@ def plan(project: ProjectConfig, options: CheckOptions) -> tuple[list[PlannedTar
         budgets = with_command_line(target.budgets, options.budgets, target.name)
         if not budgets:
             raise _no_budgets(target)
-        job = make_job(
-            target.config,
-            model=options.model if target.name is None else None,
-            input_shapes=options.input_shapes,
-            weights=options.weights,
-            rules=options.rules,
-            include=options.include,
-            exclude=options.exclude,
-            min_channels=options.min_channels,
-            config_rules=True,
-        )
-        model_setting = target.config.resolve("model", options.model if target.name is None else None)
-        baseline = target.config.resolve("baseline", options.baseline)
-        if baseline.value is not None and baseline.source != "command line" and target.config.path is not None:
-            baseline = Setting(str(target.config.path.parent / str(baseline.value)), baseline.source)
+        cli = dict(options.settings)
+        if target.name is not None:
+            cli["model"] = None  # a named target's model comes from its table
+        job = make_job("check", cli, project, table=target.config)
+        model_setting = job.model
+        baseline = job.values["baseline"]
         build_rules(job)  # rule names and options are configuration: fail before loading any model
         planned.append(PlannedTarget(target, job, str(model_setting.value), baseline, budgets))
     return planned, notes
@@ -452,7 +441,7 @@ def execute(
 ) -> CheckResult:
     """Load baselines, analyse every target once and evaluate its budgets."""
     baselines = resolve_baselines(planned)
-    from convrewrite.api import run_job
+    from convrewrite.gate.job import run_job
     from convrewrite.report.builder import build_report
 
     checked: list[CheckedTarget] = []
@@ -482,7 +471,7 @@ def describe_settings(planned: list[PlannedTarget], notes: list[str]) -> list[st
     lines = [f"note: {note}" for note in notes]
     for item in planned:
         lines.append(f"target {item.target.label}:")
-        for key, setting in [*item.job.settings().items(), ("baseline", item.baseline)]:
+        for key, setting in item.job.settings().items():
             value = item.model_text if key == "model" else _jsonable(setting.value)
             lines.append(f"  {key} = {value!r}  ({setting.source})")
         for budget in item.budgets:

@@ -1,8 +1,9 @@
 """``[tool.convrewrite]`` in pyproject.toml, and where each setting came from.
 
 The command line overrides the config file, which overrides the defaults. Every resolved value
-is a ``Setting`` that remembers its source, so ``--verbose`` can say where it came from. Unknown
-keys are errors that name the key: a typo must never silently disable a budget.
+is a ``Value`` that remembers its source, so ``--verbose`` can say where it came from. Unknown
+keys are errors that name the key: a typo must never silently disable a budget. The keys and their
+types come from the settings schema (``convrewrite/settings.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convrewrite import settings as schema
 from convrewrite.errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -20,23 +22,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-#: Keys of [tool.convrewrite]; budgets/baseline/targets belong to ``convrewrite check``.
-KNOWN_KEYS = {
-    "model",
-    "input-shape",
-    "weights",
-    "rules",
-    "include",
-    "exclude",
-    "min-channels",
-    "budgets",
-    "baseline",
-    "targets",
-}
+#: Keys of [tool.convrewrite]: the schema's settings, plus the budgets and targets of ``check``.
+KNOWN_KEYS = schema.toml_keys() | {"budgets", "targets"}
 
 
 @dataclass
-class Setting:
+class Value:
+    """A resolved setting and where it came from (``command line``, a config table, ``default``)."""
+
     value: Any
     source: str
 
@@ -54,15 +47,25 @@ class ProjectConfig:
     def where(self, key: str) -> str:
         if self.path is None:
             return "default"
-        return f"{self.path} [tool.convrewrite] {key}"
+        return f"{display_path(self.path)} [tool.convrewrite] {key}"
 
-    def resolve(self, key: str, cli_value: Any, default: Any = None) -> Setting:
+    def resolve(self, key: str, cli_value: Any, default: Any = None) -> Value:
         """Command line first (when given), then the config file, then the default."""
         if cli_value not in (None, [], ()):
-            return Setting(cli_value, "command line")
+            return Value(cli_value, "command line")
         if key in self.data:
-            return Setting(self.data[key], self.where(key))
-        return Setting(default, "default")
+            return Value(self.data[key], self.where(key))
+        return Value(default, "default")
+
+
+def display_path(path: Path | None) -> str:
+    """A config path as messages show it: relative to the working directory when below it."""
+    if path is None:
+        return "command line"
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def find_pyproject(start: Path | None = None) -> Path | None:
@@ -124,34 +127,7 @@ def normalized_keys(
 
 
 def _validate_common(config: ProjectConfig) -> None:
-    data = config.data
-    if "model" in data and not isinstance(data["model"], str):
-        raise UsageError(f"{config.where('model')} must be a string such as 'models/net.py:build_model'")
-    if "input-shape" in data:
-        shape = data["input-shape"]
-        shapes = shape if shape and isinstance(shape[0], list) else [shape]
-        if not isinstance(shape, list) or not all(
-            isinstance(s, list) and s and all(isinstance(d, int) and d > 0 for d in s) for s in shapes
-        ):
-            raise UsageError(
-                f"{config.where('input-shape')} must be a list of positive integers, batch first, "
-                "such as [1, 3, 224, 224] (or a list of such lists)"
-            )
-    if "rules" in data:
-        rules = data["rules"]
-        if not isinstance(rules, list) or not all(isinstance(r, (str, dict)) for r in rules):
-            raise UsageError(
-                f"{config.where('rules')} must be a list of rule specs such as ['separable:multiplier=2'] "
-                "or tables such as {name = 'separable', multiplier = 2}"
-            )
-    for key in ("include", "exclude"):
-        if key in data and not (isinstance(data[key], list) and all(isinstance(g, str) for g in data[key])):
-            raise UsageError(f"{config.where(key)} must be a list of glob strings")
-    if "min-channels" in data and not (isinstance(data["min-channels"], int) and data["min-channels"] >= 0):
-        raise UsageError(f"{config.where('min-channels')} must be a non-negative integer")
-    for key in ("weights", "baseline"):
-        if key in data and not isinstance(data[key], str):
-            raise UsageError(f"{config.where(key)} must be a path string")
+    schema.validate_table(config.data, config.where)
 
 
 def config_input_shapes(value: Any) -> list[tuple[int, ...]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
 
 from rich import box
 from rich.console import Console
@@ -16,9 +15,9 @@ from rich.table import Table
 from rich.text import Text
 
 from convrewrite.gate.check import CheckedTarget, CheckResult, Outcome
-from convrewrite.report.views import shape_text
+from convrewrite.report.views.registry import register_view, render_view, view_names
+from convrewrite.report.views.text import md_row, shape_text
 
-CHECK_FORMATS = ("table", "json", "markdown", "github")
 STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 STATUS_WORD = {"pass": "pass", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
 
@@ -174,6 +173,7 @@ def _console(width: int, color: bool) -> Console:
     )
 
 
+@register_view("check", "table", "budget table")
 def render_table(result: CheckResult, width: int = 120, color: bool = False) -> str:
     console = _console(width, color)
     for target in result.targets:
@@ -218,10 +218,12 @@ def render_table(result: CheckResult, width: int = 120, color: bool = False) -> 
     return out.getvalue()
 
 
-def _md_row(cells: list[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+@register_view("check", "json", "the JSON document (a report with a check section, or convrewrite.check/1)")
+def render_json(result: CheckResult, width: int = 120, color: bool = False) -> str:
+    return json.dumps(result.to_dict(), indent=2) + "\n"
 
 
+@register_view("check", "markdown", "markdown for a job summary")
 def render_markdown(result: CheckResult, width: int = 120, color: bool = False) -> str:
     title = {"pass": "passed", "warn": "passed with warnings", "fail": "failed"}[result.status]
     if result.status == "fail" and result.exit_zero:
@@ -235,7 +237,7 @@ def render_markdown(result: CheckResult, width: int = 120, color: bool = False) 
     if result.has_baseline:
         headers.append("vs baseline")
     headers += ["Headroom", "Status"]
-    lines.append(_md_row(headers))
+    lines.append(md_row(headers))
     lines.append("|" + "|".join(["---", "---"] + ["---:"] * (len(headers) - 3) + ["---"]) + "|")
     for outcome in result.outcomes:
         status = STATUS_WORD[outcome.status]
@@ -248,7 +250,7 @@ def render_markdown(result: CheckResult, width: int = 120, color: bool = False) 
         if result.has_baseline:
             cells.append(change_cell(outcome))
         cells += [headroom_cell(outcome), status if outcome.status in ("pass", "skip") else f"**{status}**"]
-        lines.append(_md_row(cells))
+        lines.append(md_row(cells))
     breaches = [o for o in result.outcomes if o.exceeded]
     if breaches:
         lines += ["", "#### Exceeded", ""]
@@ -287,23 +289,15 @@ def workflow_annotations(result: CheckResult) -> list[str]:
     return lines
 
 
+@register_view("check", "github", "GitHub annotations plus the markdown job summary")
 def render_github(result: CheckResult, width: int = 120, color: bool = False) -> str:
     """Annotations (lines starting with ``::``) first, then the markdown for the job summary."""
     notes = workflow_annotations(result)
     return "".join(line + "\n" for line in notes) + render_markdown(result)
 
 
-def render_json(result: CheckResult, width: int = 120, color: bool = False) -> str:
-    return json.dumps(result.to_dict(), indent=2) + "\n"
-
-
-RENDERERS: dict[str, Callable[..., str]] = {
-    "table": render_table,
-    "json": render_json,
-    "markdown": render_markdown,
-    "github": render_github,
-}
+CHECK_FORMATS = view_names("check")
 
 
 def render(result: CheckResult, fmt: str, width: int = 120, color: bool = False) -> str:
-    return RENDERERS[fmt](result, width=width, color=color)
+    return render_view("check", result, fmt, width=width, color=color)

@@ -1,0 +1,352 @@
+"""The one settings schema: every setting of every command, declared once.
+
+From this table the command-line options are generated (``cli/``), ``[tool.convrewrite]`` and its
+targets are validated (``gate/config.py``), and settings are resolved with their provenance
+(``gate/job.py``): a new setting is one ``Setting(...)`` line here, plus the code that reads
+it. Nothing here imports torch: ``--help`` and config validation stay instant.
+
+Provenance, in order of precedence: the command line, then the table of ``[tool.convrewrite]``
+that describes the model being run (see ``gate/job.py``), then the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+#: The commands that take settings from this schema.
+COMMANDS = ("report", "apply", "check", "distill")
+RUN_COMMANDS = ("report", "apply", "check")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name (the TOML key and, with ``--``, the flag), type, help and scope.
+
+    ``kind`` is one of ``str``, ``int``, ``float``, ``bool``, ``path`` (a file, relative to the
+    pyproject.toml it is written in), ``spec`` (a path or ``module:NAME``, relative like a path),
+    ``shape`` (``1,3,224,224``), ``glob``, ``rule`` (``NAME[:key=value,...]``) or ``choice``.
+    ``per_model`` settings describe one model and apply only to the model of the table that sets
+    them; ``inherited`` ones are also taken by a named target from the top-level table.
+    """
+
+    name: str
+    kind: str
+    help: str
+    default: Any = None
+    commands: tuple[str, ...] = RUN_COMMANDS
+    repeatable: bool = False
+    toml: bool = True
+    toml_commands: tuple[str, ...] | None = None
+    per_model: bool = True
+    inherited: bool = False
+    argument: bool = False
+    short: str | None = None
+    flag: str | None = None
+    negative_flag: str | None = None
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    below: float | None = None
+    hidden: bool = False
+    group: str = "run"
+
+    @property
+    def key(self) -> str:
+        """The attribute name (``input_shape``) used in code and in function signatures."""
+        return self.name.replace("-", "_")
+
+    @property
+    def option(self) -> str:
+        return self.flag or f"--{self.name}"
+
+    def applies_to(self, command: str) -> bool:
+        return command in self.commands
+
+    def read_from_toml(self, command: str) -> bool:
+        if not self.toml:
+            return False
+        return self.toml_commands is None or command in self.toml_commands
+
+
+def _schema() -> tuple[Setting, ...]:
+    run_and_distill = (*RUN_COMMANDS, "distill")
+    return (
+        # -- the model ------------------------------------------------------------------------------
+        Setting(
+            "model",
+            "spec",
+            "path/file.py, path/file.py:NAME, package.module:NAME, or a directory written by apply "
+            "(default: model in [tool.convrewrite]). Importing a model file runs its code.",
+            argument=True,
+            metavar="MODEL",
+        ),
+        Setting(
+            "rules",
+            "rule",
+            "NAME[:key=value,...]; repeat to compose, applied in order.",
+            repeatable=True,
+            flag="--rule",
+            short="-r",
+            toml_commands=("check",),
+        ),
+        Setting(
+            "input-shape",
+            "shape",
+            "Example input shape, batch first (1,3,224,224); repeat for several inputs.",
+            repeatable=True,
+        ),
+        Setting("weights", "path", ".safetensors, or .pt/.pth read with torch.load(weights_only=True)."),
+        Setting(
+            "include",
+            "glob",
+            "Only rewrite layers matching this glob (repeatable).",
+            repeatable=True,
+            inherited=True,
+        ),
+        Setting(
+            "exclude",
+            "glob",
+            "Never rewrite layers matching this glob (repeatable).",
+            repeatable=True,
+            inherited=True,
+        ),
+        Setting(
+            "min-channels",
+            "int",
+            "Skip convs with fewer input or output channels.",
+            default=0,
+            minimum=0,
+            inherited=True,
+        ),
+        # -- calibration data, fitting, distillation -----------------------------------------------
+        Setting(
+            "data",
+            "spec",
+            "Calibration data: a tensor file (.pt/.safetensors/.npy/.npz), file.py:function or "
+            "package.module:function returning batches, or a directory of images. With data, the "
+            "rewritten layers are fitted to the original's outputs.",
+            commands=run_and_distill,
+            group="data",
+        ),
+        Setting(
+            "holdout",
+            "float",
+            "Fraction of the calibration samples never fitted on; fidelity is measured on them.",
+            default=0.1,
+            minimum=0.0,
+            below=1.0,
+            commands=run_and_distill,
+            inherited=True,
+            group="data",
+        ),
+        Setting(
+            "batch-size",
+            "int",
+            "Calibration batch size.",
+            default=32,
+            minimum=1,
+            commands=run_and_distill,
+            inherited=True,
+            group="data",
+        ),
+        Setting(
+            "fit",
+            "bool",
+            "Fit the rewritten layers to the original's outputs on the calibration data.",
+            default=True,
+            negative_flag="--no-fit",
+            inherited=True,
+            group="data",
+        ),
+        Setting(
+            "distill",
+            "int",
+            "Distill from the original model for this many steps on the calibration data.",
+            default=0,
+            minimum=0,
+            metavar="STEPS",
+            group="data",
+        ),
+        Setting(
+            "device",
+            "str",
+            "Where fitting and distillation run: auto, cpu, cuda, cuda:N or mps.",
+            default="auto",
+            commands=run_and_distill,
+            per_model=False,
+            group="data",
+        ),
+        # -- speed ----------------------------------------------------------------------------------
+        Setting(
+            "latency",
+            "bool",
+            "Time the original and the rewritten model side by side.",
+            default=False,
+            per_model=False,
+            group="speed",
+        ),
+        Setting(
+            "threads",
+            "int",
+            "CPU threads for --latency timings.",
+            default=1,
+            minimum=1,
+            per_model=False,
+            group="speed",
+        ),
+        Setting(
+            "latency-backend",
+            "choice",
+            "What to time: torch (eager) or onnxruntime (the exported ONNX model).",
+            default="torch",
+            choices=("torch", "onnxruntime"),
+            per_model=False,
+            group="speed",
+        ),
+        # -- check ------------------------------------------------------------------------------------
+        Setting(
+            "baseline",
+            "path",
+            "JSON from `report --format json` or `check --format json` (e.g. made on main) to diff against.",
+            commands=("check",),
+            inherited=True,
+        ),
+    )
+
+
+SCHEMA: tuple[Setting, ...] = _schema()
+BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SCHEMA}
+
+
+def settings_for(command: str) -> list[Setting]:
+    return [setting for setting in SCHEMA if setting.applies_to(command)]
+
+
+def toml_keys() -> set[str]:
+    """Keys of settings that ``[tool.convrewrite]`` may hold (besides budgets and targets)."""
+    return {setting.name for setting in SCHEMA if setting.toml}
+
+
+def inherited_keys() -> tuple[str, ...]:
+    return tuple(setting.name for setting in SCHEMA if setting.toml and setting.inherited)
+
+
+# -- values --------------------------------------------------------------------------------------
+
+
+def parse_shape(text: str, where: str = "--input-shape") -> tuple[int, ...]:
+    """``"1,1,32,320"`` (or ``1x1x32x320``) to a shape; batch included."""
+    from convrewrite.errors import UsageError
+
+    cleaned = text.strip().strip("()[]").replace("x", ",").replace("×", ",")
+    parts = [p.strip() for p in cleaned.split(",") if p.strip()]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"{where} {text!r} is not a list of integers", hint="write it like 1,3,224,224") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"{where} {text!r} needs positive dimensions, batch first", hint="write it like 1,3,224,224")
+    return shape
+
+
+def _toml_type_problem(setting: Setting, value: Any) -> str | None:
+    """What is wrong with a TOML value for ``setting`` (a phrase), or None."""
+    kind = setting.kind
+    if kind == "shape":
+        shapes = value if value and isinstance(value, list) and isinstance(value[0], list) else [value]
+        if not isinstance(value, list) or not all(
+            isinstance(s, list) and s and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s)
+            for s in shapes
+        ):
+            return (
+                "must be a list of positive integers, batch first, such as [1, 3, 224, 224] (or a list of such lists)"
+            )
+        return None
+    if kind == "rule":
+        if not isinstance(value, list) or not all(isinstance(r, (str, dict)) for r in value):
+            return (
+                "must be a list of rule specs such as ['separable:multiplier=2'] "
+                "or tables such as {name = 'separable', multiplier = 2}"
+            )
+        return None
+    if kind == "glob":
+        if not (isinstance(value, list) and all(isinstance(g, str) for g in value)):
+            return "must be a list of glob strings"
+        return None
+    if kind == "int":
+        if not isinstance(value, int) or isinstance(value, bool):
+            return "must be an integer"
+    elif kind == "float":
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return "must be a number"
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            return "must be true or false"
+    elif kind == "path":
+        if not isinstance(value, str):
+            return "must be a path string"
+    elif kind == "spec":
+        if not isinstance(value, str):
+            return "must be a string such as 'models/net.py:build_model'"
+    elif kind in ("str", "choice") and not isinstance(value, str):
+        return "must be a string"
+    return range_problem(setting, value)
+
+
+def range_problem(setting: Setting, value: Any) -> str | None:
+    """What is wrong with a value's range or choice (a phrase), or None."""
+    if setting.choices and value not in setting.choices:
+        return f"must be one of {', '.join(setting.choices)}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if setting.minimum is not None and value < setting.minimum:
+            if setting.minimum == 0 and setting.kind == "int":
+                return "must be a non-negative integer"
+            return f"must be >= {setting.minimum:g}"
+        if setting.below is not None and value >= setting.below:
+            return f"must be below {setting.below:g}"
+    return None
+
+
+def validate_table(table: dict[str, Any], where: Callable[[str], str]) -> None:
+    """Check every known setting in a (normalised) config table; a usage error names the key."""
+    from convrewrite.errors import UsageError
+
+    for key, value in table.items():
+        setting = BY_NAME.get(key)
+        if setting is None or not setting.toml:
+            continue
+        problem = _toml_type_problem(setting, value)
+        if problem:
+            raise UsageError(f"{where(key)} {problem}")
+
+
+def command_line_value(setting: Setting, raw: Any) -> Any:
+    """A command-line value in the form the rest of the code reads (shapes parsed, ranges checked)."""
+    from convrewrite.errors import UsageError
+
+    if raw is None or (setting.repeatable and not raw):
+        return None
+    if setting.kind == "shape":
+        return [parse_shape(text) for text in raw]
+    if setting.repeatable:
+        return list(raw)
+    problem = range_problem(setting, raw)
+    if problem:
+        raise UsageError(f"{setting.option} {problem}")
+    return raw
+
+
+def toml_value(setting: Setting, value: Any) -> Any:
+    """A validated TOML value in the same form as a command-line value."""
+    if setting.kind == "shape":
+        if not value:
+            return []
+        return [tuple(v) for v in value] if isinstance(value[0], list) else [tuple(value)]
+    return value
+
+
+def describe(settings: Sequence[Setting]) -> list[tuple[str, str, str]]:
+    """(flag, default, help) rows, for documentation."""
+    return [(s.option, "" if s.default is None else str(s.default), s.help) for s in settings]
