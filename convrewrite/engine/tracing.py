@@ -28,6 +28,11 @@ def register_leaf_module(cls: type[nn.Module]) -> type[nn.Module]:
 
 
 def is_registered_leaf(module: nn.Module) -> bool:
+    """A class registered here, or a replacement block (``convrewrite.layers.registry``)."""
+    from convrewrite.layers.registry import registered_blocks
+
+    if isinstance(module, registered_blocks()):
+        return True
     return isinstance(module, tuple(_leaf_classes)) if _leaf_classes else False
 
 

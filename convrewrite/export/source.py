@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 
 from convrewrite.errors import ModelError
+from convrewrite.layers.registry import block_info, module_is_standalone
 
 _SIGNATURE_SKIP = {"self", "device", "dtype", "factory_kwargs"}
 _LITERAL_TYPES = (int, float, bool, str, type(None))
@@ -102,13 +103,11 @@ class SourceWriter:
         graph_module: fx.GraphModule | None,
         user_module: ModuleType | None,
         user_source: Path | None,
-        layer_classes: tuple[type[nn.Module], ...],
     ) -> None:
         self.model = model
         self.graph_module = graph_module
         self.user_module = user_module
         self.user_source = user_source
-        self.layer_classes = layer_classes
         self.used_layers: list[type[nn.Module]] = []
         self.user_classes: dict[str, type[nn.Module]] = {}
         self.emitted: dict[int, str] = {}
@@ -125,9 +124,13 @@ class SourceWriter:
     # ---------------------------------------------------------------- constructor calls
 
     def _class_reference(self, cls: type[nn.Module]) -> str | None:
-        if cls in self.layer_classes:
-            if cls not in self.used_layers:
-                self.used_layers.append(cls)
+        info = block_info(cls)
+        if info is not None:
+            if info.copy_source:
+                if cls not in self.used_layers:
+                    self.used_layers.append(cls)
+            else:
+                self.imports.add(f"from {cls.__module__} import {cls.__name__}")
             self.namespace[cls.__name__] = cls
             return cls.__name__
         if cls.__module__.startswith("torch.nn") and getattr(nn, cls.__name__, None) is cls:
@@ -447,7 +450,9 @@ def _layer_sources(classes: list[type[nn.Module]]) -> tuple[list[str], str]:
     for cls in classes:
         for base in reversed(cls.__mro__):
             name = base.__module__
-            if name.startswith("convrewrite.layers") and name not in modules:
+            if name.split(".")[0] in ("torch", "builtins") or name in modules:
+                continue
+            if module_is_standalone(name):
                 modules.append(name)
     imports: list[str] = []
     chunks = []

@@ -162,7 +162,6 @@ def write_apply_output(result: Any, report: Any, directory: Path, force: bool = 
     from safetensors.torch import load_file, save_model
 
     from convrewrite.export.source import SourceWriter, class_name_for, graph_constants, inputs_source
-    from convrewrite.layers import BLOCK_CLASSES
 
     check_destination(directory, force)
     loaded = result.loaded
@@ -175,7 +174,7 @@ def write_apply_output(result: Any, report: Any, directory: Path, force: bool = 
     os.chmod(staging, 0o777 & ~_umask())
     try:
         with loaded.module_registered():
-            writer = SourceWriter(model, graph_module, loaded.user_module, loaded.source_file, BLOCK_CLASSES)
+            writer = SourceWriter(model, graph_module, loaded.user_module, loaded.source_file)
             class_name = class_name_for(model)
             generated = writer.generate(
                 class_name, _header(result, report), inputs_source(loaded.inputs.args, loaded.inputs.kwargs)

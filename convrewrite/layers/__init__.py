@@ -1,11 +1,10 @@
 """Replacement blocks, one small torch-only file per concept, re-exported flat (timm style).
 
-Each block is registered as an FX leaf, so traced graphs call it as one module and generated source
-keeps it as one readable layer. The files here import nothing but torch: ``convrewrite apply``
-copies their source into the generated ``model.py``.
+Every block class exported here is registered (``registry.register_block``): an FX leaf, so
+traced graphs call it as one module, whose file ``convrewrite apply`` copies into the generated
+``model.py``. The block files import nothing but torch, so the copy stands alone.
 """
 
-from convrewrite.engine.tracing import register_leaf_module
 from convrewrite.layers.channelwise import (
     ChannelwiseConv1d,
     ChannelwiseConv2d,
@@ -13,29 +12,18 @@ from convrewrite.layers.channelwise import (
     GroupChannelwiseConv2d,
 )
 from convrewrite.layers.log_group import LogGroupConv1d, LogGroupConv2d, log_group_sizes
+from convrewrite.layers.registry import is_block, register_block, registered_blocks
 from convrewrite.layers.separable import SeparableConv1d, SeparableConv2d
 from convrewrite.layers.shuffle import ChannelPermutation, ChannelShuffle, GroupShuffleConv1d, GroupShuffleConv2d
 
-BLOCK_CLASSES = (
-    SeparableConv1d,
-    SeparableConv2d,
-    GroupShuffleConv1d,
-    GroupShuffleConv2d,
-    ChannelShuffle,
-    ChannelPermutation,
-    LogGroupConv1d,
-    LogGroupConv2d,
-    ChannelwiseConv1d,
-    ChannelwiseConv2d,
-    GroupChannelwiseConv1d,
-    GroupChannelwiseConv2d,
-)
-
-for _cls in BLOCK_CLASSES:
-    register_leaf_module(_cls)
+# Every block class a file of this package defines is registered: a new block file is one file
+# plus its re-export here.
+for _exported in list(globals().values()):
+    if isinstance(_exported, type) and _exported.__module__.startswith(__name__ + "."):
+        if _exported.__module__ != __name__ + ".registry":
+            register_block(_exported)
 
 __all__ = [
-    "BLOCK_CLASSES",
     "ChannelPermutation",
     "ChannelShuffle",
     "ChannelwiseConv1d",
@@ -48,5 +36,8 @@ __all__ = [
     "LogGroupConv2d",
     "SeparableConv1d",
     "SeparableConv2d",
+    "is_block",
     "log_group_sizes",
+    "register_block",
+    "registered_blocks",
 ]

@@ -113,6 +113,10 @@ class Rule:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     config_class: ClassVar[type[RuleConfig]] = RuleConfig
+    #: The block classes this rule builds. Optional: the class of every replacement a rule
+    #: installs is registered anyway (``convrewrite.layers.registry``); declaring them registers
+    #: them before the first rewrite, for code that traces a model already holding them.
+    blocks: ClassVar[tuple[type, ...]] = ()
 
     def __init__(self, config: RuleConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()

@@ -21,6 +21,7 @@ from convrewrite.engine.stages.profile import run_profile
 from convrewrite.engine.state import RunState
 from convrewrite.errors import ModelError, UsageError, describe
 from convrewrite.layers.dense import kernel_error
+from convrewrite.layers.registry import register_block, register_replacement
 from convrewrite.report.log import RewriteRecord, SkipRecord
 from convrewrite.rules.api import ConvSite, Rule, is_explicit, selection_reason
 
@@ -79,6 +80,8 @@ class RuleOutcome:
 def apply_rule(rule: Rule, model: nn.Module, current: ModelProfile, earlier: list[RewriteRecord]) -> RuleOutcome:
     """Offer every site to ``rule`` and install its replacements; returns what it did."""
     outcome = RuleOutcome()
+    for block in rule.blocks:
+        register_block(block)
     users = parameter_users(model)
     done: dict[int, nn.Module] = {}
     for site in collect_sites(model, current):
@@ -120,6 +123,8 @@ def apply_rule(rule: Rule, model: nn.Module, current: ModelProfile, earlier: lis
         except Exception as exc:
             raise ModelError(f"rule {rule.name!r} failed on layer {site.name}: {describe(exc)}") from exc
         new_module = replacement.module
+        for part in new_module.modules():
+            register_replacement(part)  # traced as a leaf, written out as a named layer
         if site.calls == 0:
             replacement.notes.setdefault(
                 "unverified", "not called on the example input: shapes and output were not checked for this layer"
