@@ -14,6 +14,7 @@ from convrewrite.engine.loading import ExampleInputs, LoadedModel
 from convrewrite.engine.pipeline import analyse
 from convrewrite.layers import is_block
 from convrewrite.layers.dense import kernel_error
+from convrewrite.testing import CONV_GEOMETRIES
 
 from .rule_test_support import (
     REPO_SAMPLES,
@@ -30,24 +31,9 @@ from .rule_test_support import (
 
 _threads = pytest.fixture(autouse=True)(single_thread)
 
-#: (dims, in, out, kernel, conv kwargs, spatial size): every geometry the rules must keep.
+#: (dims, in, out, kernel, conv kwargs, spatial size): the contract's geometries (convrewrite.testing).
 CONFIGURATIONS: list[tuple[int, int, int, Any, dict[str, Any], Any]] = [
-    (2, 8, 8, 3, {"padding": 1}, 7),
-    (2, 8, 16, 3, {"stride": 2, "padding": 1, "bias": False}, 9),
-    (2, 16, 8, 1, {}, 5),
-    (2, 16, 16, 1, {"stride": 2}, 7),
-    (2, 8, 8, 1, {"padding": 1, "padding_mode": "reflect"}, 6),
-    (2, 8, 8, (2, 3), {"padding": "same"}, (6, 7)),
-    (2, 8, 4, 3, {"dilation": 2, "padding": 2, "padding_mode": "circular"}, 8),
-    (2, 4, 8, 1, {"padding": "same"}, 5),
-    (2, 6, 6, 3, {"padding": "valid"}, 6),
-    (2, 12, 12, (1, 3), {"stride": (1, 2), "padding": (0, 1), "padding_mode": "replicate"}, (4, 9)),
-    (1, 8, 8, 4, {"padding": "same"}, 10),
-    (1, 16, 8, 1, {}, 6),
-    (1, 8, 16, 1, {"bias": False}, 6),
-    (1, 12, 12, 3, {"stride": 2, "padding": 1, "padding_mode": "replicate"}, 11),
-    (1, 16, 16, 1, {"padding": 2, "padding_mode": "circular"}, 7),
-    (1, 40, 40, 9, {"padding": "same"}, 12),
+    (g.dims, g.in_channels, g.out_channels, g.kernel_size, dict(g.options), g.spatial) for g in CONV_GEOMETRIES
 ]
 
 

@@ -19,9 +19,9 @@ from convrewrite.layers.shuffle import ChannelPermutation, ChannelShuffle, Group
 # Every block class a file of this package defines is registered: a new block file is one file
 # plus its re-export here.
 for _exported in list(globals().values()):
-    if isinstance(_exported, type) and _exported.__module__.startswith(__name__ + "."):
-        if _exported.__module__ != __name__ + ".registry":
-            register_block(_exported)
+    _module = getattr(_exported, "__module__", "")
+    if isinstance(_exported, type) and _module.startswith(__name__ + ".") and _module != __name__ + ".registry":
+        register_block(_exported)
 
 __all__ = [
     "ChannelPermutation",
