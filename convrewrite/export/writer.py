@@ -1,11 +1,9 @@
 """Write what ``apply`` produced, atomically, and prove it reads back.
 
-Everything is first written to a temporary directory beside DIR. There the generated ``model.py``
-is imported on its own, built, given the rewritten weights and saved with safetensors. The
-weights are read back and compared bit for bit, ``report.json`` is read back and compared, and a
-fresh import of ``model.py`` with ``load_model()`` must reproduce the in-memory rewritten model's
-output. Only then does the directory move into place. A non-empty DIR is replaced only with
-``--force``, and only when it holds an earlier convrewrite output: a user's files are never lost.
+Everything is first written to a temporary directory beside DIR, where each exporter
+(``export/base.py``: model.py + weights, report.json, ONNX...) writes and verifies its files. Only
+then does the directory move into place. A non-empty DIR is replaced only with ``--force``, and
+only when it holds an earlier convrewrite output: a user's files are never lost.
 """
 
 from __future__ import annotations
@@ -18,13 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from convrewrite import __version__
 from convrewrite.errors import ModelError, UsageError
-
-OUTPUT_FILES = ("model.py", "weights.safetensors", "report.json")
+from convrewrite.export.base import output_files
 
 
 @dataclass
@@ -48,13 +41,18 @@ def _umask() -> int:
     return mask
 
 
+def file_mode() -> int:
+    """The mode a new file gets here (0o666 less the umask), for files written under a temp name."""
+    return 0o666 & ~_umask()
+
+
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename, then read it back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.chmod(temporary, 0o666 & ~_umask())
+        os.chmod(temporary, file_mode())
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()
@@ -92,7 +90,7 @@ def check_destination(directory: Path, force: bool) -> None:
                 hint="choose another --out",
             )
         unexpected = sorted(
-            p.name for p in directory.iterdir() if p.name not in OUTPUT_FILES and not p.name.startswith("original_")
+            p.name for p in directory.iterdir() if p.name not in output_files() and not p.name.startswith("original_")
         )
         if unexpected:
             raise UsageError(
@@ -101,128 +99,34 @@ def check_destination(directory: Path, force: bool) -> None:
             )
 
 
-def _import_generated(path: Path, tag: str) -> Any:
-    from convrewrite.engine.loading import import_file, isolated_import
-
-    with isolated_import(path.parent):
-        try:
-            return import_file(path)
-        except ModelError as exc:
-            raise ModelError(f"the generated {path.name} does not import ({tag}): {exc.message}") from exc
-
-
-def _source_tensors(model: nn.Module, constants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        tensors[name] = parameter
-    for name, buffer in model.named_buffers(remove_duplicate=False):
-        tensors[name] = buffer
-    tensors.update(constants)
-    return tensors
-
-
-def transplant(generated: nn.Module, source: dict[str, torch.Tensor], prefix: str = "") -> None:
-    """Copy every tensor of ``generated``'s state from the in-memory model, by name."""
-    state = generated.state_dict()
-    values: dict[str, torch.Tensor] = {}
-    missing = []
-    for key in state:
-        lookup = key[len(prefix) :] if prefix and key.startswith(prefix) else key
-        if lookup not in source:
-            missing.append(key)
-            continue
-        values[key] = source[lookup].detach()
-    if missing:
-        raise ModelError(f"the generated model has tensors the rewritten model lacks: {', '.join(missing[:5])}")
-    generated.load_state_dict(values, strict=True)
-    # Non-persistent buffers are not in the state_dict: copy them too.
-    for name, buffer in generated.named_buffers():
-        lookup = name[len(prefix) :] if prefix and name.startswith(prefix) else name
-        if lookup in source and name not in values:
-            with torch.no_grad():
-                buffer.copy_(source[lookup])
-
-
-def _compare_outputs(expected: Any, actual: Any) -> float:
-    """The reload check: the written files must reproduce the rewritten model (max abs diff)."""
-    from convrewrite.engine.compare import max_abs_difference, outputs_close, same_structure
-
-    if not same_structure(expected, actual):
-        raise ModelError("the reloaded model's outputs have different shapes from the rewritten model's")
-    if not outputs_close(expected, actual, rtol=1e-5, atol=1e-6):
-        raise ModelError(
-            "the reloaded model.py + weights do not reproduce the rewritten model "
-            f"(max abs diff {max_abs_difference(expected, actual):.3g})"
-        )
-    return max_abs_difference(expected, actual)
-
-
-def write_apply_output(result: Any, report: Any, directory: Path, force: bool = False) -> WrittenOutput:
-    """Generate, save, verify and move into place the rewritten model in ``directory``."""
-    from safetensors.torch import load_file, save_model
-
-    from convrewrite.export.source import SourceWriter, class_name_for, graph_constants, inputs_source
+def write_apply_output(
+    result: Any, report: Any, directory: Path, force: bool = False, exports: tuple[str, ...] | list[str] = ()
+) -> WrittenOutput:
+    """Run every exporter into a staging directory, verify each, then move it into place as ``directory``."""
+    from convrewrite.export.base import ExportContext, exporters_for
 
     check_destination(directory, force)
-    loaded = result.loaded
-    model: nn.Module = loaded.model
-    graph_module = result.rewritten_trace.graph_module if result.rewritten_trace is not None else None
+    exporters = exporters_for(list(exports))
+    for exporter in exporters:
+        exporter.check_available()
     directory = Path(directory)
     parent = directory.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.convrewrite-", dir=parent))
     os.chmod(staging, 0o777 & ~_umask())
+    context = ExportContext(result, report)
+    files: list[str] = []
     try:
-        with loaded.module_registered():
-            writer = SourceWriter(model, graph_module, loaded.user_module, loaded.source_file)
-            class_name = class_name_for(model)
-            generated = writer.generate(
-                class_name, _header(result, report), inputs_source(loaded.inputs.args, loaded.inputs.kwargs)
-            )
-        files = ["model.py", "weights.safetensors", "report.json"]
-        write_file_atomic(staging / "model.py", generated.text.encode())
-        if generated.user_source is not None and generated.user_source_copy_name:
-            shutil.copyfile(generated.user_source, staging / generated.user_source_copy_name)
-            os.chmod(staging / generated.user_source_copy_name, 0o666 & ~_umask())
-
-        module = _import_generated(staging / "model.py", "first import")
-        fresh: nn.Module = module.build_model()
-        prefix = "model." if graph_module is None else ""
-        transplant(fresh, _source_tensors(model, graph_constants(model, graph_module)), prefix)
-        metadata = {"generator": f"convrewrite {__version__}", "format": "pt"}
-        save_model(fresh, str(staging / "weights.safetensors"), metadata=metadata)
-        os.chmod(staging / "weights.safetensors", 0o666 & ~_umask())
-        _check_weights_read_back(fresh, load_file(str(staging / "weights.safetensors")))
-        # A model of 100M+ parameters: free this copy before the reload builds another.
-        del fresh, module
-
-        report_text = json.dumps(report.to_dict(), indent=2) + "\n"
-        write_file_atomic(staging / "report.json", report_text.encode())
-        if json.loads((staging / "report.json").read_text()) != json.loads(report_text):
-            raise ModelError("report.json did not read back identically")
-
-        reloaded_module = _import_generated(staging / "model.py", "reload")
-        reloaded: nn.Module = reloaded_module.load_model(staging / "weights.safetensors")
-        reloaded.eval()
-        with torch.no_grad():
-            actual = loaded.inputs.call(reloaded)
-        # The engine's last profile already ran the rewritten model on these inputs.
-        worst = _compare_outputs(result.after.output, actual)
+        for exporter in exporters:
+            files += exporter.write(context, staging)
+            exporter.verify(context, staging)
         _move_into_place(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return WrittenOutput(directory, files, worst, generated.user_source_copy_name)
-
-
-def _check_weights_read_back(model: nn.Module, loaded: dict[str, torch.Tensor]) -> None:
-    state = model.state_dict()
-    for key, tensor in loaded.items():
-        if key not in state:
-            raise ModelError(f"weights.safetensors holds an unexpected tensor {key}")
-        original = state[key]
-        if original.dtype != tensor.dtype or original.shape != tensor.shape or not torch.equal(original.cpu(), tensor):
-            raise ModelError(f"weights.safetensors did not read back identically at {key}")
+    return WrittenOutput(
+        directory, files, float(context.facts.get("reload_max_abs_error", 0.0)), context.facts.get("user_source")
+    )
 
 
 def _move_into_place(staging: Path, directory: Path) -> None:
@@ -240,22 +144,3 @@ def _move_into_place(staging: Path, directory: Path) -> None:
             return
         directory.rmdir()
     os.replace(staging, directory)
-
-
-def _header(result: Any, report: Any) -> str:
-    rules = " then ".join(r["spec"] for r in report.rules)
-    before, after = report.before, report.final
-    lines = [
-        f'"""{type(result.loaded.model).__name__} rewritten by convrewrite {__version__} ({rules}).',
-        "",
-        f"Source: {result.loaded.display_name}",
-        f"Params: {before.params:,} -> {after.params:,}; MACs: {before.macs:,} -> {after.macs:,}",
-        "",
-        "load_model() gives the rewritten model with its transferred weights (weights.safetensors);",
-        "build_model() gives the same architecture freshly initialized. Only torch is needed to import",
-        "this file; load_model() also needs safetensors.",
-    ]
-    if result.trace.mode != "fx":
-        lines += ["", f"Trace: {result.trace.describe()}."]
-    lines.append('"""')
-    return "\n".join(lines)
