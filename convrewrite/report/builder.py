@@ -265,5 +265,6 @@ def build_report(result: EngineResult) -> Report:
         torchsummary_after=torchsummary_of(result.after) if result.after is not None else None,
         timings=dict(result.timings),
         sections={key: section.to_dict() for key, section in result.sections.items()},
+        stages=[stage.to_dict() for stage in result.stages],
     )
     return report

@@ -171,6 +171,8 @@ class Report:
     #: Sections that optional stages add (``fitting``, ``distillation``, ``latency``, ``export``...),
     #: already in their JSON form; views show the ones they know.
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The pipeline's stages as they ran: name, seconds, whether it changed the model, a summary.
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def has_rules(self) -> bool:
@@ -209,6 +211,8 @@ class Report:
                 "after": self.torchsummary_after.to_dict() if self.torchsummary_after else None,
             },
         }
+        if self.stages:
+            data["stages"] = [dict(stage) for stage in self.stages]
         for key, section in self.sections.items():
             data[key] = section
         return _finite(data)
@@ -232,6 +236,7 @@ class Report:
             skipped=[SkipRecord(s["name"], s["rule"], s["type"], s["reason"]) for s in data.get("skipped", [])],
             fidelity=Fidelity.from_dict(fidelity) if fidelity else None,
             sections={key: data[key] for key in SECTION_KEYS if isinstance(data.get(key), dict)},
+            stages=[dict(stage) for stage in data.get("stages", []) if isinstance(stage, dict)],
         )
 
 
