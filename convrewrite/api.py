@@ -1,9 +1,135 @@
-"""The Python API (being rebuilt over the stage pipeline)."""
+"""The Python API: rewrite an ``nn.Module`` you already hold, over the same pipeline as the CLI.
+
+::
+
+    import convrewrite
+
+    result = convrewrite.rewrite(model, rules=["separable"], example_inputs=torch.randn(1, 3, 32, 32))
+    result.model         # the rewritten module (your own module is left untouched)
+    result.report        # the Report: print() it, show it in Jupyter, .to_dict() is the JSON contract
+    result.save("out/")  # model.py + weights.safetensors + report.json, like `convrewrite apply`
+
+``report(path_or_spec, rules)`` is the same for a model file.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import copy
+import inspect
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from convrewrite.engine.state import RunState
+    from convrewrite.export.writer import WrittenOutput
+    from convrewrite.report.model import Report
+    from convrewrite.rules.api import Rule
+
+
+@dataclass
+class RewriteResult:
+    """What ``rewrite`` returns: the rewritten model, its report, and the run behind them."""
+
+    model: nn.Module
+    report: Report
+    state: RunState
+
+    def save(self, directory: str | Path, *, force: bool = False, export: Sequence[str] = ()) -> WrittenOutput:
+        """Write ``model.py``, ``weights.safetensors`` and ``report.json`` (and ``export`` formats)
+        into ``directory``, atomically and verified, exactly as ``convrewrite apply`` does."""
+        from convrewrite.export.writer import write_apply_output
+
+        if not self.state.rules:
+            from convrewrite.errors import UsageError
+
+            raise UsageError("nothing to save: rewrite() ran without rules")
+        return write_apply_output(self.state, self.report, Path(directory), force=force, exports=tuple(export))
+
+    def __repr__(self) -> str:
+        before, after = self.report.before, self.report.final
+        return (
+            f"<RewriteResult {type(self.model).__name__}: params {before.params:,} -> {after.params:,}, "
+            f"MACs {before.macs:,} -> {after.macs:,}>"
+        )
+
+
+def _example_inputs(value: Any) -> Any:
+    from convrewrite.engine.loading import ExampleInputs
+
+    if isinstance(value, ExampleInputs):
+        return value
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return ExampleInputs((value,), source="example_inputs")
+    if isinstance(value, Mapping):
+        return ExampleInputs((), dict(value), source="example_inputs")
+    if isinstance(value, (tuple, list)):
+        return ExampleInputs(tuple(value), source="example_inputs")
+    from convrewrite.errors import UsageError
+
+    raise UsageError(
+        f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
+        f"not {type(value).__name__}"
+    )
+
+
+def _rules(rules: Sequence[str | Rule], include: Sequence[str], exclude: Sequence[str], min_channels: int) -> list:
+    from convrewrite.rules.api import Rule, make_rule
+
+    built = []
+    for spec in rules:
+        rule = spec if isinstance(spec, Rule) else make_rule(spec)
+        rule.config = rule.config.with_defaults(include, exclude, min_channels)
+        built.append(rule)
+    return built
+
+
+def rewrite(
+    module: nn.Module,
+    rules: Sequence[str | Rule] = (),
+    *,
+    example_inputs: Any,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    min_channels: int = 0,
+    copy_module: bool = True,
+) -> RewriteResult:
+    """Rewrite ``module`` with ``rules`` (specs like ``"separable:multiplier=2"`` or Rule objects).
+
+    ``example_inputs`` is one forward call's input: a tensor, a tuple of positional inputs, or a
+    dict of keyword inputs. With ``copy_module`` (the default) your module is deep-copied first
+    and never changed. Errors are ``convrewrite.errors`` exceptions with one-line messages.
+    """
+    from convrewrite.engine.loading import LoadedModel, forward_argument_names
+    from convrewrite.engine.pipeline import analyse
+    from convrewrite.report.builder import build_report
+
+    inputs = _example_inputs(example_inputs)
+    model = copy.deepcopy(module) if copy_module else module
+    model.eval()
+    inputs.arg_names = forward_argument_names(model)
+    user_module = sys.modules.get(type(module).__module__)
+    try:
+        source = inspect.getsourcefile(type(module))
+    except TypeError:
+        source = None
+    loaded = LoadedModel(
+        model=model,
+        inputs=inputs,
+        spec=f"{type(module).__module__}:{type(module).__qualname__}",
+        display_name=type(module).__name__,
+        origin="passed to convrewrite.rewrite()",
+        source_file=Path(source) if source else None,
+        user_module=user_module,
+    )
+    state = analyse(loaded, _rules(rules, include, exclude, min_channels))
+    return RewriteResult(model=state.model, report=build_report(state), state=state)
 
 
 def report(
@@ -11,16 +137,13 @@ def report(
     rules: Sequence[str] = (),
     input_shapes: Sequence[tuple[int, ...]] | None = None,
     weights: str | None = None,
-) -> Any:
-    """Analyse ``model`` (optionally rewritten by ``rules``) and return the ``Report``."""
-    from convrewrite.gate.config import ProjectConfig
+) -> Report:
+    """Analyse a model file or spec (as on the command line), optionally rewritten by ``rules``."""
+    from convrewrite.gate.config import ProjectConfig, Value
     from convrewrite.gate.job import make_job, run_job
     from convrewrite.report.builder import build_report
 
-    cli: dict[str, Any] = {"model": model, "rules": list(rules), "weights": weights}
-    job = make_job("report", cli, ProjectConfig())
+    job = make_job("report", {"model": model, "rules": list(rules), "weights": weights}, ProjectConfig())
     if input_shapes:
-        from convrewrite.gate.config import Value
-
         job.values["input-shape"] = Value([tuple(s) for s in input_shapes], "command line")
     return build_report(run_job(job))

@@ -399,7 +399,7 @@ def _state_dict_from(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def _forward_argument_names(model: nn.Module) -> tuple[str, ...]:
+def forward_argument_names(model: nn.Module) -> tuple[str, ...]:
     try:
         parameters = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
@@ -499,7 +499,7 @@ def _load_model(
             hint="pass --input-shape 1,3,224,224, or define example_inputs() or INPUT_SHAPE in the file",
         )
     model.eval()
-    inputs.arg_names = _forward_argument_names(model)
+    inputs.arg_names = forward_argument_names(model)
     label = f"{source_file.name if source_file else target}:{display}"
     return LoadedModel(
         model=model,

@@ -174,6 +174,23 @@ class Report:
     #: The pipeline's stages as they ran: name, seconds, whether it changed the model, a summary.
     stages: list[dict[str, Any]] = field(default_factory=list)
 
+    def render(self, fmt: str = "table", width: int = 120) -> str:
+        """This report in any registered format (``table``, ``markdown``, ``json``, ...)."""
+        from convrewrite.report.views import render
+
+        return render(self, fmt, width=width)
+
+    def __str__(self) -> str:
+        return self.render("table")
+
+    def _repr_markdown_(self) -> str:  # Jupyter
+        return self.render("markdown")
+
+    def _repr_html_(self) -> str | None:  # Jupyter, when the html view is installed
+        from convrewrite.report.views import view_names
+
+        return self.render("html") if "html" in view_names("report") else None
+
     @property
     def has_rules(self) -> bool:
         return bool(self.rules)
