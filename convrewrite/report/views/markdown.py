@@ -5,7 +5,7 @@ from __future__ import annotations
 from convrewrite.report.model import Report
 from convrewrite.report.views.registry import register_view
 from convrewrite.report.views.table import layer_cells
-from convrewrite.report.views.text import MACS_NOTE, header_lines, number, ratio
+from convrewrite.report.views.text import MACS_NOTE, fidelity_lines, header_lines, number, ratio
 from convrewrite.report.views.text import md_row as _md_row
 
 
@@ -50,12 +50,7 @@ def render_markdown(report: Report, width: int = 120, color: bool = False) -> st
                 lines.append(f"- `{skip.name}` ({skip.type}, {skip.rule}): {skip.reason}")
             lines.append("")
         if report.fidelity:
-            f = report.fidelity
-            lines.append(
-                f"Fidelity on {f.measured_on}: output relative error {f.output_relative_error:.3g}, "
-                f"cosine similarity {f.output_cosine_similarity:.4f}"
-                + (f", top-1 agreement {f.agreement:.4f}." if f.agreement is not None else ".")
-            )
-            lines.append("")
+            for line in fidelity_lines(report):
+                lines += [line if line.endswith(".") else f"{line}.", ""]
     lines.append(f"_{MACS_NOTE}_")
     return "\n".join(lines) + "\n"

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from convrewrite.report.model import LayerRow, Report
 from convrewrite.report.views.registry import register_view
-from convrewrite.report.views.text import MACS_NOTE, fixed_width_table, header_lines, mib, number, ratio, shape_text
+from convrewrite.report.views.text import (
+    MACS_NOTE,
+    fidelity_lines,
+    fixed_width_table,
+    header_lines,
+    mib,
+    number,
+    ratio,
+    shape_text,
+)
 
 
 def _layer_table(report: Report) -> list[str]:
@@ -83,12 +92,5 @@ def _rule_outcome(report: Report) -> list[str]:
     for skip in report.skipped:
         rule = "" if skip.rule == "*" else f"[{skip.rule}] "
         lines.append(f"  skipped {rule}{skip.name} ({skip.type}): {skip.reason}")
-    fidelity = report.fidelity
-    if fidelity:
-        lines.append(
-            f"Fidelity on {fidelity.measured_on}: output relative error "
-            f"{fidelity.output_relative_error:.3g}, cosine similarity "
-            f"{fidelity.output_cosine_similarity:.4f}"
-            + (f", top-1 agreement {fidelity.agreement:.4f}" if fidelity.agreement is not None else "")
-        )
+    lines += fidelity_lines(report)
     return lines

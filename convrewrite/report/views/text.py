@@ -27,9 +27,34 @@ def header_lines(report: Report) -> list[str]:
     inputs = ", ".join(f"{i['name']} {shape_text(i['shape'])} {i['dtype']}" for i in report.model.get("inputs", []))
     lines = [f"Model: {report.model.get('name')} ({report.model.get('origin')})"]
     lines.append(f"Input: {inputs} (from {report.model.get('input_source')})")
+    lines.append(f"Weights: {weights_text(report)}")
     lines.append(f"Trace: {report.trace.get('description')}")
     if report.rules:
         lines.append("Rules: " + " then ".join(r["spec"] for r in report.rules))
+    return lines
+
+
+def weights_text(report: Report) -> str:
+    weights = report.model.get("weights")
+    if weights:
+        return str(weights)
+    return "none given (random initialisation, unless the model file loads its own)"
+
+
+def fidelity_lines(report: Report) -> list[str]:
+    """The fidelity sentence, and a warning when no weights were given (then it says little)."""
+    fidelity = report.fidelity
+    if fidelity is None:
+        return []
+    text = (
+        f"Fidelity on {fidelity.measured_on}: output relative error {fidelity.output_relative_error:.3g}, "
+        f"cosine similarity {fidelity.output_cosine_similarity:.4f}"
+    )
+    if fidelity.agreement is not None:
+        text += f", top-1 agreement {fidelity.agreement:.4f}"
+    lines = [text]
+    if not report.model.get("weights"):
+        lines.append("Note: no weights were given; on random weights these fidelity figures say little (--weights).")
     return lines
 
 
