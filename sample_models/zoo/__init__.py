@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ZOO_DIR = Path(__file__).resolve().parent
+#: Packages some zoo models import as if they were installed (the zoo test puts it on ``sys.path``).
+SITE_DIR = ZOO_DIR.parent / "zoo_site"
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class ZooModel:
     #: How convrewrite must trace it: "fx", "fx+leaves" (with these leaves) or "eager".
     trace: str = "fx"
     leaves: tuple[str, ...] = ()
+    #: Imports a package from ``SITE_DIR``, which must be on ``sys.path``.
+    needs_site: bool = False
 
     @property
     def path(self) -> str:
@@ -65,6 +69,15 @@ ZOO: tuple[ZooModel, ...] = (
     ZooModel("conv3d", "conv3d.py", None, "Conv3d"),
     ZooModel("padding", "padding.py", None, "padding_mode reflect / circular, padding='same' with even kernels"),
     ZooModel("tdnn", "tdnn.py", ((1, 40, 50),), "TDNN Conv1d stack with dilation, statistics pooling"),
+    ZooModel(
+        "custom_op",
+        "custom_op.py",
+        None,
+        "an installed library that registers a torch operator at import (imported again by model.py)",
+        trace="fx+leaves",
+        leaves=("clip",),
+        needs_site=True,
+    ),
 )
 
 
@@ -75,4 +88,4 @@ def zoo_model(name: str) -> ZooModel:
     raise KeyError(name)
 
 
-__all__ = ["ZOO", "ZOO_DIR", "ZooModel", "zoo_model"]
+__all__ = ["SITE_DIR", "ZOO", "ZOO_DIR", "ZooModel", "zoo_model"]
