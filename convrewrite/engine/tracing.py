@@ -9,6 +9,7 @@ module by module. Only when the root's own forward is untraceable is there no gr
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,16 +93,78 @@ class LeafAwareTracer(fx.Tracer):
             raise
 
 
+class _ModuleState:
+    """The plain state of every module (``__dict__``, and the contents of its dicts, lists and sets).
+
+    Tracing runs the model's Python code on proxies. Code that caches or counts in plain attributes
+    (a per-device cache of a gathered attention bias, a call counter) then keeps proxies of that
+    trace in the model; a later trace (the retry with leaves, or the re-trace after a rewrite)
+    reads them back and builds a graph whose nodes point into another graph ("Argument 'getitem_6'
+    of Node 'add' does not belong to this Graph"), and an eager run would meet them too. fx also
+    stores the tensor constants it meets on the root (``_tensor_constant0``). Restoring this state
+    after every attempt keeps tracing free of side effects on the model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = []
+        for module in model.modules():
+            attributes = dict(vars(module))
+            contents = {key: _shallow_copy(value) for key, value in attributes.items() if _is_container(value)}
+            self.saved.append((module, attributes, contents))
+
+    def restore(self) -> None:
+        for module, attributes, contents in self.saved:
+            current = vars(module)
+            for key in [key for key in current if key not in attributes]:
+                del current[key]
+            for key, value in attributes.items():
+                if current.get(key, _MISSING) is not value:
+                    current[key] = value
+            for key, copy in contents.items():
+                _restore_contents(attributes[key], copy)
+
+
+_MISSING = object()
+
+
+def _is_container(value: Any) -> bool:
+    return type(value) in (dict, list, set) or isinstance(value, OrderedDict)
+
+
+def _shallow_copy(value: Any) -> Any:
+    return list(value.items()) if isinstance(value, dict) else list(value)
+
+
+def _restore_contents(container: Any, copy: list[Any]) -> None:
+    """Put a dict, list or set back to the items it held, in place (others may hold it too)."""
+    if isinstance(container, dict):
+        if len(container) == len(copy) and all(container.get(k, _MISSING) is v for k, v in copy):
+            return
+        container.clear()
+        container.update(copy)
+    elif isinstance(container, list):
+        if len(container) != len(copy) or any(a is not b for a, b in zip(container, copy)):
+            container[:] = copy
+    elif len(container) != len(copy) or any(item not in container for item in copy):
+        container.clear()
+        container.update(copy)
+
+
 def trace(model: nn.Module, leaf_names: set[str] | None = None) -> TraceResult:
-    """Symbolically trace ``model``; on failure retry with the failing submodules as leaves."""
+    """Symbolically trace ``model``; on failure retry with the failing submodules as leaves.
+
+    Every attempt leaves the model's state as it found it (see ``_ModuleState``).
+    """
     leaves: dict[str, LeafInfo] = {}
     fixed = set(leaf_names or ())
     module_types = {name: type(m).__name__ for name, m in model.named_modules()}
     for _ in range(len(module_types) + 1):
         tracer = LeafAwareTracer(fixed | set(leaves))
+        state = _ModuleState(model)
         try:
             graph = tracer.trace(model)
         except Exception as exc:
+            state.restore()
             failing = getattr(exc, "_convrewrite_failing_module", "")
             if not failing or failing in leaves or failing in fixed:
                 return TraceResult(None, "eager", list(leaves.values()), failure=describe(exc))
@@ -110,11 +173,15 @@ def trace(model: nn.Module, leaf_names: set[str] | None = None) -> TraceResult:
         name = type(model).__name__
         try:
             graph_module = fx.GraphModule(tracer.root, graph, name)
+            # A graph that points into another one must never be accepted, even when nothing runs it.
+            graph_module.graph.lint()
         except Exception as exc:
             # fx can write code that does not compile: a submodule named after a Python keyword
             # (a ModuleDict key "class") becomes ``self.heads.class``.
             failure = f"the traced graph does not compile ({describe(exc)})"
             return TraceResult(None, "eager", list(leaves.values()), failure=failure)
+        finally:
+            state.restore()
         for fixed_name in sorted(fixed):
             if fixed_name not in leaves and fixed_name in module_types:
                 leaves[fixed_name] = LeafInfo(

@@ -197,10 +197,15 @@ class SourceWriter:
     # ---------------------------------------------------------------- tree
 
     def needs_class(self, name: str, module: nn.Module) -> bool:
-        """Whether ``module``'s own forward code must exist in the generated model."""
+        """Whether ``module``'s own forward code must exist in the generated model.
+
+        It runs when the graph calls it, and when it sits inside a module the graph calls as one
+        node (an untraceable leaf runs its children's forwards); without a graph every forward runs.
+        """
         if self.graph_module is None:
-            return name == "" or name in self.forward_targets
-        return name in self.forward_targets
+            return True
+        parts = name.split(".")
+        return any(".".join(parts[:end]) in self.forward_targets for end in range(1, len(parts) + 1))
 
     def emit(self, target: str, name: str, module: nn.Module) -> None:
         if id(module) in self.emitted:

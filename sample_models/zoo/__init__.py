@@ -70,6 +70,14 @@ ZOO: tuple[ZooModel, ...] = (
     ZooModel("padding", "padding.py", None, "padding_mode reflect / circular, padding='same' with even kernels"),
     ZooModel("tdnn", "tdnn.py", ((1, 40, 50),), "TDNN Conv1d stack with dilation, statistics pooling"),
     ZooModel(
+        "hybrid_attention",
+        "hybrid_attention.py",
+        None,
+        "conv stem + attention with a bias gathered by an index buffer and cached per device; a leaf after it",
+        trace="fx+leaves",
+        leaves=("gate",),
+    ),
+    ZooModel(
         "custom_op",
         "custom_op.py",
         None,
