@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_leaves
 import convrewrite.layers  # noqa: F401  (registers the replacement blocks as FX leaves)
 from convrewrite.engine.loading import ExampleInputs, LoadedModel
 from convrewrite.engine.profiling import CallRecord, ModelProfile, profile
-from convrewrite.engine.tracing import LeafAwareTracer, TraceResult, placeholder_values, trace
+from convrewrite.engine.tracing import LeafAwareTracer, TraceResult, default_arguments, placeholder_values, trace
 from convrewrite.errors import ModelError, UsageError, describe, first_line
 from convrewrite.layers.dense import kernel_error
 from convrewrite.rules.api import ConvSite, Rule, is_explicit, selection_reason
@@ -179,7 +179,8 @@ def verified_trace(
     the graph is not run: it must call the same modules as often as the model did. A report
     without rules only describes the graph, and this saves it a second forward pass.
     """
-    traced = trace(model, leaf_names)
+    # [issue 10, class 5] forward flags without an example input are traced as their defaults.
+    traced = trace(model, leaf_names, default_arguments(model, inputs))
     if traced.graph_module is None:
         return traced
     if calls is not None:
@@ -455,7 +456,7 @@ def verify_rewrite(result: EngineResult, before_trace: TraceResult, reference_ou
     if before_trace.graph_module is None:
         result.rewritten_trace = TraceResult(None, "eager", before_trace.leaves, failure=before_trace.failure)
         return
-    rewritten = trace(model, before_trace.leaf_names)
+    rewritten = trace(model, before_trace.leaf_names, before_trace.specialized)  # [issue 10, class 5]
     if rewritten.graph_module is None:
         raise ModelError(f"the rewritten model no longer traces: {rewritten.failure}")
     graph_module = rewritten.graph_module

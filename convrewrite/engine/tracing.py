@@ -9,6 +9,7 @@ module by module. Only when the root's own forward is untraceable is there no gr
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,17 +50,24 @@ class TraceResult:
     failure: str | None = None
     #: How the graph was checked against the model: "outputs", "module calls", or "" (not yet).
     checked: str = ""
+    #: Forward arguments the graph was traced with fixed to their defaults (no example input gave
+    #: them): the graph, and the generated model.py, only accept these values.
+    specialized: dict[str, Any] = field(default_factory=dict)
 
     @property
     def leaf_names(self) -> set[str]:
         return {leaf.name for leaf in self.leaves}
 
     def describe(self) -> str:
+        fixed = ""
+        if self.specialized:
+            values = ", ".join(f"{name}={value!r}" for name, value in self.specialized.items())
+            fixed = f" with forward arguments fixed to their defaults ({values})"
         if self.mode == "fx":
-            return "traced with torch.fx"
+            return f"traced with torch.fx{fixed}"
         if self.mode == "fx+leaves":
             names = ", ".join(f"{leaf.name} ({leaf.type})" for leaf in self.leaves)
-            return f"traced with torch.fx; untraceable submodules kept as leaves: {names}"
+            return f"traced with torch.fx{fixed}; untraceable submodules kept as leaves: {names}"
         return f"not traceable with torch.fx ({self.failure}); analysed by running the model eagerly"
 
 
@@ -150,19 +158,63 @@ def _restore_contents(container: Any, copy: list[Any]) -> None:
         container.update(copy)
 
 
-def trace(model: nn.Module, leaf_names: set[str] | None = None) -> TraceResult:
+#: Default values fx can specialize with a guard (``torch._assert`` / ``_assert_is_none``).
+_SPECIALIZABLE = (bool, int, float, str, type(None))
+
+
+def default_arguments(model: nn.Module, inputs: Any) -> dict[str, Any]:
+    """Forward parameters that have a default and get no value from ``inputs`` (an ExampleInputs).
+
+    A flag such as ``forward(x, embed=False)`` is a constant of the analysis: tracing it as an
+    input makes ``if embed:`` untraceable and the root falls back to eager mode. These are traced
+    with fx's ``concrete_args`` instead.
+    """
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    given_positional = len(getattr(inputs, "args", ()))
+    given_names = set(getattr(inputs, "kwargs", {}))
+    fixed: dict[str, Any] = {}
+    for index, parameter in enumerate(parameters):
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        positional = parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+        if (positional and index < given_positional) or parameter.name in given_names:
+            continue
+        if parameter.default is inspect.Parameter.empty or type(parameter.default) not in _SPECIALIZABLE:
+            continue
+        fixed[parameter.name] = parameter.default
+    return fixed
+
+
+def _name_placeholders_after_parameters(graph: fx.Graph, fixed: dict[str, Any]) -> None:
+    """fx names a specialized placeholder ``embed_1``; give the generated signature ``embed`` back."""
+    for node in graph.nodes:
+        if node.op == "placeholder" and isinstance(node.target, str):
+            base, _, suffix = node.target.rpartition("_")
+            if base in fixed and suffix.isdigit():
+                node.target = base
+
+
+def trace(
+    model: nn.Module, leaf_names: set[str] | None = None, concrete_args: dict[str, Any] | None = None
+) -> TraceResult:
     """Symbolically trace ``model``; on failure retry with the failing submodules as leaves.
 
+    ``concrete_args`` (see ``default_arguments``) fixes forward arguments to constant values.
     Every attempt leaves the model's state as it found it (see ``_ModuleState``).
     """
     leaves: dict[str, LeafInfo] = {}
     fixed = set(leaf_names or ())
+    specialized = dict(concrete_args or {})
     module_types = {name: type(m).__name__ for name, m in model.named_modules()}
     for _ in range(len(module_types) + 1):
         tracer = LeafAwareTracer(fixed | set(leaves))
         state = _ModuleState(model)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=specialized or None)
+            _name_placeholders_after_parameters(graph, specialized)
         except Exception as exc:
             state.restore()
             failing = getattr(exc, "_convrewrite_failing_module", "")
@@ -188,7 +240,7 @@ def trace(model: nn.Module, leaf_names: set[str] | None = None) -> TraceResult:
                     fixed_name, module_types[fixed_name], "kept as a leaf from the original trace"
                 )
         mode = "fx+leaves" if leaves else "fx"
-        return TraceResult(graph_module, mode, list(leaves.values()))
+        return TraceResult(graph_module, mode, list(leaves.values()), specialized=specialized)
     return TraceResult(None, "eager", list(leaves.values()), failure="tracing did not converge")
 
 
@@ -226,6 +278,7 @@ def torch_function_name(target: Any) -> str:
 
 __all__ = [
     "LeafAwareTracer",
+    "default_arguments",
     "LeafInfo",
     "TraceResult",
     "is_registered_leaf",

@@ -78,6 +78,12 @@ ZOO: tuple[ZooModel, ...] = (
         leaves=("gate",),
     ),
     ZooModel(
+        "audio_flags",
+        "audio_flags.py",
+        None,
+        "forward(x, mixup_lambda=None, embed=False): flags traced as their defaults; numpy at import",
+    ),
+    ZooModel(
         "custom_op",
         "custom_op.py",
         None,
