@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import importlib
 import inspect
 import keyword
 import re
@@ -110,7 +111,7 @@ class SourceWriter:
         self.user_source = user_source
         self.layer_classes = layer_classes
         self.used_layers: list[type[nn.Module]] = []
-        self.user_classes: dict[str, type[nn.Module]] = {}
+        self.user_classes: dict[str, Any] = {}
         self.emitted: dict[int, str] = {}
         self.lines: list[str] = []
         self.namespace: dict[str, Any] = {"nn": nn, "torch": torch}
@@ -287,6 +288,12 @@ class SourceWriter:
         for key, value in vars(module).items():
             if key.startswith("_") or key == "training":
                 continue
+            reference = self._reference(value) if not _is_literal(value) else None
+            if reference is not None:
+                # A function or class held as configuration (nn.TransformerEncoderLayer keeps its
+                # activation, F.relu): written as a name that is imported.
+                attributes[key] = reference
+                continue
             if not _is_literal(value):
                 raise ModelError(
                     f"cannot write source for {name or 'the model'} ({type(module).__name__}): attribute "
@@ -294,6 +301,29 @@ class SourceWriter:
                 )
             attributes[key] = value
         return attributes
+
+    def _reference(self, value: Any) -> _Reference | None:
+        """An importable name for a module-level function or class, or None."""
+        if not (inspect.isfunction(value) or inspect.isbuiltin(value) or inspect.isclass(value)):
+            return None
+        module_name = getattr(value, "__module__", None)
+        qualname = getattr(value, "__qualname__", None)
+        if not module_name or not qualname or "<" in qualname or "." in qualname:
+            return None
+        if self.user_module is not None and module_name == self.user_module.__name__:
+            self.user_classes[qualname] = value
+            return _Reference(f"_original.{qualname}")
+        if module_name.startswith("convrewrite_user_") or module_name == "__main__":
+            return None
+        try:
+            found = getattr(importlib.import_module(module_name), qualname)
+        except (ImportError, AttributeError):
+            return None
+        if found is not value:
+            return None
+        alias = "_ref_" + re.sub(r"\W", "_", f"{module_name}_{qualname}")
+        self.imports.add(f"from {module_name} import {qualname} as {alias}")
+        return _Reference(alias)
 
     def _user_class(self, module: nn.Module, name: str) -> str:
         cls = type(module)
@@ -426,6 +456,13 @@ class SourceWriter:
                 self.lines.append(f"{line}  # tied")
 
 
+class _Reference(str):
+    """A name in generated source; its repr is the bare name, so a dict of attributes prints it."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def _annotation_text(annotation: str) -> str:
     """A string annotation as source: itself when it parses as an expression, else quoted."""
     try:
@@ -446,8 +483,6 @@ def _same_tree(a: nn.Module, b: nn.Module) -> bool:
 
 def _layer_sources(classes: list[type[nn.Module]]) -> tuple[list[str], str]:
     """The imports and bodies of the source files that define the used replacement layers."""
-    import importlib
-
     modules: list[str] = []
     for cls in classes:
         for base in reversed(cls.__mro__):

@@ -84,6 +84,12 @@ ZOO: tuple[ZooModel, ...] = (
         "forward(x, mixup_lambda=None, embed=False): flags traced as their defaults; numpy at import",
     ),
     ZooModel(
+        "vit_hybrid",
+        "vit_hybrid.py",
+        None,
+        "conv stem + nn.TransformerEncoder + nn.MultiheadAttention pooling (fused fast paths in eval)",
+    ),
+    ZooModel(
         "custom_op",
         "custom_op.py",
         None,
