@@ -26,6 +26,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 import convrewrite.layers  # noqa: F401  (registers the replacement blocks as FX leaves)
+from convrewrite.engine.conv_subclasses import finish_replacement, original_module, resolve_conv_subclasses
 from convrewrite.engine.loading import ExampleInputs, LoadedModel
 from convrewrite.engine.profiling import CallRecord, ModelProfile, profile
 from convrewrite.engine.tracing import LeafAwareTracer, TraceResult, default_arguments, placeholder_values, trace
@@ -306,8 +307,14 @@ def collect_sites(model: nn.Module, current: ModelProfile) -> tuple[list[ConvSit
                 aliases=tuple(n for n in names if n != name),
             )
         )
+    # [issue 10, class 2] a conv subclass with its own forward is offered as the plain conv it
+    # computes (conv_subclasses.py), or left out with the reason.
+    shapes = {n: [tuple(r.input_shapes[0]) for r in calls if r.input_shapes] for n, calls in calls_of.items()}
+    sites, unresolved = resolve_conv_subclasses(model, sites, shapes)
+    notes.extend(SkipRecord(u.name, "*", u.type, u.reason) for u in unresolved)
+    conv_modules = {name for name, module in model.named_modules() if isinstance(module, CONV_TYPES)}
     for record in current.records:
-        if record.macs_by_kind.get("convolution") and record.type not in {t.__name__ for t in CONV_TYPES}:
+        if record.macs_by_kind.get("convolution") and record.name not in conv_modules:  # [class 2]
             owner = record.name or "(model)"
             notes.append(
                 SkipRecord(
@@ -366,7 +373,8 @@ def apply_rule(
                     f"rule {rule.name!r} cannot rewrite {site.name}, which you named explicitly: {reason}",
                     hint="change the rule's options or leave that layer out of include",
                 )
-            result.skipped.append(SkipRecord(site.name, rule.name, type(module).__name__, reason))
+            kind = type(original_module(site)).__name__  # [issue 10, class 2]
+            result.skipped.append(SkipRecord(site.name, rule.name, kind, reason))
             continue
         try:
             cost = rule.cost(site)
@@ -375,7 +383,7 @@ def apply_rule(
             raise
         except Exception as exc:
             raise ModelError(f"rule {rule.name!r} failed on layer {site.name}: {describe(exc)}") from exc
-        new_module = replacement.module
+        new_module = finish_replacement(site, replacement.module, replacement.notes)  # [issue 10, class 2]
         if site.calls == 0:
             replacement.notes.setdefault(
                 "unverified", "not called on the example input: shapes and output were not checked for this layer"
@@ -401,7 +409,7 @@ def apply_rule(
             RewriteRecord(
                 name=site.name,
                 rule=rule.name,
-                type_before=type(module).__name__,
+                type_before=type(original_module(site)).__name__,  # [issue 10, class 2]
                 type_after=type(new_module).__name__,
                 calls=site.calls,
                 params_before=params_before,

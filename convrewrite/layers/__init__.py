@@ -13,6 +13,7 @@ from convrewrite.layers.channelwise import (
     GroupChannelwiseConv2d,
 )
 from convrewrite.layers.log_group import LogGroupConv1d, LogGroupConv2d, log_group_sizes
+from convrewrite.layers.padding import PaddedConv, same_padding
 from convrewrite.layers.separable import SeparableConv1d, SeparableConv2d
 from convrewrite.layers.shuffle import ChannelPermutation, ChannelShuffle, GroupShuffleConv1d, GroupShuffleConv2d
 
@@ -29,6 +30,7 @@ BLOCK_CLASSES = (
     ChannelwiseConv2d,
     GroupChannelwiseConv1d,
     GroupChannelwiseConv2d,
+    PaddedConv,
 )
 
 for _cls in BLOCK_CLASSES:
@@ -46,7 +48,9 @@ __all__ = [
     "GroupShuffleConv2d",
     "LogGroupConv1d",
     "LogGroupConv2d",
+    "PaddedConv",
     "SeparableConv1d",
     "SeparableConv2d",
     "log_group_sizes",
+    "same_padding",
 ]

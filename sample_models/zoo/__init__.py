@@ -30,6 +30,10 @@ class ZooModel:
     leaves: tuple[str, ...] = ()
     #: Imports a package from ``SITE_DIR``, which must be on ``sys.path``.
     needs_site: bool = False
+    #: Layers every rule must leave alone, each with a fragment of the reason it must give.
+    skipped: tuple[tuple[str, str], ...] = ()
+    #: Layers the ``separable`` rule must rewrite (dense KxK convs, whatever their class).
+    separable_rewrites: tuple[str, ...] = ()
 
     @property
     def path(self) -> str:
@@ -88,6 +92,16 @@ ZOO: tuple[ZooModel, ...] = (
         "vit_hybrid.py",
         None,
         "conv stem + nn.TransformerEncoder + nn.MultiheadAttention pooling (fused fast paths in eval)",
+    ),
+    ZooModel(
+        "conv_subclasses",
+        "conv_subclasses.py",
+        None,
+        "conv subclasses: TF 'SAME' padding at run time, weight standardization, a conv as a banded linear layer",
+        trace="fx+leaves",
+        leaves=("stem", "down", "even"),
+        skipped=(("band", "its forward is not padding followed by one convolution"),),
+        separable_rewrites=("stem", "down", "even", "body.0", "body.2"),
     ),
     ZooModel(
         "custom_op",
