@@ -9,27 +9,40 @@ from convrewrite.engine.tracing import register_leaf_module
 from convrewrite.layers.channelwise import (
     ChannelwiseConv1d,
     ChannelwiseConv2d,
+    ChannelwiseConv3d,
     GroupChannelwiseConv1d,
     GroupChannelwiseConv2d,
+    GroupChannelwiseConv3d,
 )
-from convrewrite.layers.log_group import LogGroupConv1d, LogGroupConv2d, log_group_sizes
+from convrewrite.layers.log_group import LogGroupConv1d, LogGroupConv2d, LogGroupConv3d, log_group_sizes
 from convrewrite.layers.padding import PaddedConv, same_padding
-from convrewrite.layers.separable import SeparableConv1d, SeparableConv2d
-from convrewrite.layers.shuffle import ChannelPermutation, ChannelShuffle, GroupShuffleConv1d, GroupShuffleConv2d
+from convrewrite.layers.separable import SeparableConv1d, SeparableConv2d, SeparableConv3d
+from convrewrite.layers.shuffle import (
+    ChannelPermutation,
+    ChannelShuffle,
+    GroupShuffleConv1d,
+    GroupShuffleConv2d,
+    GroupShuffleConv3d,
+)
 
 BLOCK_CLASSES = (
     SeparableConv1d,
     SeparableConv2d,
+    SeparableConv3d,
     GroupShuffleConv1d,
     GroupShuffleConv2d,
+    GroupShuffleConv3d,
     ChannelShuffle,
     ChannelPermutation,
     LogGroupConv1d,
     LogGroupConv2d,
+    LogGroupConv3d,
     ChannelwiseConv1d,
     ChannelwiseConv2d,
+    ChannelwiseConv3d,
     GroupChannelwiseConv1d,
     GroupChannelwiseConv2d,
+    GroupChannelwiseConv3d,
     PaddedConv,
 )
 
@@ -42,15 +55,20 @@ __all__ = [
     "ChannelShuffle",
     "ChannelwiseConv1d",
     "ChannelwiseConv2d",
+    "ChannelwiseConv3d",
     "GroupChannelwiseConv1d",
     "GroupChannelwiseConv2d",
+    "GroupChannelwiseConv3d",
     "GroupShuffleConv1d",
     "GroupShuffleConv2d",
+    "GroupShuffleConv3d",
     "LogGroupConv1d",
     "LogGroupConv2d",
+    "LogGroupConv3d",
     "PaddedConv",
     "SeparableConv1d",
     "SeparableConv2d",
+    "SeparableConv3d",
     "log_group_sizes",
     "same_padding",
 ]

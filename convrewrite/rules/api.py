@@ -350,8 +350,6 @@ def common_skip_reason(site: ConvSite, config: RuleConfig) -> str | None:
     kind = type(module).__name__
     if "Transpose" in kind:
         return f"transposed conv ({kind}) is not rewritten"
-    if len(getattr(module, "kernel_size", ())) == 3:
-        return f"{kind}: only Conv1d and Conv2d are rewritten"
     reason = selection_reason(site.name, config)
     if reason:
         return reason

@@ -70,7 +70,14 @@ ZOO: tuple[ZooModel, ...] = (
     ZooModel("dict_output", "dict_output.py", None, "dict output with a list inside"),
     ZooModel("containers", "containers.py", None, "ModuleList, ModuleDict (non-identifier key), nested Sequential"),
     ZooModel("functional_conv", "functional_conv.py", None, "F.conv2d on a registered parameter"),
-    ZooModel("conv3d", "conv3d.py", None, "Conv3d"),
+    ZooModel(
+        "conv3d",
+        "conv3d.py",
+        ((1, 3, 4, 16, 16),),
+        "Conv3d: 3x7x7 stem, (2+1)D, 3x3x3, 1x1x1 around a depthwise 3-D conv",
+        skipped=(("depthwise", "already depthwise (groups=64)"),),
+        separable_rewrites=("stem.0", "block.0", "block.2", "cube"),
+    ),
     ZooModel("padding", "padding.py", None, "padding_mode reflect / circular, padding='same' with even kernels"),
     ZooModel("tdnn", "tdnn.py", ((1, 40, 50),), "TDNN Conv1d stack with dilation, statistics pooling"),
     ZooModel(
