@@ -346,6 +346,7 @@ class SourceWriter:
     def forward_source(self) -> str:
         """The traced graph's forward, with its globals turned into imports."""
         assert self.graph_module is not None
+        self._import_operator_libraries()
         code = self.graph_module.graph.python_code(root_module="self")
         # FX frees each value as soon as it is dead ("x = None"); drop that noise for readability.
         source = re.sub(r";  (?:[A-Za-z_][A-Za-z0-9_]* = )+None$", "", code.src, flags=re.MULTILINE)
@@ -376,6 +377,24 @@ class SourceWriter:
                 raise ModelError(f"the traced forward uses {global_name!r}, which cannot be imported by name")
             self.imports.add(f"from {module_name} import {qualname} as {global_name}")
         return textwrap.indent(source.strip("\n"), "    ")
+
+    def _import_operator_libraries(self) -> None:
+        """Import what registers the custom torch operators the graph calls (``torch.ops.NS.op``).
+
+        The forward names them through ``torch.ops``, which knows an operator only once the
+        library that defines it has been imported: in a fresh process ``model.py`` must import it.
+        """
+        assert self.graph_module is not None
+        namespaces = set()
+        operators = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+        for node in self.graph_module.graph.nodes:
+            if node.op == "call_function" and isinstance(node.target, operators):
+                qualified = getattr(node.target, "_qualified_op_name", None) or node.target.name()
+                namespaces.add(qualified.partition("::")[0])
+        for namespace in sorted(namespaces - _TORCH_OPERATOR_NAMESPACES):
+            library = operator_library(namespace)
+            if library is not None and not (self.user_module is not None and library == self.user_module.__name__):
+                self.imports.add(f"import {library}  # registers torch.ops.{namespace}")
 
     def generate(self, class_name: str, header: str, inputs_source: str) -> GeneratedSource:
         self.emitted[id(self.model)] = "self"
@@ -454,6 +473,31 @@ class SourceWriter:
             line = _assignment(_attribute_target(target_expr, attr), _attribute_target(source_expr, src_attr))
             if line not in self.lines:
                 self.lines.append(f"{line}  # tied")
+
+
+#: Operator namespaces torch defines itself (nothing to import for them).
+_TORCH_OPERATOR_NAMESPACES = {"aten", "prims", "quantized", "_quantized", "higher_order", "profiler", "c10d"}
+
+
+def operator_library(namespace: str) -> str | None:
+    """The importable module that defines the torch operator namespace ``namespace``, if known.
+
+    A Python library keeps its ``torch.library.Library(namespace, "DEF")`` at module level; a C++
+    extension usually names its namespace after its package (``torchvision::nms``).
+    """
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if module is None or name.startswith(("torch.", "convrewrite_user_", "convrewrite_original_")):
+            continue
+        try:
+            values = list(vars(module).values())
+        except TypeError:
+            continue
+        for value in values:
+            if isinstance(value, torch.library.Library) and value.ns == namespace and value.kind == "DEF":
+                return name
+    return namespace if namespace in sys.modules else None
 
 
 class _Reference(str):

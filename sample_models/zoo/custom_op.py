@@ -3,7 +3,8 @@
 ``zoo_custom_ops`` (in ``sample_models/zoo_site``, which the zoo test puts on ``sys.path`` like an
 installed package) defines the operator namespace ``convrewrite_zoo_ops``; torch refuses a second
 definition in the same process. Loading this file must therefore leave the library imported: the
-generated ``model.py`` imports it again for ``SoftClip`` (an untraceable leaf), and so does the
+generated ``model.py`` imports it again for ``SoftClip`` (an untraceable leaf) and for the
+operator the traced forward calls (``torch.ops.convrewrite_zoo_ops.soft_clip``), and so does the
 reload check of ``apply``. Input 1x3x32x32.
 """
 
@@ -26,6 +27,8 @@ class ClippedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(self.clip(self.stem(x)))
+        # Traced as a call of torch.ops: model.py must import the library for it to exist.
+        x = torch.ops.convrewrite_zoo_ops.soft_clip(x, 4.0)
         return self.head(x.mean((2, 3)))
 
 
