@@ -7,16 +7,27 @@ CLI; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
+
+# Terminal control sequences (colours, cursor moves) that a library or a user's exception may carry:
+# a one-line message goes to logs and CI annotations, where they show up as noise.
+_ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+
+
+def plain_text(text: str) -> str:
+    """``text`` without terminal escape sequences (ANSI colours and the like)."""
+    return _ANSI_ESCAPE.sub("", text)
+
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty)."""
-    lines = str(exc).strip().splitlines()
+    lines = plain_text(str(exc)).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
 
 
 def describe(exc: BaseException) -> str:
     """``TypeName: first line of the message`` for one-line reports of a foreign exception."""
-    lines = str(exc).strip().splitlines()
+    lines = plain_text(str(exc)).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
@@ -34,7 +45,7 @@ class ConvRewriteError(Exception):
         text = self.message.rstrip(".")
         if self.hint:
             text = f"{text}; {self.hint}"
-        return " ".join(text.split())
+        return " ".join(plain_text(text).split())
 
 
 class UsageError(ConvRewriteError):

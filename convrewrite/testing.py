@@ -55,7 +55,7 @@ class ConvGeometry:
         )
 
 
-#: Geometries every rule must handle (rewrite or skip with a reason): 1-D and 2-D, strides,
+#: Geometries every rule must handle (rewrite or skip with a reason): 1-D, 2-D and 3-D, strides,
 #: padding modes, "same"/"valid" padding, dilation, 1x1 and rectangular kernels, no bias.
 CONV_GEOMETRIES: tuple[ConvGeometry, ...] = (
     ConvGeometry(2, 8, 8, 3, {"padding": 1}, 7),
@@ -74,6 +74,13 @@ CONV_GEOMETRIES: tuple[ConvGeometry, ...] = (
     ConvGeometry(1, 12, 12, 3, {"stride": 2, "padding": 1, "padding_mode": "replicate"}, 11),
     ConvGeometry(1, 16, 16, 1, {"padding": 2, "padding_mode": "circular"}, 7),
     ConvGeometry(1, 40, 40, 9, {"padding": "same"}, 12),
+    ConvGeometry(3, 8, 8, 3, {"padding": 1}, 4),
+    ConvGeometry(3, 8, 16, (1, 3, 3), {"stride": (1, 2, 2), "padding": (0, 1, 1), "bias": False}, (3, 6, 6)),
+    ConvGeometry(3, 16, 8, 1, {}, 3),
+    ConvGeometry(3, 8, 8, 1, {"stride": 2, "padding": 1, "padding_mode": "reflect"}, 5),
+    ConvGeometry(3, 8, 8, (3, 1, 2), {"padding": "same"}, (4, 3, 4)),
+    ConvGeometry(3, 12, 12, 1, {"padding": 1, "padding_mode": "circular"}, 3),
+    ConvGeometry(3, 6, 12, 3, {"dilation": (2, 1, 1), "padding": (2, 1, 1), "padding_mode": "replicate"}, (5, 4, 4)),
 )
 
 

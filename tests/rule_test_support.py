@@ -38,7 +38,7 @@ RULE_SPECS = (
 
 
 def conv_class(dims: int) -> type[nn.Module]:
-    return nn.Conv1d if dims == 1 else nn.Conv2d
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
 
 
 def make_conv(

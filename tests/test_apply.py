@@ -135,3 +135,27 @@ def test_untraceable_leaf_needs_the_copied_source(cli, tmp_path: Path) -> None:
     assert "not called on the example input" in unreached["notes"]["unverified"]
     assert (out / "original_gated.py").is_file()
     assert "_original.Gate" in (out / "model.py").read_text()
+
+
+def test_model_py_imports_the_library_behind_a_custom_operator(cli, tmp_path: Path, monkeypatch) -> None:
+    """The traced forward calls torch.ops.convrewrite_zoo_ops.soft_clip, which exists only once
+    zoo_custom_ops is imported: model.py must import it itself (here the SoftClip leaf happens to
+    import the package too; a model using only the operator would not load in a fresh process),
+    and apply's own reload must not import it a second time in this one (issue 10, class 1)."""
+    site = SAMPLES / "zoo_site"
+    monkeypatch.syspath_prepend(str(site))
+    out = tmp_path / "out"
+    result = cli("apply", SAMPLES / "zoo" / "custom_op.py", "--rule", "separable", "--out", out)
+    assert result.code == 0, result.err
+    source = (out / "model.py").read_text()
+    assert "import zoo_custom_ops  # registers torch.ops.convrewrite_zoo_ops" in source
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2]); import model; "
+        "net = model.load_model().eval(); torch.set_grad_enabled(False); "
+        "print(tuple(net(model.example_inputs()).shape))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(site), str(out)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "(1, 10)"

@@ -59,6 +59,25 @@ def assert_one_line_error(result, code: int, *fragments: str) -> None:
         (["report"], 2, ["no MODEL given"]),
         (["apply", ASSETS / "tiny.py", "--rule", "separable"], 2, ["apply needs --out DIR"]),
         (["apply", ASSETS / "tiny.py", "--out", "o"], 2, ["apply needs at least one --rule"]),
+        (
+            ["report", ASSETS / "nested_blocks.py"],
+            3,
+            [
+                "3 nn.Module subclasses (ConvBlock, Stage, Network)",
+                "pick the root module with nested_blocks.py:Network",
+            ],
+        ),
+        (
+            ["report", ASSETS / "relpkg" / "net.py"],
+            2,
+            ["net.py uses a relative import (net.py:5)", "give MODEL as relpkg.net:build_model", f"run from {ASSETS}"],
+        ),
+        (
+            ["report", ASSETS / "multi_input.py", "--input-shape", "1,3,12,12"],
+            2,
+            ["TwoInputs.forward takes 2 input(s) (image, depth) but the example input gives 1", "repeat --input-shape"],
+        ),
+        (["report", ASSETS / "raises_coloured.py"], 3, ["raised RuntimeError", "CUDA driver not found (set DEVICE)"]),
     ],
 )
 def test_bad_input(cli, args, code: int, fragments: list[str]) -> None:
@@ -114,3 +133,21 @@ def test_failed_apply_writes_nothing(cli, tmp_path: Path, args: list[str], code:
     assert result.code == code
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.parametrize("name", ["weights.pt", "weights.pth", "weights.safetensors", "sub/weights.PT"])
+def test_weights_given_as_model_point_to_the_weights_option(cli, name: str) -> None:
+    result = cli("report", name)
+    assert_one_line_error(result, 2, f"{name} is a weights file, not a model", f"--weights {name}")
+
+
+def test_the_suggested_dotted_form_of_a_package_module_works(cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ASSETS)
+    result = cli("report", "relpkg.net:build_model", "--format", "json")
+    assert result.code == 0, result.err
+
+
+def test_one_line_messages_carry_no_terminal_escape_codes(cli) -> None:
+    result = cli("report", ASSETS / "raises_coloured.py")
+    assert "\x1b" not in result.err
+    assert_one_line_error(result, 3, "CUDA driver not found (set DEVICE)")

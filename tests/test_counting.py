@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,3 +97,60 @@ def test_shared_and_tied_parameters_are_counted_once() -> None:
     assert [r.call_number for r in block_calls] == [0, 1]
     assert block_calls[0].params == 310 and block_calls[1].params == 0
     assert block_calls[0].macs == block_calls[1].macs == 7 * 10 * 10 * 3
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention for self- and cross-attention, and a transformer encoder."""
+
+    def __init__(self, need_weights: bool) -> None:
+        super().__init__()
+        self.need_weights = need_weights
+        self.self_attention = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.cross_attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        layer = nn.TransformerEncoderLayer(16, 4, 40, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.query = nn.Parameter(torch.randn(1, 3, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attention(x, x, x, need_weights=self.need_weights)[0]
+        x = self.encoder(x)
+        query = self.query.expand(x.shape[0], -1, -1)
+        return self.cross_attention(query, x, x, need_weights=self.need_weights)[0]
+
+
+def _attention_macs(batch: int, queries: int, keys: int, embed: int) -> int:
+    """Hand formula: q, k, v and output projections plus scores and weighted values."""
+    return batch * (2 * queries * embed * embed + 2 * keys * embed * embed + 2 * queries * keys * embed)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("fast_path", [True, False], ids=["eval-fused", "train-unfused"])
+def test_attention_macs_with_and_without_the_fused_fast_path(need_weights: bool, fast_path: bool) -> None:
+    """Under no_grad in eval mode nn.MultiheadAttention and nn.TransformerEncoderLayer run one
+    fused op each (aten._native_multi_head_attention / _transformer_encoder_layer_fwd); before
+    the counter knew them it reported 41,088 of these 84,864 MACs. In train mode (no dropout) the
+    same layers run unfused. Both must equal FlopCounterMode with gradients and the hand formula."""
+    torch.manual_seed(0)
+    model = Attention(need_weights).train(not fast_path)
+    inputs = _inputs(2, 6, 16)
+    result = profile(model, inputs)
+    layer = _attention_macs(2, 6, 6, 16) + 2 * 2 * 6 * 16 * 40
+    expected = _attention_macs(2, 6, 6, 16) + 2 * layer + _attention_macs(2, 3, 6, 16)
+    assert result.macs == flop_counter_macs(model, inputs.args) == expected == 84_864
+    kinds = {r.name: r.macs_by_kind for r in result.records if r.macs}
+    if fast_path:
+        assert kinds["self_attention"] == {"attention": _attention_macs(2, 6, 6, 16)}
+
+
+def test_padded_sequences_count_their_real_tokens() -> None:
+    """With a padding mask in eval mode the encoder passes nested tensors between its layers (and
+    the profile's shapes crashed on them); each sequence costs what its own length costs."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 40, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2).eval()
+    mask = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    with pytest.warns(UserWarning, match="nested tensors is in prototype"):
+        result = profile(encoder, ExampleInputs((torch.randn(2, 6, 16),), {"src_key_padding_mask": mask}))
+    per_layer = sum(_attention_macs(1, n, n, 16) + 2 * n * 16 * 40 for n in (6, 4))
+    assert result.macs == 2 * per_layer
+    assert result.records[0].output_shapes == [[2, 6, 16]]

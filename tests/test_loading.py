@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from convrewrite.engine.loading import load_model, parse_input_shape
 from convrewrite.errors import ModelError, UsageError
 
-from .conftest import ASSETS
+from .conftest import ASSETS, SAMPLES
 
 
 def test_discovery_prefers_build_model() -> None:
@@ -111,3 +111,54 @@ def test_weights_that_do_not_fit(tmp_path: Path) -> None:
     save_file({"conv1.weight": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ModelError, match="do not fit the model"):
         load_model(str(ASSETS / "tiny.py"), weights=tmp_path / "other.safetensors")
+
+
+ZOO_SITE = SAMPLES / "zoo_site"
+
+
+def test_installed_libraries_stay_imported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library that registers torch operators at import cannot be imported twice in a process.
+
+    ``zoo_custom_ops`` defines the operator namespace ``convrewrite_zoo_ops``; before the loader
+    kept installed libraries, the second load (and apply's reload) failed with "Only a single
+    TORCH_LIBRARY can be used to register the namespace convrewrite_zoo_ops".
+    """
+    monkeypatch.syspath_prepend(str(ZOO_SITE))
+    first = load_model(str(SAMPLES / "zoo" / "custom_op.py"))
+    library = sys.modules["zoo_custom_ops"]
+    second = load_model(str(SAMPLES / "zoo" / "custom_op.py"))
+    assert sys.modules["zoo_custom_ops"] is library
+    assert type(first.model.clip) is type(second.model.clip) is library.SoftClip
+    assert first.user_module is not None and first.user_module.__name__ not in sys.modules
+
+
+def test_project_modules_are_forgotten_but_a_venv_inside_the_project_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / ".venv" / "lib" / "site-packages"
+    (site / "vendored_lib").mkdir(parents=True)
+    (site / "vendored_lib" / "__init__.py").write_text("from torch import nn\nLayer = nn.Identity\n")
+    (tmp_path / "helpers").mkdir()
+    (tmp_path / "helpers" / "__init__.py").write_text("from torch import nn\nWIDTH = 4\n")
+    (tmp_path / "sibling.py").write_text("SCALE = 2\n")
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\nimport sibling\nfrom helpers import WIDTH\n"
+        "from vendored_lib import Layer\n"
+        "INPUT_SHAPE = (1, 3, 8, 8)\n"
+        "def build_model():\n    return nn.Sequential(nn.Conv2d(3, WIDTH * sibling.SCALE, 3), Layer())\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    loaded = load_model(str(tmp_path / "net.py"))
+    assert loaded.model[0].out_channels == 8
+    assert "vendored_lib" in sys.modules
+    assert "helpers" not in sys.modules and "sibling" not in sys.modules
+
+
+def test_a_file_input_that_does_not_fit_forward_fails_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "two.py").write_text(
+        "import torch\nfrom torch import nn\nINPUT_SHAPE = (1, 3, 8, 8)\n"
+        "class Two(nn.Module):\n    def forward(self, image, depth):\n        return image + depth\n"
+    )
+    expected = r"Two.forward takes 2 input\(s\) \(image, depth\) but the example input gives 1"
+    with pytest.raises(ModelError, match=expected):
+        load_model(str(tmp_path / "two.py"))

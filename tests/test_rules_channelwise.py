@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from convrewrite.errors import UsageError
-from convrewrite.layers import ChannelwiseConv1d, ChannelwiseConv2d, GroupChannelwiseConv1d, GroupChannelwiseConv2d
+from convrewrite.layers import (
+    ChannelwiseConv1d,
+    ChannelwiseConv2d,
+    ChannelwiseConv3d,
+    GroupChannelwiseConv1d,
+    GroupChannelwiseConv2d,
+    GroupChannelwiseConv3d,
+)
 from convrewrite.layers.dense import dense_kernel, kernel_error
 from convrewrite.rules.channelwise import (
     channel_padding,
@@ -49,9 +56,9 @@ def diagonal_means(weight: torch.Tensor, taps: int, stride: int) -> torch.Tensor
 # --------------------------------------------------------------------------- the operation
 
 
-@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("dims", [1, 2, 3])
 def test_a_channel_wise_conv_slides_one_shared_kernel_along_the_channels(dims: int) -> None:
-    cls = ChannelwiseConv1d if dims == 1 else ChannelwiseConv2d
+    cls = {1: ChannelwiseConv1d, 2: ChannelwiseConv2d, 3: ChannelwiseConv3d}[dims]
     block = cls(12, 6, 4, bias=False)  # channel stride 2, dc = 4
     assert sum(p.numel() for p in block.parameters()) == 4
     x = torch.randn(2, 12, *([5] * dims))
@@ -106,7 +113,7 @@ def test_fit_is_the_mean_of_each_diagonal_and_an_orthogonal_projection(
     assert torch.allclose(refit, kernel)  # idempotent
 
 
-@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("dims", [1, 2, 3])
 def test_a_kernel_that_is_already_channel_wise_is_kept_exactly(dims: int) -> None:
     conv = make_conv(dims, 12, 6, 1, stride=2, padding=1, padding_mode="replicate")
     with torch.no_grad():
@@ -172,7 +179,7 @@ def test_alternating_least_squares_never_loses_energy() -> None:
     assert energies[-1] > energies[0]
 
 
-@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("dims", [1, 2, 3])
 def test_a_block_diagonal_kernel_is_kept_exactly(dims: int) -> None:
     conv = make_conv(dims, 8, 12, 1, bias=True)
     with torch.no_grad():
@@ -180,7 +187,8 @@ def test_a_block_diagonal_kernel_is_kept_exactly(dims: int) -> None:
         conv.weight.mul_(mask.reshape(conv.weight.shape))
     x = example_input(conv)
     replacement = rule("channelwise:groups=2").build(site_of(conv, x))
-    assert isinstance(replacement.module, GroupChannelwiseConv1d if dims == 1 else GroupChannelwiseConv2d)
+    expected = {1: GroupChannelwiseConv1d, 2: GroupChannelwiseConv2d, 3: GroupChannelwiseConv3d}[dims]
+    assert isinstance(replacement.module, expected)
     assert replacement.notes["energy_retained"] == pytest.approx(1.0)
     assert relative(replacement.module(x), conv(x)) < 1e-5
 
@@ -228,7 +236,8 @@ def test_group_form_reports_both_energies_and_its_formula_cost() -> None:
         ("channelwise:groups=3", nn.Conv2d(8, 9, 1), "in_channels=8 is not divisible by groups=3"),
         ("channelwise:groups=4,kernel=3", nn.Conv2d(8, 8, 1), "kernel=3 is shorter than groups=4"),
         ("channelwise", nn.ConvTranspose2d(8, 8, 1), "transposed conv"),
-        ("channelwise", nn.Conv3d(8, 8, 1), "only Conv1d and Conv2d"),
+        ("channelwise", nn.Conv3d(8, 8, 3), "not a pointwise conv (kernel 3x3x3)"),
+        ("channelwise", nn.ConvTranspose3d(8, 8, 1), "transposed conv (ConvTranspose3d)"),
     ],
 )
 def test_skip_reasons_are_specific(spec: str, conv: nn.Module, reason: str) -> None:

@@ -99,11 +99,12 @@ def test_identity_structures_are_exact(spec: str, case: tuple) -> None:
 
 
 class Stack(nn.Module):
-    """Two convs with BN and ReLU, 1-D or 2-D: enough for rules to compose."""
+    """Two convs with BN and ReLU, 1-D, 2-D or 3-D: enough for rules to compose."""
 
     def __init__(self, dims: int) -> None:
         super().__init__()
-        conv, norm = (nn.Conv1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
         self.conv1 = conv(8, 16, 3, padding=1)
         self.norm = norm(16)
         self.conv2 = conv(16, 16, 3, padding="same", bias=False)
@@ -120,7 +121,7 @@ def _analyse(dims: int, specs: list[str]):
     return analyse(loaded, [rule(spec) for spec in specs])
 
 
-@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("dims", [1, 2, 3])
 def test_separable_then_group_shuffle_is_a_shufflenet_style_unit(dims: int) -> None:
     result = _analyse(dims, ["separable", "group-shuffle:groups=4"])
     block = result.model.conv2
@@ -141,7 +142,7 @@ def test_separable_then_group_shuffle_is_a_shufflenet_style_unit(dims: int) -> N
     assert layers["conv2"].kernel_relative_error == pytest.approx(kernel_error(block, original), rel=1e-5)
 
 
-@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("dims", [1, 2, 3])
 def test_separable_then_channelwise_is_depthwise_plus_channel_wise(dims: int) -> None:
     result = _analyse(dims, ["separable", "channelwise"])
     block = result.model.conv2

@@ -10,7 +10,13 @@ from torch import nn
 
 from convrewrite.cli import run
 from convrewrite.errors import UsageError
-from convrewrite.layers import ChannelPermutation, ChannelShuffle, GroupShuffleConv1d, GroupShuffleConv2d
+from convrewrite.layers import (
+    ChannelPermutation,
+    ChannelShuffle,
+    GroupShuffleConv1d,
+    GroupShuffleConv2d,
+    GroupShuffleConv3d,
+)
 from convrewrite.layers.dense import dense_kernel, kernel_error
 from convrewrite.rules.group_shuffle import balanced_assignment, group_energy, masked_grouped_weight
 
@@ -69,13 +75,13 @@ def test_channel_permutation_reorders_and_validates() -> None:
 # --------------------------------------------------------------------------- weight transfer
 
 
-@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("groups", [2, 4])
 def test_output_channels_keep_their_order_and_read_their_groups_block(dims: int, groups: int) -> None:
     conv = make_conv(dims, 8, 12, 3, padding=1, dtype=torch.float64)
-    site = site_of(conv, example_input(conv))
+    site = site_of(conv, example_input(conv, 5))
     block = rule(f"group-shuffle:groups={groups}").build(site).module
-    assert isinstance(block, GroupShuffleConv1d if dims == 1 else GroupShuffleConv2d)
+    assert isinstance(block, {1: GroupShuffleConv1d, 2: GroupShuffleConv2d, 3: GroupShuffleConv3d}[dims])
     assert isinstance(block.shuffle, ChannelShuffle)
     weight, bias = dense_kernel(block)
     original = conv.weight.detach()
@@ -83,7 +89,7 @@ def test_output_channels_keep_their_order_and_read_their_groups_block(dims: int,
     expected = original * mask.reshape(12, 8, *([1] * dims))
     assert torch.allclose(weight, expected)
     assert torch.equal(bias, conv.bias.detach())
-    x = example_input(conv)
+    x = example_input(conv, 5)
     assert relative(block(x), equivalent_conv(block, conv)(x)) < 1e-12
 
 
@@ -162,7 +168,7 @@ def test_energy_assignment_is_realized_by_a_permutation_and_reported_next_to_the
 
 
 @pytest.mark.parametrize("assign", ["shuffle", "energy"])
-@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("dims", [1, 2, 3])
 def test_one_group_is_exact(assign: str, dims: int) -> None:
     conv = make_conv(dims, 6, 10, 3, stride=2, padding=1, padding_mode="reflect")
     x = example_input(conv)
@@ -196,7 +202,8 @@ def test_a_following_grouped_layer_sees_every_group() -> None:
         (nn.Conv2d(8, 8, 3, groups=2), "already grouped (groups=2)"),
         (nn.Conv2d(8, 8, 3, groups=8), "already depthwise (groups=8)"),
         (nn.ConvTranspose2d(8, 8, 3), "transposed conv"),
-        (nn.Conv3d(8, 8, 3), "only Conv1d and Conv2d"),
+        (nn.Conv3d(6, 8, 3), "in_channels=6 is not divisible by groups=4"),
+        (nn.ConvTranspose3d(8, 8, 3), "transposed conv (ConvTranspose3d)"),
     ],
 )
 def test_skip_reasons_are_specific(conv: nn.Module, reason: str) -> None:

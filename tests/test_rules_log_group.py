@@ -11,7 +11,7 @@ from torch import nn
 from convrewrite.errors import UsageError
 from convrewrite.gate.config import ProjectConfig
 from convrewrite.gate.job import make_job, run_job
-from convrewrite.layers import LogGroupConv1d, LogGroupConv2d, log_group_sizes
+from convrewrite.layers import LogGroupConv1d, LogGroupConv2d, LogGroupConv3d, log_group_sizes
 from convrewrite.layers.dense import dense_kernel, kernel_error
 
 from .rule_test_support import REPO_SAMPLES, equivalent_conv, example_input, make_conv, relative, rule, single_thread
@@ -67,13 +67,13 @@ def test_tdnn_groups_have_the_documents_shapes(tmp_path, monkeypatch) -> None:
     assert rewrite.params_after == (20 * 20 + 10 * 10 + 5 * 5 + 5 * 5) * 9 + 40 == rewrite.analytic_params
 
 
-@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("dims", [1, 2, 3])
 def test_block_diagonal_projection(dims: int) -> None:
     conv = make_conv(dims, 13, 11, 3, padding=1, dtype=torch.float64)
-    x = example_input(conv)
+    x = example_input(conv, 5)
     replacement = rule("log-group:groups=3").build(make_site(conv, x))
     block = replacement.module
-    assert isinstance(block, LogGroupConv1d if dims == 1 else LogGroupConv2d)
+    assert isinstance(block, {1: LogGroupConv1d, 2: LogGroupConv2d, 3: LogGroupConv3d}[dims])
     assert block.in_sizes == [7, 3, 3] and block.out_sizes == [6, 3, 2]
     mask = torch.zeros(11, 13, dtype=torch.float64)
     for (r, c), (co, ci) in zip([(0, 0), (6, 7), (9, 10)], [(6, 7), (3, 3), (2, 3)]):
@@ -96,6 +96,7 @@ def test_block_diagonal_projection(dims: int) -> None:
         (1, {"padding": "same"}),
         (2, {"stride": 2, "padding": 1, "padding_mode": "circular"}),
         (2, {"kernel_size": (2, 4), "padding": "same", "dilation": 2, "bias": False}),
+        (3, {"kernel_size": (3, 1, 3), "stride": (1, 2, 2), "padding": (1, 0, 1), "padding_mode": "reflect"}),
     ],
 )
 def test_one_group_is_exact(dims: int, kwargs: dict) -> None:

@@ -35,17 +35,20 @@ CONFIGS = [
     (1, 39, 40, 3, {"padding": "same"}),
     (1, 8, 12, 9, {"stride": 2, "dilation": 3, "padding": 4}),
     (1, 6, 6, 2, {"padding": "same", "padding_mode": "reflect"}),
+    (3, 3, 8, 3, {"padding": 1}),
+    (3, 4, 6, (3, 1, 3), {"stride": (1, 2, 1), "padding": (1, 0, 1), "padding_mode": "replicate"}),
+    (3, 4, 5, 2, {"padding": "same", "bias": False}),
 ]
 
 
 def _conv(dims: int, cin: int, cout: int, kernel, kwargs) -> nn.Module:
     torch.manual_seed(0)
-    cls = nn.Conv1d if dims == 1 else nn.Conv2d
+    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
     return cls(cin, cout, kernel, **kwargs).eval()
 
 
 def _input(dims: int, cin: int) -> torch.Tensor:
-    return torch.randn(2, cin, 40) if dims == 1 else torch.randn(2, cin, 11, 13)
+    return {1: torch.randn(2, cin, 40), 2: torch.randn(2, cin, 11, 13), 3: torch.randn(2, cin, 5, 7, 6)}[dims]
 
 
 @pytest.mark.parametrize("bias", ["both", "pointwise"])
@@ -112,7 +115,8 @@ def test_random_init_ignores_the_trained_kernel() -> None:
         (nn.Conv2d(8, 16, 3, groups=2), torch.randn(1, 8, 6, 6), "already grouped (groups=2)"),
         (nn.Conv2d(8, 16, 1), torch.randn(1, 8, 6, 6), "1x1 conv: nothing to separate"),
         (nn.ConvTranspose2d(8, 4, 2), torch.randn(1, 8, 6, 6), "transposed conv (ConvTranspose2d) is not rewritten"),
-        (nn.Conv3d(2, 4, 3), torch.randn(1, 2, 5, 5, 5), "Conv3d: only Conv1d and Conv2d are rewritten"),
+        (nn.Conv3d(2, 4, 1), torch.randn(1, 2, 5, 5, 5), "1x1 conv: nothing to separate"),
+        (nn.ConvTranspose3d(2, 4, 3), torch.randn(1, 2, 5, 5, 5), "transposed conv (ConvTranspose3d) is not rewritten"),
     ],
 )
 def test_skip_reasons_are_specific(module: nn.Module, x: torch.Tensor, reason: str) -> None:

@@ -1,13 +1,21 @@
-"""Every rule on every zoo model: rewritten or skipped with a reason, counted right, written and reloaded.
+"""Every zoo model walked through report, apply, reload and compare, under every rule, in one place.
 
-One parametrized test runs the engine the way ``convrewrite apply`` does (load, analyse, build the
-report, write the output directory) on a small input, then checks the result against oracles that
-share no code with convrewrite:
+A new failure class costs one fixture: a file in ``sample_models/zoo/`` and its entry in ``ZOO``
+(expected trace mode and leaves, layers every rule must skip with a reason, layers ``separable``
+must rewrite). One parametrized test runs the engine the way ``convrewrite apply`` does (load,
+analyse, build the report, write the output directory) on a small input, then checks the result
+against oracles that share no code with convrewrite:
 
 * parameters: ``sum(p.numel() for p in model.parameters())`` (which counts a tied parameter once);
-* MACs: ``torch.utils.flop_counter.FlopCounterMode`` / 2, before and after the rewrite;
+* MACs: ``torch.utils.flop_counter.FlopCounterMode`` / 2 with gradients on (tests/oracles.py),
+  before and after the rewrite;
 * the written ``model.py`` + ``weights.safetensors``, imported afresh, against the in-memory model;
 * which module objects and parameters are shared, read from the model before the rewrite.
+
+A second test rewrites every zoo model with a rule at a setting that must not change what the
+model computes (``group-shuffle:groups=1``: one group, shuffle of one): the output must stay the
+same. A rule that rewrote a conv from its attributes while the conv computes something else (a
+conv subclass with its own forward) fails it. A third runs ``report`` without rules.
 
 The rules come from the registry (``rule_registry()``), so every installed rule is covered.
 """
@@ -24,7 +32,6 @@ import pytest
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
 from convrewrite.engine.loading import ExampleInputs, load_model
 from convrewrite.engine.modules import CONV_TYPES
@@ -32,6 +39,8 @@ from convrewrite.engine.pipeline import EngineResult, analyse
 from convrewrite.export.writer import write_apply_output
 from convrewrite.report.builder import build_report
 from convrewrite.rules.api import make_rule, rule_registry
+
+from .oracles import flop_counter_macs as oracle_macs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,19 +61,9 @@ def _import_zoo() -> Any:
 zoo = _import_zoo()
 RULES = sorted(rule_registry())
 
-# FlopCounterMode in torch 2.13 has no formula for the CPU kernel of scaled-dot-product attention
-# (it would count it as 0). Map it to torch's own SDPA formula: still an oracle independent of ours.
-_CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-FLOP_MAPPING = {_CPU_SDPA: sdpa_flop} if _CPU_SDPA is not None else {}
-
 
 def flop_counter_macs(model: nn.Module, inputs: ExampleInputs) -> int:
-    counter = FlopCounterMode(display=False, custom_mapping=FLOP_MAPPING)
-    with torch.no_grad(), counter:
-        inputs.call(model)
-    flops = counter.get_total_flops()
-    assert flops % 2 == 0
-    return flops // 2
+    return oracle_macs(model, inputs.args, inputs.kwargs)
 
 
 def tensors_of(value: Any) -> list[torch.Tensor]:
@@ -122,13 +121,27 @@ def rewritten_names(result: EngineResult) -> set[str]:
     return names
 
 
+def skip_reasons(result: EngineResult) -> dict[str, list[str]]:
+    reasons: dict[str, list[str]] = defaultdict(list)
+    for skip in result.skipped:
+        reasons[skip.name].append(skip.reason)
+    return reasons
+
+
+def load_entry(entry: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Load a zoo model at its small test input (with ``SITE_DIR`` importable where it needs it)."""
+    if entry.needs_site:
+        monkeypatch.syspath_prepend(str(zoo.SITE_DIR))
+    return load_model(entry.path, input_shapes=list(entry.test_shapes) if entry.test_shapes else None)
+
+
 CASES = [pytest.param(rule, entry, id=f"{rule}-{entry.name}") for rule in RULES for entry in zoo.ZOO]
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @pytest.mark.parametrize(("rule", "entry"), CASES)
-def test_rule_on_zoo_model(rule: str, entry: Any, tmp_path: Path) -> None:
-    loaded = load_model(entry.path, input_shapes=list(entry.test_shapes) if entry.test_shapes else None)
+def test_rule_on_zoo_model(rule: str, entry: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded = load_entry(entry, monkeypatch)
     model, inputs = loaded.model, loaded.inputs
 
     # ---- oracles on the original model, before the engine touches it
@@ -145,18 +158,21 @@ def test_rule_on_zoo_model(rule: str, entry: Any, tmp_path: Path) -> None:
 
     # ---- every conv is rewritten, or each skipped one carries its reason
     rewritten = rewritten_names(result)
-    reasons: dict[str, list[str]] = defaultdict(list)
-    for skip in result.skipped:
-        reasons[skip.name].append(skip.reason)
+    reasons = skip_reasons(result)
     for name, kind in inventory.conv_names.items():
         if name not in rewritten:
             assert reasons.get(name), f"{name} ({kind}) neither rewritten nor skipped with a reason"
             assert all(reason.strip() for reason in reasons[name])
-    conv_types = {t.__name__ for t in CONV_TYPES}
     for record in result.before.records:
-        if record.macs_by_kind.get("convolution") and record.type not in conv_types:
+        if record.macs_by_kind.get("convolution") and record.name not in inventory.conv_names:
             owner = record.name or "(model)"
             assert reasons.get(owner), f"functional conv in {owner} has no skip reason"
+    for name, fragment in entry.skipped:
+        assert name not in rewritten, f"{name} must be left alone"
+        assert any(fragment in reason for reason in reasons[name]), (name, reasons[name])
+    if rule == "separable":
+        missing = set(entry.separable_rewrites) - rewritten
+        assert not missing, f"separable did not rewrite {sorted(missing)}: {[reasons[n] for n in sorted(missing)]}"
 
     # ---- the rewritten model runs and keeps the output shapes
     with torch.no_grad():
@@ -180,7 +196,6 @@ def test_rule_on_zoo_model(rule: str, entry: Any, tmp_path: Path) -> None:
     assert sorted(leaf["name"] for leaf in report.trace["leaves"]) == sorted(entry.leaves)
     for leaf in entry.leaves:
         inside = [name for name in inventory.conv_names if name.startswith(leaf + ".")]
-        assert inside, f"zoo model {entry.name}: leaf {leaf} holds no conv"
         for name in inside:
             assert name in rewritten or reasons.get(name), name
         if rule == "separable":
@@ -241,6 +256,34 @@ def test_rule_on_zoo_model(rule: str, entry: Any, tmp_path: Path) -> None:
             assert len(weights) == 1, f"tie {names} lost in model.py"
 
 
+EXACT_RULE = "group-shuffle:groups=1"
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("entry", zoo.ZOO, ids=[entry.name for entry in zoo.ZOO])
+def test_a_rewrite_that_should_be_exact_keeps_the_output(entry: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One group and a shuffle of one channel group compute the original conv exactly: whatever a
+    conv really computes (its own forward included), the rewritten model must give the same output,
+    and every dense conv must be rewritten or skipped with the reason."""
+    loaded = load_entry(entry, monkeypatch)
+    model, inputs = loaded.model, loaded.inputs
+    with torch.no_grad():
+        reference = inputs.call(model)
+    dense = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, CONV_TYPES) and "Transpose" not in type(module).__name__ and module.groups == 1
+    ]
+    result = analyse(loaded, [make_rule(EXACT_RULE)])
+    rewritten, reasons = rewritten_names(result), skip_reasons(result)
+    for name in dense:
+        assert name in rewritten or reasons.get(name), f"{name} neither rewritten nor skipped with a reason"
+    with torch.no_grad():
+        assert_same_outputs(reference, inputs.call(model), f"{entry.name}: {EXACT_RULE} changed the output")
+    for record in result.rewrites:
+        assert record.kernel_error is not None and record.kernel_error < 1e-6, (record.name, record.kernel_error)
+
+
 def _zoo_file(name: str) -> Any:
     spec = importlib.util.spec_from_file_location(f"convrewrite_zoo_{name}", zoo.ZOO_DIR / f"{name}.py")
     assert spec is not None and spec.loader is not None
@@ -274,9 +317,9 @@ def test_every_zoo_file_is_listed() -> None:
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @pytest.mark.parametrize("entry", zoo.ZOO, ids=[entry.name for entry in zoo.ZOO])
-def test_report_without_rules(entry: Any) -> None:
+def test_report_without_rules(entry: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without rules the graph is checked by its module calls (no second forward): same trace mode."""
-    loaded = load_model(entry.path, input_shapes=list(entry.test_shapes) if entry.test_shapes else None)
+    loaded = load_entry(entry, monkeypatch)
     params, macs = sum(p.numel() for p in loaded.model.parameters()), flop_counter_macs(loaded.model, loaded.inputs)
     report = build_report(analyse(loaded))
     assert report.trace["mode"] == entry.trace, report.trace

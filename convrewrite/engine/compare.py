@@ -17,9 +17,18 @@ def tensor_leaves(value: Any) -> list[torch.Tensor]:
     return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
+def shape_of(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The shape; for a nested tensor (nn.TransformerEncoder with a padding mask in eval mode
+    passes them between its layers) the padded shape, as it has no single size."""
+    if tensor.is_nested:
+        sizes = [tuple(part.shape) for part in tensor.unbind()]
+        return (len(sizes), *(max(dims) for dims in zip(*sizes))) if sizes else (0,)
+    return tuple(tensor.shape)
+
+
 def output_shapes(value: Any) -> list[tuple[int, ...]]:
     """The shape of every tensor in ``value``, in pytree order."""
-    return [tuple(t.shape) for t in tensor_leaves(value)]
+    return [shape_of(t) for t in tensor_leaves(value)]
 
 
 def same_structure(a: Any, b: Any) -> bool:

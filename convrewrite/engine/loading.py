@@ -2,12 +2,14 @@
 
 MODEL takes four forms: ``path/file.py``, ``path/file.py:NAME``, ``package.module:NAME`` and a
 directory written by ``convrewrite apply``. Importing a user's file runs their code; the import
-leaves ``sys.path`` and ``sys.modules`` as they were, and keeps the module object so that source
-generation can still see the user's classes.
+leaves ``sys.path`` as it was, forgets the modules of the user's project again (libraries the model
+imported stay imported), and keeps the module object so that source generation can still see the
+user's classes.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import importlib
@@ -26,6 +28,9 @@ from torch import nn
 
 from convrewrite.errors import ModelError, UsageError, first_line
 from convrewrite.settings import parse_shape
+
+#: Suffixes of weight files, which belong to --weights and never to MODEL.
+WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
 
 #: Discovery order when MODEL names no object.
 DISCOVERY_ORDER = ("build_model", "model", "the single nn.Module subclass")
@@ -110,9 +115,17 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
 
 @contextlib.contextmanager
 def isolated_import(extra_path: Path | None) -> Iterator[None]:
-    """Import user code, then put ``sys.path`` and ``sys.modules`` back exactly as they were."""
+    """Import user code, then put ``sys.path`` back and forget the modules of the user's project.
+
+    Only modules loaded from ``extra_path`` (the model's directory, or the directory a dotted MODEL
+    is imported from) are removed again, so the next model's ``utils.py`` is not mistaken for this
+    one's. Installed libraries the model imported stay imported: many register torch operators at
+    import time (``TORCH_LIBRARY``), and torch refuses a second registration in the same process,
+    so importing them again (as the generated ``model.py`` and the reload check do) would fail.
+    """
     saved_path = list(sys.path)
     saved_modules = dict(sys.modules)
+    project = extra_path.resolve() if extra_path is not None else None
     if extra_path is not None:
         sys.path.insert(0, str(extra_path))
     importlib.invalidate_caches()
@@ -121,11 +134,43 @@ def isolated_import(extra_path: Path | None) -> Iterator[None]:
     finally:
         sys.path[:] = saved_path
         for name in list(sys.modules):
-            if name not in saved_modules:
+            if name not in saved_modules and _belongs_to_project(name, sys.modules[name], project):
                 del sys.modules[name]
         for name, module in saved_modules.items():
             if sys.modules.get(name) is not module:
                 sys.modules[name] = module
+
+
+def _module_files(module: ModuleType | None) -> list[Path]:
+    """Where a module was loaded from: its file, or a namespace package's directories."""
+    if module is None:
+        return []
+    file_name = getattr(module, "__file__", None)
+    if file_name:
+        return [Path(file_name)]
+    return [Path(entry) for entry in getattr(module, "__path__", None) or [] if isinstance(entry, str)]
+
+
+def _belongs_to_project(name: str, module: ModuleType | None, project: Path | None) -> bool:
+    """True for a module of the user's project: loaded from ``project`` under its own name.
+
+    A module counts when its file lies in ``project`` itself (the model file, a sibling module) or
+    under ``project/<top-level package name>/``. A library installed in a virtual environment
+    inside the project (``project/.venv/lib/.../site-packages/timm``) does not: its first path
+    component is not its package name. convrewrite itself is never forgotten (the engine keeps
+    references to its classes).
+    """
+    if project is None or name == "convrewrite" or name.startswith("convrewrite."):
+        return False
+    top = name.partition(".")[0]
+    for file in _module_files(module):
+        try:
+            relative = file.resolve().relative_to(project)
+        except (OSError, ValueError):
+            continue
+        if len(relative.parts) == 1 or relative.parts[0] == top:
+            return True
+    return False
 
 
 def _user_frame(exc: BaseException, path: Path) -> str:
@@ -156,12 +201,85 @@ def import_file(path: Path) -> ModuleType:
     except SyntaxError as exc:
         where = f"{path.name}:{exc.lineno}" if exc.lineno else path.name
         raise ModelError(f"syntax error in {where}: {exc.msg}", hint="fix the model file and run again") from exc
+    except ImportError as exc:
+        if "relative import" not in str(exc):
+            raise ModelError(
+                f"importing {path.name} raised {type(exc).__name__} at {_user_frame(exc, path)}: {exc}",
+                hint="install what it imports, or run with --debug for the traceback",
+            ) from exc
+        raise UsageError(
+            f"{path.name} uses a relative import ({_user_frame(exc, path)}), so it must be imported as part of "
+            "its package, not as a file",
+            hint=_dotted_form_hint(path),
+        ) from exc
     except Exception as exc:
         raise ModelError(
             f"importing {path.name} raised {type(exc).__name__} at {_user_frame(exc, path)}: {exc}",
             hint="fix the model file, or run with --debug for the traceback",
         ) from exc
     return module
+
+
+def _dotted_form_hint(path: Path) -> str:
+    """How to name ``path`` as ``package.module:NAME`` (its package is every parent with __init__.py)."""
+    parts = [path.stem]
+    root = path.resolve().parent
+    while (root / "__init__.py").is_file():
+        parts.insert(0, root.name)
+        root = root.parent
+    name = _likely_model_name(path)
+    if len(parts) == 1:
+        return (
+            f"put {path.name} in a package (a directory with __init__.py) and give MODEL as "
+            f"package.{path.stem}:{name} from the directory above the package"
+        )
+    return f"give MODEL as {'.'.join(parts)}:{name} and run from {root}"
+
+
+def _likely_model_name(path: Path) -> str:
+    """The name MODEL should carry for a file that cannot be imported: build_model, model, or the
+    root nn.Module class, read from the source without running it; ``NAME`` when unclear."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return "NAME"
+    functions = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assigned = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    if "build_model" in functions:
+        return "build_model"
+    if "model" in assigned:
+        return "model"
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef) and not n.name.startswith("_")}
+    roots = _unused_classes(classes)
+    return roots[0] if len(roots) == 1 else "NAME"
+
+
+def _unused_classes(classes: dict[str, ast.ClassDef]) -> list[str]:
+    """The classes that no other class in ``classes`` mentions: the candidates for the root model.
+
+    An inner block (``ResidualBlock``) is built inside the network class that uses it; the network
+    itself is used by none of them.
+    """
+    used: set[str] = set()
+    for name, node in classes.items():
+        for inner in ast.walk(node):
+            if isinstance(inner, ast.Name) and inner.id in classes and inner.id != name:
+                used.add(inner.id)
+            elif isinstance(inner, ast.Attribute) and inner.attr in classes and inner.attr != name:
+                used.add(inner.attr)
+    return [name for name in classes if name not in used]
+
+
+def _class_nodes(module: ModuleType, names: list[str]) -> dict[str, ast.ClassDef]:
+    """The class definitions of ``names`` in the module's source file (empty when unreadable)."""
+    file_name = getattr(module, "__file__", None)
+    if not file_name:
+        return {}
+    try:
+        tree = ast.parse(Path(file_name).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return {}
+    return {node.name: node for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name in names}
 
 
 def import_dotted(module_name: str) -> ModuleType:
@@ -250,10 +368,18 @@ def discover(module: ModuleType, where: str) -> tuple[nn.Module, str, str]:
             "and no nn.Module subclass",
             hint=f"name one with {where}:NAME",
         )
+    nodes = _class_nodes(module, classes)
+    roots = _unused_classes(nodes) if len(nodes) == len(classes) else classes
+    if len(roots) == 1:
+        hint = f"pick the root module with {where}:{roots[0]} (the other classes are blocks inside it)"
+    else:
+        hint = f"pick one with {where}:{roots[0]}"
+        if len(roots) < len(classes):
+            hint += f" (the classes no other class uses: {', '.join(roots)})"
     raise ModelError(
         f"{where} defines {len(classes)} nn.Module subclasses ({', '.join(classes)}) and no "
         "build_model() or `model`, so the model is ambiguous",
-        hint=f"pick one with {where}:{classes[0]}",
+        hint=hint,
     )
 
 
@@ -407,6 +533,31 @@ def forward_argument_names(model: nn.Module) -> tuple[str, ...]:
     return tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
+def _check_inputs_fit(model: nn.Module, inputs: ExampleInputs, where: str) -> None:
+    """Fail before any work when the example input cannot even be passed to ``forward``."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*inputs.args, **inputs.kwargs)
+    except TypeError as exc:
+        parameters = list(signature.parameters.values())
+        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        required = [p.name for p in positional if p.default is inspect.Parameter.empty]
+        given = len(inputs.args) + len(inputs.kwargs)
+        takes = f"{len(required)} input(s) ({', '.join(required)})" if required else "other inputs"
+        message = f"{type(model).__name__}.forward takes {takes} but the example input gives {given}: {exc}"
+        if inputs.source == "--input-shape":
+            order = ", ".join(required) if required else "forward's arguments"
+            raise UsageError(message, hint=f"repeat --input-shape once per input, in the order {order}") from None
+        raise ModelError(
+            message,
+            hint=f"make example_inputs() in {where} return a tuple with one tensor per input "
+            "(or a dict by name), or pass one --input-shape per input",
+        ) from None
+
+
 def load_model(
     spec: str,
     *,
@@ -420,6 +571,11 @@ def load_model(
     """
     target, name = split_spec(spec)
     path = Path(target)
+    if path.suffix.lower() in WEIGHT_SUFFIXES:
+        raise UsageError(
+            f"{target} is a weights file, not a model",
+            hint=f"give the model's .py file (or package.module:NAME) as MODEL and pass --weights {target}",
+        )
     search_dir = path if path.is_dir() else (path.parent if path.suffix == ".py" else Path.cwd())
     # Everything that runs user code (import, factory, weights, example_inputs) happens inside
     # the isolation, so sibling imports work and nothing leaks into sys.path / sys.modules.
@@ -499,6 +655,7 @@ def _load_model(
             hint="pass --input-shape 1,3,224,224, or define example_inputs() or INPUT_SHAPE in the file",
         )
     model.eval()
+    _check_inputs_fit(model, inputs, source_file.name if source_file else target)
     inputs.arg_names = forward_argument_names(model)
     label = f"{source_file.name if source_file else target}:{display}"
     return LoadedModel(

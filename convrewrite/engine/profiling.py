@@ -9,8 +9,12 @@ textbook ones (hand-written here, checked against ``FlopCounterMode`` in the tes
 
 * convolution: out elements x (Cin / groups) x kernel elements; transposed convolutions are
   counted on the *input* size: in elements x (Cout / groups) x kernel elements;
-* mm / addmm: n x k x m; bmm / baddbmm: b x n x k x m;
-* scaled-dot-product attention: b x heads x Lq x Lk x (E + Ev).
+* mm / addmm: n x k x m; bmm / baddbmm: b x n x k x m; linear (seen only on nested tensors):
+  out elements x in features;
+* scaled-dot-product attention: b x heads x Lq x Lk x (E + Ev);
+* the fused fast paths of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (eval mode
+  without gradients), whose GEMMs run inside one ATen call where no dispatch mode sees them:
+  their projections, attention and (for the layer) feed-forward network, by the formulas above.
 
 Bias additions, normalisation, activations and pooling are not MACs and are not counted.
 """
@@ -73,6 +77,60 @@ def _sdpa_macs(args: tuple[Any, ...], out: Any) -> int:
     return batch_heads * lq * lk * (e + ev)
 
 
+def _sequences(tokens: Any) -> list[tuple[int, int]]:
+    """(batch, length) groups of a (..., L, E) token tensor; a nested tensor gives one per sequence."""
+    if getattr(tokens, "is_nested", False):
+        return [(1, int(sequence.shape[0])) for sequence in tokens.unbind()]
+    return [(_prod(tokens.shape[:-2]), int(tokens.shape[-2]))]
+
+
+def _attention_block_macs(queries: Any, keys: Any, embed_dim: int) -> int:
+    """Projections and attention of multi-head attention over (batch, L, E) tokens.
+
+    q projection Lq x E x E, k and v projections 2 x Lk x E x E, scores Lq x Lk x E (summed over
+    the heads, whose dimensions add up to E), weighted values Lq x Lk x E, output projection
+    Lq x E x E; per batch element.
+    """
+    total = 0
+    for (batch, lq), (_, lk) in zip(_sequences(queries), _sequences(keys)):
+        total += batch * (2 * lq * embed_dim * embed_dim + 2 * lk * embed_dim * embed_dim + 2 * lq * lk * embed_dim)
+    return total
+
+
+def _native_mha_macs(args: tuple[Any, ...], out: Any) -> int:
+    """``aten._native_multi_head_attention``: nn.MultiheadAttention's fused fast path (eval, no grad).
+
+    Args: query, key, value, embed_dim, num_heads, qkv_weight, ... The fused kernel runs its GEMMs
+    below the dispatcher, so none of them is seen on its own.
+    """
+    return _attention_block_macs(args[0], args[1], int(args[3]))
+
+
+def _encoder_layer_macs(args: tuple[Any, ...], out: Any) -> int:
+    """``aten._transformer_encoder_layer_fwd``: nn.TransformerEncoderLayer's fused fast path.
+
+    Args: src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu,
+    norm_first, eps, norm_weight_1, norm_bias_1, norm_weight_2, norm_bias_2, ffn_weight_1, ...
+    Self-attention as above plus the feed-forward network: 2 x L x E x F (F = ffn_weight_1 rows).
+    """
+    src, embed_dim, ffn_weight = args[0], int(args[1]), args[14]
+    hidden = int(ffn_weight.shape[0])
+    feed_forward = sum(batch * length * 2 * embed_dim * hidden for batch, length in _sequences(src))
+    return _attention_block_macs(src, src, embed_dim) + feed_forward
+
+
+def _numel(tensor: Any) -> int:
+    if getattr(tensor, "is_nested", False):
+        return sum(part.numel() for part in tensor.unbind())
+    return int(tensor.numel())
+
+
+def _linear_macs(args: tuple[Any, ...], out: Any) -> int:
+    """``aten.linear`` reaches the counter undecomposed only for nested tensors (the layers of an
+    nn.TransformerEncoder given a padding mask in eval mode): out elements x in_features."""
+    return _numel(out) * int(args[1].shape[-1])
+
+
 def _op(name: str) -> Any:
     return getattr(aten, name, None)
 
@@ -87,10 +145,13 @@ for _name, _label, _fn in [
     ("addmm", "matmul", _addmm_macs),
     ("bmm", "matmul", _bmm_macs),
     ("baddbmm", "matmul", _baddbmm_macs),
+    ("linear", "matmul", _linear_macs),
     ("_scaled_dot_product_flash_attention_for_cpu", "attention", _sdpa_macs),
     ("_scaled_dot_product_flash_attention", "attention", _sdpa_macs),
     ("_scaled_dot_product_efficient_attention", "attention", _sdpa_macs),
     ("_scaled_dot_product_cudnn_attention", "attention", _sdpa_macs),
+    ("_native_multi_head_attention", "attention", _native_mha_macs),
+    ("_transformer_encoder_layer_fwd", "attention", _encoder_layer_macs),
 ]:
     _packet = _op(_name)
     if _packet is not None:

@@ -9,6 +9,8 @@ module by module. Only when the root's own forward is untraceable is there no gr
 
 from __future__ import annotations
 
+import inspect
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,17 +55,24 @@ class TraceResult:
     failure: str | None = None
     #: How the graph was checked against the model: "outputs", "module calls", or "" (not yet).
     checked: str = ""
+    #: Forward arguments the graph was traced with fixed to their defaults (no example input gave
+    #: them): the graph, and the generated model.py, only accept these values.
+    specialized: dict[str, Any] = field(default_factory=dict)
 
     @property
     def leaf_names(self) -> set[str]:
         return {leaf.name for leaf in self.leaves}
 
     def describe(self) -> str:
+        fixed = ""
+        if self.specialized:
+            values = ", ".join(f"{name}={value!r}" for name, value in self.specialized.items())
+            fixed = f" with forward arguments fixed to their defaults ({values})"
         if self.mode == "fx":
-            return "traced with torch.fx"
+            return f"traced with torch.fx{fixed}"
         if self.mode == "fx+leaves":
             names = ", ".join(f"{leaf.name} ({leaf.type})" for leaf in self.leaves)
-            return f"traced with torch.fx; untraceable submodules kept as leaves: {names}"
+            return f"traced with torch.fx{fixed}; untraceable submodules kept as leaves: {names}"
         return f"not traceable with torch.fx ({self.failure}); analysed by running the model eagerly"
 
 
@@ -97,16 +106,122 @@ class LeafAwareTracer(fx.Tracer):
             raise
 
 
-def trace(model: nn.Module, leaf_names: set[str] | None = None) -> TraceResult:
-    """Symbolically trace ``model``; on failure retry with the failing submodules as leaves."""
+class _ModuleState:
+    """The plain state of every module (``__dict__``, and the contents of its dicts, lists and sets).
+
+    Tracing runs the model's Python code on proxies. Code that caches or counts in plain attributes
+    (a per-device cache of a gathered attention bias, a call counter) then keeps proxies of that
+    trace in the model; a later trace (the retry with leaves, or the re-trace after a rewrite)
+    reads them back and builds a graph whose nodes point into another graph ("Argument 'getitem_6'
+    of Node 'add' does not belong to this Graph"), and an eager run would meet them too. fx also
+    stores the tensor constants it meets on the root (``_tensor_constant0``). Restoring this state
+    after every attempt keeps tracing free of side effects on the model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = []
+        for module in model.modules():
+            attributes = dict(vars(module))
+            contents = {key: _shallow_copy(value) for key, value in attributes.items() if _is_container(value)}
+            self.saved.append((module, attributes, contents))
+
+    def restore(self) -> None:
+        for module, attributes, contents in self.saved:
+            current = vars(module)
+            for key in [key for key in current if key not in attributes]:
+                del current[key]
+            for key, value in attributes.items():
+                if current.get(key, _MISSING) is not value:
+                    current[key] = value
+            for key, copy in contents.items():
+                _restore_contents(attributes[key], copy)
+
+
+_MISSING = object()
+
+
+def _is_container(value: Any) -> bool:
+    return type(value) in (dict, list, set) or isinstance(value, OrderedDict)
+
+
+def _shallow_copy(value: Any) -> Any:
+    return list(value.items()) if isinstance(value, dict) else list(value)
+
+
+def _restore_contents(container: Any, copy: list[Any]) -> None:
+    """Put a dict, list or set back to the items it held, in place (others may hold it too)."""
+    if isinstance(container, dict):
+        if len(container) == len(copy) and all(container.get(k, _MISSING) is v for k, v in copy):
+            return
+        container.clear()
+        container.update(copy)
+    elif isinstance(container, list):
+        if len(container) != len(copy) or any(a is not b for a, b in zip(container, copy)):
+            container[:] = copy
+    elif len(container) != len(copy) or any(item not in container for item in copy):
+        container.clear()
+        container.update(copy)
+
+
+#: Default values fx can specialize with a guard (``torch._assert`` / ``_assert_is_none``).
+_SPECIALIZABLE = (bool, int, float, str, type(None))
+
+
+def default_arguments(model: nn.Module, inputs: Any) -> dict[str, Any]:
+    """Forward parameters that have a default and get no value from ``inputs`` (an ExampleInputs).
+
+    A flag such as ``forward(x, embed=False)`` is a constant of the analysis: tracing it as an
+    input makes ``if embed:`` untraceable and the root falls back to eager mode. These are traced
+    with fx's ``concrete_args`` instead.
+    """
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    given_positional = len(getattr(inputs, "args", ()))
+    given_names = set(getattr(inputs, "kwargs", {}))
+    fixed: dict[str, Any] = {}
+    for index, parameter in enumerate(parameters):
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        positional = parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+        if (positional and index < given_positional) or parameter.name in given_names:
+            continue
+        if parameter.default is inspect.Parameter.empty or type(parameter.default) not in _SPECIALIZABLE:
+            continue
+        fixed[parameter.name] = parameter.default
+    return fixed
+
+
+def _name_placeholders_after_parameters(graph: fx.Graph, fixed: dict[str, Any]) -> None:
+    """fx names a specialized placeholder ``embed_1``; give the generated signature ``embed`` back."""
+    for node in graph.nodes:
+        if node.op == "placeholder" and isinstance(node.target, str):
+            base, _, suffix = node.target.rpartition("_")
+            if base in fixed and suffix.isdigit():
+                node.target = base
+
+
+def trace(
+    model: nn.Module, leaf_names: set[str] | None = None, concrete_args: dict[str, Any] | None = None
+) -> TraceResult:
+    """Symbolically trace ``model``; on failure retry with the failing submodules as leaves.
+
+    ``concrete_args`` (see ``default_arguments``) fixes forward arguments to constant values.
+    Every attempt leaves the model's state as it found it (see ``_ModuleState``).
+    """
     leaves: dict[str, LeafInfo] = {}
     fixed = set(leaf_names or ())
+    specialized = dict(concrete_args or {})
     module_types = {name: type(m).__name__ for name, m in model.named_modules()}
     for _ in range(len(module_types) + 1):
         tracer = LeafAwareTracer(fixed | set(leaves))
+        state = _ModuleState(model)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=specialized or None)
+            _name_placeholders_after_parameters(graph, specialized)
         except Exception as exc:
+            state.restore()
             failing = getattr(exc, "_convrewrite_failing_module", "")
             if not failing or failing in leaves or failing in fixed:
                 return TraceResult(None, "eager", list(leaves.values()), failure=describe(exc))
@@ -115,18 +230,22 @@ def trace(model: nn.Module, leaf_names: set[str] | None = None) -> TraceResult:
         name = type(model).__name__
         try:
             graph_module = fx.GraphModule(tracer.root, graph, name)
+            # A graph that points into another one must never be accepted, even when nothing runs it.
+            graph_module.graph.lint()
         except Exception as exc:
             # fx can write code that does not compile: a submodule named after a Python keyword
             # (a ModuleDict key "class") becomes ``self.heads.class``.
             failure = f"the traced graph does not compile ({describe(exc)})"
             return TraceResult(None, "eager", list(leaves.values()), failure=failure)
+        finally:
+            state.restore()
         for fixed_name in sorted(fixed):
             if fixed_name not in leaves and fixed_name in module_types:
                 leaves[fixed_name] = LeafInfo(
                     fixed_name, module_types[fixed_name], "kept as a leaf from the original trace"
                 )
         mode = "fx+leaves" if leaves else "fx"
-        return TraceResult(graph_module, mode, list(leaves.values()))
+        return TraceResult(graph_module, mode, list(leaves.values()), specialized=specialized)
     return TraceResult(None, "eager", list(leaves.values()), failure="tracing did not converge")
 
 
@@ -164,6 +283,7 @@ def torch_function_name(target: Any) -> str:
 
 __all__ = [
     "LeafAwareTracer",
+    "default_arguments",
     "LeafInfo",
     "TraceResult",
     "is_registered_leaf",

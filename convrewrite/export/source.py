@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import importlib
 import inspect
 import keyword
 import re
@@ -109,7 +110,7 @@ class SourceWriter:
         self.user_module = user_module
         self.user_source = user_source
         self.used_layers: list[type[nn.Module]] = []
-        self.user_classes: dict[str, type[nn.Module]] = {}
+        self.user_classes: dict[str, Any] = {}
         self.emitted: dict[int, str] = {}
         self.lines: list[str] = []
         self.namespace: dict[str, Any] = {"nn": nn, "torch": torch}
@@ -200,10 +201,15 @@ class SourceWriter:
     # ---------------------------------------------------------------- tree
 
     def needs_class(self, name: str, module: nn.Module) -> bool:
-        """Whether ``module``'s own forward code must exist in the generated model."""
+        """Whether ``module``'s own forward code must exist in the generated model.
+
+        It runs when the graph calls it, and when it sits inside a module the graph calls as one
+        node (an untraceable leaf runs its children's forwards); without a graph every forward runs.
+        """
         if self.graph_module is None:
-            return name == "" or name in self.forward_targets
-        return name in self.forward_targets
+            return True
+        parts = name.split(".")
+        return any(".".join(parts[:end]) in self.forward_targets for end in range(1, len(parts) + 1))
 
     def emit(self, target: str, name: str, module: nn.Module) -> None:
         if id(module) in self.emitted:
@@ -285,6 +291,12 @@ class SourceWriter:
         for key, value in vars(module).items():
             if key.startswith("_") or key == "training":
                 continue
+            reference = self._reference(value) if not _is_literal(value) else None
+            if reference is not None:
+                # A function or class held as configuration (nn.TransformerEncoderLayer keeps its
+                # activation, F.relu): written as a name that is imported.
+                attributes[key] = reference
+                continue
             if not _is_literal(value):
                 raise ModelError(
                     f"cannot write source for {name or 'the model'} ({type(module).__name__}): attribute "
@@ -292,6 +304,29 @@ class SourceWriter:
                 )
             attributes[key] = value
         return attributes
+
+    def _reference(self, value: Any) -> _Reference | None:
+        """An importable name for a module-level function or class, or None."""
+        if not (inspect.isfunction(value) or inspect.isbuiltin(value) or inspect.isclass(value)):
+            return None
+        module_name = getattr(value, "__module__", None)
+        qualname = getattr(value, "__qualname__", None)
+        if not module_name or not qualname or "<" in qualname or "." in qualname:
+            return None
+        if self.user_module is not None and module_name == self.user_module.__name__:
+            self.user_classes[qualname] = value
+            return _Reference(f"_original.{qualname}")
+        if module_name.startswith("convrewrite_user_") or module_name == "__main__":
+            return None
+        try:
+            found = getattr(importlib.import_module(module_name), qualname)
+        except (ImportError, AttributeError):
+            return None
+        if found is not value:
+            return None
+        alias = "_ref_" + re.sub(r"\W", "_", f"{module_name}_{qualname}")
+        self.imports.add(f"from {module_name} import {qualname} as {alias}")
+        return _Reference(alias)
 
     def _user_class(self, module: nn.Module, name: str) -> str:
         cls = type(module)
@@ -314,6 +349,7 @@ class SourceWriter:
     def forward_source(self) -> str:
         """The traced graph's forward, with its globals turned into imports."""
         assert self.graph_module is not None
+        self._import_operator_libraries()
         code = self.graph_module.graph.python_code(root_module="self")
         # FX frees each value as soon as it is dead ("x = None"); drop that noise for readability.
         source = re.sub(r";  (?:[A-Za-z_][A-Za-z0-9_]* = )+None$", "", code.src, flags=re.MULTILINE)
@@ -344,6 +380,24 @@ class SourceWriter:
                 raise ModelError(f"the traced forward uses {global_name!r}, which cannot be imported by name")
             self.imports.add(f"from {module_name} import {qualname} as {global_name}")
         return textwrap.indent(source.strip("\n"), "    ")
+
+    def _import_operator_libraries(self) -> None:
+        """Import what registers the custom torch operators the graph calls (``torch.ops.NS.op``).
+
+        The forward names them through ``torch.ops``, which knows an operator only once the
+        library that defines it has been imported: in a fresh process ``model.py`` must import it.
+        """
+        assert self.graph_module is not None
+        namespaces = set()
+        operators = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+        for node in self.graph_module.graph.nodes:
+            if node.op == "call_function" and isinstance(node.target, operators):
+                qualified = getattr(node.target, "_qualified_op_name", None) or node.target.name()
+                namespaces.add(qualified.partition("::")[0])
+        for namespace in sorted(namespaces - _TORCH_OPERATOR_NAMESPACES):
+            library = operator_library(namespace)
+            if library is not None and not (self.user_module is not None and library == self.user_module.__name__):
+                self.imports.add(f"import {library}  # registers torch.ops.{namespace}")
 
     def generate(self, class_name: str, header: str, inputs_source: str) -> GeneratedSource:
         self.emitted[id(self.model)] = "self"
@@ -424,6 +478,38 @@ class SourceWriter:
                 self.lines.append(f"{line}  # tied")
 
 
+#: Operator namespaces torch defines itself (nothing to import for them).
+_TORCH_OPERATOR_NAMESPACES = {"aten", "prims", "quantized", "_quantized", "higher_order", "profiler", "c10d"}
+
+
+def operator_library(namespace: str) -> str | None:
+    """The importable module that defines the torch operator namespace ``namespace``, if known.
+
+    A Python library keeps its ``torch.library.Library(namespace, "DEF")`` at module level; a C++
+    extension usually names its namespace after its package (``torchvision::nms``).
+    """
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if module is None or name.startswith(("torch.", "convrewrite_user_", "convrewrite_original_")):
+            continue
+        try:
+            values = list(vars(module).values())
+        except TypeError:
+            continue
+        for value in values:
+            if isinstance(value, torch.library.Library) and value.ns == namespace and value.kind == "DEF":
+                return name
+    return namespace if namespace in sys.modules else None
+
+
+class _Reference(str):
+    """A name in generated source; its repr is the bare name, so a dict of attributes prints it."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def _annotation_text(annotation: str) -> str:
     """A string annotation as source: itself when it parses as an expression, else quoted."""
     try:
@@ -444,8 +530,6 @@ def _same_tree(a: nn.Module, b: nn.Module) -> bool:
 
 def _layer_sources(classes: list[type[nn.Module]]) -> tuple[list[str], str]:
     """The imports and bodies of the source files that define the used replacement layers."""
-    import importlib
-
     modules: list[str] = []
     for cls in classes:
         for base in reversed(cls.__mro__):

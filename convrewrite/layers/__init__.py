@@ -8,13 +8,22 @@ traced graphs call it as one module, whose file ``convrewrite apply`` copies int
 from convrewrite.layers.channelwise import (
     ChannelwiseConv1d,
     ChannelwiseConv2d,
+    ChannelwiseConv3d,
     GroupChannelwiseConv1d,
     GroupChannelwiseConv2d,
+    GroupChannelwiseConv3d,
 )
-from convrewrite.layers.log_group import LogGroupConv1d, LogGroupConv2d, log_group_sizes
+from convrewrite.layers.log_group import LogGroupConv1d, LogGroupConv2d, LogGroupConv3d, log_group_sizes
+from convrewrite.layers.padding import PaddedConv, same_padding
 from convrewrite.layers.registry import is_block, register_block, registered_blocks
-from convrewrite.layers.separable import SeparableConv1d, SeparableConv2d
-from convrewrite.layers.shuffle import ChannelPermutation, ChannelShuffle, GroupShuffleConv1d, GroupShuffleConv2d
+from convrewrite.layers.separable import SeparableConv1d, SeparableConv2d, SeparableConv3d
+from convrewrite.layers.shuffle import (
+    ChannelPermutation,
+    ChannelShuffle,
+    GroupShuffleConv1d,
+    GroupShuffleConv2d,
+    GroupShuffleConv3d,
+)
 
 # Every block class a file of this package defines is registered: a new block file is one file
 # plus its re-export here.
@@ -28,16 +37,23 @@ __all__ = [
     "ChannelShuffle",
     "ChannelwiseConv1d",
     "ChannelwiseConv2d",
+    "ChannelwiseConv3d",
     "GroupChannelwiseConv1d",
     "GroupChannelwiseConv2d",
+    "GroupChannelwiseConv3d",
     "GroupShuffleConv1d",
     "GroupShuffleConv2d",
+    "GroupShuffleConv3d",
     "LogGroupConv1d",
     "LogGroupConv2d",
+    "LogGroupConv3d",
+    "PaddedConv",
     "SeparableConv1d",
     "SeparableConv2d",
+    "SeparableConv3d",
     "is_block",
     "log_group_sizes",
     "register_block",
     "registered_blocks",
+    "same_padding",
 ]

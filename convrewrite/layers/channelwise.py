@@ -10,9 +10,10 @@ and costs dc x out x positions MACs.
 with stride g*in/out and out/g outputs, concatenated (ChannelNets' group channel-wise convolution;
 g = 1 is the plain channel-wise convolution). They run as one conv over the channel axis treated
 as a spatial axis (Conv2d for 1-D inputs, Conv3d for 2-D), and keep the spatial stride, padding
-and padding mode of the 1x1 conv they replace.
+and padding mode of the 1x1 conv they replace. ``ChannelwiseConv3d`` (torch has no 4-D conv)
+pads and strides the positions first and runs the channel kernel over the flattened positions.
 
-``GroupChannelwiseConv1d`` / ``GroupChannelwiseConv2d`` are ChannelNets' group channel-wise module:
+``GroupChannelwiseConv1d`` / ``2d`` / ``3d`` are ChannelNets' group channel-wise module:
 a grouped 1x1 conv whose outputs are interleaved (channel shuffle) and fused across groups by a
 group channel-wise convolution with g kernels and stride g, so each output reads the matching
 channel of every group. This file depends on torch alone: ``convrewrite apply`` copies it into
@@ -90,6 +91,8 @@ class _ChannelwiseConvNd(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = self.spatial_dims
+        if dims == 3:
+            return self._forward_flattened(x)
         spatial_padding = self._spatial_padding
         if self.padding_mode != "zeros" and any(spatial_padding):
             pads = [p for p in reversed(spatial_padding) for _ in range(2)]
@@ -104,6 +107,26 @@ class _ChannelwiseConvNd(nn.Module):
         y = y.flatten(1, 2)  # kernel j's outputs are channels j*out/g .. (j+1)*out/g - 1
         if self.bias is not None:
             y = y + self.bias.view(1, -1, *self.kernel_size)
+        return y
+
+    def _forward_flattened(self, x: torch.Tensor) -> torch.Tensor:
+        """3-D inputs: torch has no 4-D convolution to slide over (channels, D, H, W). The kernel is
+        1x1x1, so positions never mix: pad and stride the positions first, then run the channel
+        kernel over all of them at once as a 2-D conv on (channels, positions)."""
+        pads = [p for p in reversed(self._spatial_padding) for _ in range(2)]
+        if any(pads):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, pads, mode=mode)
+        x = x[:, :, :: self.stride[0], :: self.stride[1], :: self.stride[2]]
+        batch, channels, depth, height, width = x.shape
+        flat = x.reshape(batch, 1, channels, depth * height * width)
+        if any(self.channel_padding):
+            flat = F.pad(flat, [0, 0, *self.channel_padding])
+        weight = self.weight.view(self.groups, 1, self.channel_kernel_size, 1)
+        y = F.conv2d(flat, weight, None, (self.channel_stride, 1))
+        y = y.reshape(batch, self.out_channels, depth, height, width)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1, 1)
         return y
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -149,6 +172,12 @@ class ChannelwiseConv2d(_ChannelwiseConvNd):
     """Channel-wise convolution standing in for a 1x1 Conv2d (dc shared weights per kernel)."""
 
     spatial_dims = 2
+
+
+class ChannelwiseConv3d(_ChannelwiseConvNd):
+    """Channel-wise convolution standing in for a 1x1x1 Conv3d (dc shared weights per kernel)."""
+
+    spatial_dims = 3
 
 
 class _GroupChannelwiseConvNd(nn.Module):
@@ -219,3 +248,10 @@ class GroupChannelwiseConv2d(_GroupChannelwiseConvNd):
 
     conv_class = nn.Conv2d
     channelwise_class = ChannelwiseConv2d
+
+
+class GroupChannelwiseConv3d(_GroupChannelwiseConvNd):
+    """Grouped 1x1x1 Conv3d fused across groups by a group channel-wise convolution (ChannelNets)."""
+
+    conv_class = nn.Conv3d
+    channelwise_class = ChannelwiseConv3d

@@ -113,3 +113,9 @@ class LogGroupConv2d(_LogGroupConvNd):
     """Conv2d split into logarithmic filter groups (recursive halving of the channels)."""
 
     conv_class = nn.Conv2d
+
+
+class LogGroupConv3d(_LogGroupConvNd):
+    """Conv3d split into logarithmic filter groups (recursive halving of the channels)."""
+
+    conv_class = nn.Conv3d

@@ -78,3 +78,9 @@ class SeparableConv2d(_SeparableConvNd):
     """Depthwise Conv2d (groups=in_channels, channel multiplier) then a pointwise Conv2d."""
 
     conv_class = nn.Conv2d
+
+
+class SeparableConv3d(_SeparableConvNd):
+    """Depthwise Conv3d (groups=in_channels, channel multiplier) then a pointwise Conv3d."""
+
+    conv_class = nn.Conv3d

@@ -6,7 +6,7 @@ grouped layer then reads every group. (The Keras ``_shuffle`` of the seed docume
 (C/groups, groups) instead, which is the inverse permutation; the two agree only when
 groups * groups == C.) ``ChannelPermutation`` is any fixed reordering of channels.
 
-``GroupShuffleConv1d`` / ``GroupShuffleConv2d`` are an ``nn.Sequential`` of a grouped conv named
+``GroupShuffleConv1d`` / ``2d`` / ``3d`` are an ``nn.Sequential`` of a grouped conv named
 ``conv`` and a permutation named ``shuffle`` (the fixed ShuffleNet shuffle, or a general
 permutation). The rewrite rule lays the grouped conv's output channels out so that, after the
 permutation, every channel sits at its original index: downstream layers keep their meaning. This
@@ -126,3 +126,9 @@ class GroupShuffleConv2d(_GroupShuffleConvNd):
     """Grouped Conv2d followed by a channel shuffle (or a general channel permutation)."""
 
     conv_class = nn.Conv2d
+
+
+class GroupShuffleConv3d(_GroupShuffleConvNd):
+    """Grouped Conv3d followed by a channel shuffle (or a general channel permutation)."""
+
+    conv_class = nn.Conv3d

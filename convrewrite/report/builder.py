@@ -246,6 +246,7 @@ def build_report(result: EngineResult) -> Report:
         "leaves": [asdict(leaf) for leaf in trace.leaves],
         "failure": trace.failure,
         "checked": trace.checked,
+        "specialized": {name: repr(value) for name, value in (trace.specialized or {}).items()},
     }
     rules = [{"name": rule.name, "spec": rule.spec(), "options": config_as_dict(rule.config)} for rule in result.rules]
     # Metrics named "before:NAME" were measured on the original model (a user's evaluate(), say).

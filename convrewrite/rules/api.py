@@ -71,6 +71,11 @@ class ConvSite:
     calls: int = 1
     aliases: tuple[str, ...] = ()
     explicit: bool = False
+    #: For a conv subclass whose forward computes another conv than its attributes say (TF "SAME"
+    #: padding at run time, weight standardization): ``module`` is a plain conv computing what it
+    #: computes, and this (``engine.conv_subclasses.ComputedConv``) holds the model's own module
+    #: and the padding the replacement needs in front.
+    computed: Any = None
 
     @property
     def conv_dims(self) -> int:
@@ -349,8 +354,6 @@ def common_skip_reason(site: ConvSite, config: RuleConfig) -> str | None:
     kind = type(module).__name__
     if "Transpose" in kind:
         return f"transposed conv ({kind}) is not rewritten"
-    if len(getattr(module, "kernel_size", ())) == 3:
-        return f"{kind}: only Conv1d and Conv2d are rewritten"
     reason = selection_reason(site.name, config)
     if reason:
         return reason

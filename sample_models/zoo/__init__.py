@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ZOO_DIR = Path(__file__).resolve().parent
+#: Packages some zoo models import as if they were installed (the zoo test puts it on ``sys.path``).
+SITE_DIR = ZOO_DIR.parent / "zoo_site"
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,12 @@ class ZooModel:
     #: How convrewrite must trace it: "fx", "fx+leaves" (with these leaves) or "eager".
     trace: str = "fx"
     leaves: tuple[str, ...] = ()
+    #: Imports a package from ``SITE_DIR``, which must be on ``sys.path``.
+    needs_site: bool = False
+    #: Layers every rule must leave alone, each with a fragment of the reason it must give.
+    skipped: tuple[tuple[str, str], ...] = ()
+    #: Layers the ``separable`` rule must rewrite (dense KxK convs, whatever their class).
+    separable_rewrites: tuple[str, ...] = ()
 
     @property
     def path(self) -> str:
@@ -62,9 +70,55 @@ ZOO: tuple[ZooModel, ...] = (
     ZooModel("dict_output", "dict_output.py", None, "dict output with a list inside"),
     ZooModel("containers", "containers.py", None, "ModuleList, ModuleDict (non-identifier key), nested Sequential"),
     ZooModel("functional_conv", "functional_conv.py", None, "F.conv2d on a registered parameter"),
-    ZooModel("conv3d", "conv3d.py", None, "Conv3d"),
+    ZooModel(
+        "conv3d",
+        "conv3d.py",
+        ((1, 3, 4, 16, 16),),
+        "Conv3d: 3x7x7 stem, (2+1)D, 3x3x3, 1x1x1 around a depthwise 3-D conv",
+        skipped=(("depthwise", "already depthwise (groups=64)"),),
+        separable_rewrites=("stem.0", "block.0", "block.2", "cube"),
+    ),
     ZooModel("padding", "padding.py", None, "padding_mode reflect / circular, padding='same' with even kernels"),
     ZooModel("tdnn", "tdnn.py", ((1, 40, 50),), "TDNN Conv1d stack with dilation, statistics pooling"),
+    ZooModel(
+        "hybrid_attention",
+        "hybrid_attention.py",
+        None,
+        "conv stem + attention with a bias gathered by an index buffer and cached per device; a leaf after it",
+        trace="fx+leaves",
+        leaves=("gate",),
+    ),
+    ZooModel(
+        "audio_flags",
+        "audio_flags.py",
+        None,
+        "forward(x, mixup_lambda=None, embed=False): flags traced as their defaults; numpy at import",
+    ),
+    ZooModel(
+        "vit_hybrid",
+        "vit_hybrid.py",
+        None,
+        "conv stem + nn.TransformerEncoder + nn.MultiheadAttention pooling (fused fast paths in eval)",
+    ),
+    ZooModel(
+        "conv_subclasses",
+        "conv_subclasses.py",
+        None,
+        "conv subclasses: TF 'SAME' padding at run time, weight standardization, a conv as a banded linear layer",
+        trace="fx+leaves",
+        leaves=("stem", "down", "even"),
+        skipped=(("band", "its forward is not padding followed by one convolution"),),
+        separable_rewrites=("stem", "down", "even", "body.0", "body.2"),
+    ),
+    ZooModel(
+        "custom_op",
+        "custom_op.py",
+        None,
+        "an installed library that registers a torch operator at import (imported again by model.py)",
+        trace="fx+leaves",
+        leaves=("clip",),
+        needs_site=True,
+    ),
 )
 
 
@@ -75,4 +129,4 @@ def zoo_model(name: str) -> ZooModel:
     raise KeyError(name)
 
 
-__all__ = ["ZOO", "ZOO_DIR", "ZooModel", "zoo_model"]
+__all__ = ["SITE_DIR", "ZOO", "ZOO_DIR", "ZooModel", "zoo_model"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from convrewrite.engine.conv_subclasses import finish_replacement, original_module, resolve_conv_subclasses
 from convrewrite.engine.modules import CONV_TYPES, install, module_aliases, parameter_users, tie_mismatch
 from convrewrite.engine.profiling import CallRecord, ModelProfile
 from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
@@ -26,8 +27,12 @@ from convrewrite.report.log import RewriteRecord, SkipRecord
 from convrewrite.rules.api import ConvSite, Rule, is_explicit, selection_reason
 
 
-def collect_sites(model: nn.Module, current: ModelProfile) -> list[ConvSite]:
-    """Every conv module with the shapes of its first call on the example input."""
+def collect_sites(model: nn.Module, current: ModelProfile) -> tuple[list[ConvSite], list[SkipRecord]]:
+    """Every conv module with the shapes of its first call on the example input.
+
+    A conv subclass whose forward computes something else than its class's stock conv is offered
+    as the plain conv it really computes, or left out with the reason (``conv_subclasses.py``).
+    """
     aliases = module_aliases(model)
     sites: list[ConvSite] = []
     calls_of: dict[str, list[CallRecord]] = {}
@@ -52,15 +57,17 @@ def collect_sites(model: nn.Module, current: ModelProfile) -> list[ConvSite]:
                 aliases=tuple(n for n in names if n != name),
             )
         )
-    return sites
+    shapes = {n: [tuple(r.input_shapes[0]) for r in calls if r.input_shapes] for n, calls in calls_of.items()}
+    sites, unresolved = resolve_conv_subclasses(model, sites, shapes)
+    return sites, [SkipRecord(u.name, "*", u.type, u.reason) for u in unresolved]
 
 
-def functional_conv_notes(current: ModelProfile) -> list[SkipRecord]:
+def functional_conv_notes(model: nn.Module, current: ModelProfile) -> list[SkipRecord]:
     """Convolutions computed by ``F.conv*d`` inside a forward: reported, never rewritten."""
-    conv_type_names = {t.__name__ for t in CONV_TYPES}
+    conv_modules = {name for name, module in model.named_modules() if isinstance(module, CONV_TYPES)}
     notes: dict[tuple[str, str], SkipRecord] = {}
     for record in current.records:
-        if record.macs_by_kind.get("convolution") and record.type not in conv_type_names:
+        if record.macs_by_kind.get("convolution") and record.name not in conv_modules:
             owner = record.name or "(model)"
             notes[(owner, record.type)] = SkipRecord(
                 owner, "*", record.type, "functional convolution (F.conv*d in forward), not a module: left as is"
@@ -75,6 +82,8 @@ class RuleOutcome:
     rewrites: list[RewriteRecord] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
     originals: dict[str, nn.Module] = field(default_factory=dict)
+    #: Convs no rule may touch (conv subclasses that compute something else), reported once.
+    unresolved: list[SkipRecord] = field(default_factory=list)
 
 
 def apply_rule(rule: Rule, model: nn.Module, current: ModelProfile, earlier: list[RewriteRecord]) -> RuleOutcome:
@@ -84,7 +93,8 @@ def apply_rule(rule: Rule, model: nn.Module, current: ModelProfile, earlier: lis
         register_block(block)
     users = parameter_users(model)
     done: dict[int, nn.Module] = {}
-    for site in collect_sites(model, current):
+    sites, outcome.unresolved = collect_sites(model, current)
+    for site in sites:
         module = site.module
         if id(module) in done:
             continue
@@ -113,7 +123,7 @@ def apply_rule(rule: Rule, model: nn.Module, current: ModelProfile, earlier: lis
                     f"rule {rule.name!r} cannot rewrite {site.name}, which you named explicitly: {reason}",
                     hint="change the rule's options or leave that layer out of include",
                 )
-            outcome.skipped.append(SkipRecord(site.name, rule.name, type(module).__name__, reason))
+            outcome.skipped.append(SkipRecord(site.name, rule.name, type(original_module(site)).__name__, reason))
             continue
         try:
             cost = rule.cost(site)
@@ -122,7 +132,7 @@ def apply_rule(rule: Rule, model: nn.Module, current: ModelProfile, earlier: lis
             raise
         except Exception as exc:
             raise ModelError(f"rule {rule.name!r} failed on layer {site.name}: {describe(exc)}") from exc
-        new_module = replacement.module
+        new_module = finish_replacement(site, replacement.module, replacement.notes)
         for part in new_module.modules():
             register_replacement(part)  # traced as a leaf, written out as a named layer
         if site.calls == 0:
@@ -151,7 +161,7 @@ def apply_rule(rule: Rule, model: nn.Module, current: ModelProfile, earlier: lis
             RewriteRecord(
                 name=site.name,
                 rule=rule.name,
-                type_before=type(module).__name__,
+                type_before=type(original_module(site)).__name__,
                 type_after=type(new_module).__name__,
                 calls=site.calls,
                 params_before=params_before,
@@ -188,11 +198,12 @@ class RewriteStage(Stage):
 
     def run(self, state: RunState) -> StageOutcome:
         assert state.current is not None
-        if self.first:
-            state.log.skipped.extend(functional_conv_notes(state.current))
-            if state.settings.get("keep_reference") and state.reference is None:
-                state.reference = _frozen_copy(state.model)
+        if self.first and state.settings.get("keep_reference") and state.reference is None:
+            state.reference = _frozen_copy(state.model)
+        functional = functional_conv_notes(state.model, state.current) if self.first else []
         outcome = apply_rule(self.rule, state.model, state.current, state.log.rewrites)
+        if self.first:
+            state.log.skipped.extend([*outcome.unresolved, *functional])
         for name, module in outcome.originals.items():
             state.originals.setdefault(name, module)
         state.log.skipped.extend(outcome.skipped)

@@ -19,7 +19,7 @@ from convrewrite.engine.loading import ExampleInputs
 from convrewrite.engine.profiling import ModelProfile
 from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
 from convrewrite.engine.state import RunState
-from convrewrite.engine.tracing import LeafAwareTracer, TraceResult, placeholder_values, trace
+from convrewrite.engine.tracing import LeafAwareTracer, TraceResult, default_arguments, placeholder_values, trace
 from convrewrite.errors import first_line
 
 
@@ -52,7 +52,8 @@ def verified_trace(
     calls: ModelProfile | None = None,
 ) -> TraceResult:
     """Trace, and check that the graph does what the model does on the example input."""
-    traced = trace(model, leaf_names)
+    # Forward flags without an example input are traced as their defaults (fx guards them).
+    traced = trace(model, leaf_names, default_arguments(model, inputs))
     if traced.graph_module is None:
         return traced
     if calls is not None:

@@ -38,7 +38,7 @@ class VerifyStage(Stage):
         if before_trace.graph_module is None:
             state.rewritten_trace = TraceResult(None, "eager", before_trace.leaves, failure=before_trace.failure)
             return StageOutcome(False, "no graph to verify (eager mode)")
-        rewritten = trace(state.model, before_trace.leaf_names)
+        rewritten = trace(state.model, before_trace.leaf_names, before_trace.specialized)
         if rewritten.graph_module is None:
             raise ModelError(f"the rewritten model no longer traces: {rewritten.failure}")
         graph_module = rewritten.graph_module
