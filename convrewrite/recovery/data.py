@@ -149,7 +149,7 @@ class InputForm:
         return [_Leaf(path, tuple(t.shape[1:]), t.dtype) for path, t in self.example.tensors()]
 
     def describe(self) -> str:
-        parts = [f"{leaf.path} {_shape_text(leaf.shape)} {_dtype_text(leaf.dtype)}" for leaf in self.leaves()]
+        parts = [f"{leaf.path}: {_shape_text(leaf.shape)} {_dtype_text(leaf.dtype)}" for leaf in self.leaves()]
         return ", ".join(parts) if parts else "no tensors"
 
     def name_of(self, index: int) -> str:
@@ -902,7 +902,9 @@ def _tensor_batches_from(
         raise UsageError(f"{where}: expected a tensor or named tensors, found {type(content).__name__}")
     reason = form.mismatch(batch)
     if reason is not None:
-        raise UsageError(f"{where}: expected inputs {form.describe()}, found {_found_text(batch.args or batch.kwargs)}")
+        given = [*batch.args, *batch.kwargs.values()]
+        found = _found_text(given[0]) if len(given) == 1 else _found_text(given)
+        raise UsageError(f"{where}: expected inputs {form.describe()}, found {found}")
     count = _sample_count(batch, where)
     _check_count(count, holdout, where)
     # Checked in slices: a whole-set float64 copy is what a big file must not cost twice.
