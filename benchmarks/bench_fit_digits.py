@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["digits", "tdnn"], default=None)
     parser.add_argument("--verbose", action="store_true", help="per-layer errors")
+    parser.add_argument("--rule", action="append", default=None, help="only these rule specs (comma: a composition)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="convrewrite-fit-"))
@@ -164,7 +165,7 @@ def main() -> None:
             "DigitsCNN (Conv2d)",
             model_file,
             weights,
-            RULES,
+            [r.split("+") for r in args.rule] if args.rule else RULES,
             train_x,
             (train_x, train_y),
             (test_x, test_y),
@@ -186,7 +187,7 @@ def main() -> None:
             "TDNN (Conv1d) on generated tones and chirps",
             model_file,
             weights,
-            TDNN_RULES,
+            [r.split("+") for r in args.rule] if args.rule else TDNN_RULES,
             train_x,
             (train_x, train_y),
             (test_x, test_y),
