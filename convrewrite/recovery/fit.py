@@ -69,6 +69,8 @@ from convrewrite.errors import ModelError, describe
 from convrewrite.recovery.batches import Batch, BatchSource, Split
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+#: Rounds of (gradient steps, closed-form solve) when a layer's fit split is cached.
+_ROUNDS = 4
 #: Rows x unknowns of one float64 chunk of patches (32 MiB): bounds im2col's memory per step.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -126,12 +128,20 @@ class FitResult:
 
 @dataclass
 class BatchNormResult:
-    """BatchNorm statistics re-estimated as cumulative averages over the fit split."""
+    """BatchNorm statistics re-estimated as cumulative averages over the fit split.
+
+    With a reference model, ``output_error_before``/``_after`` are the relative output errors
+    against it on the fit split, and ``kept`` says whether the new statistics were kept (only
+    when they lower that error).
+    """
 
     modules: int = 0
     batches: int = 0
     samples: int = 0
     seconds: float = 0.0
+    kept: bool = True
+    output_error_before: float | None = None
+    output_error_after: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -847,16 +857,22 @@ def _fit_layer(
     rest = [p for p in block.parameters() if p.requires_grad and id(p) not in terminal_parameters]
     if steps > 0 and (rest or covered < block_channels):
         energy_per_element = energy / max(elements_f, 1.0)
-        record.gradient_steps = _gradient_steps(block, layer_data.cycle(), steps, lr, energy_per_element, world)
-        # Pass 2: the loss after the gradient steps, and the terminals solved again given the new rest.
-        error2, energy2, _ = _accumulate_pass(block, terminals, layer_data.pairs("fit"), device)
-        error2, energy2 = _all_reduce_floats([error2, energy2], world, device)
-        for terminal in terminals:
-            terminal.all_reduce(world)
-        candidates.append((error2, "gradient", _snapshot(block)))
-        if terminals:
-            resolved = _solve_terminals(terminals, ridge, error2)
-            candidates.append((resolved, "gradient+closed-form", _snapshot(block)))
+        # With the fit split cached, a closed-form solve costs one cheap pass: alternate a few
+        # rounds of gradient steps with solves (the solved part then guides the gradient part).
+        rounds = _ROUNDS if terminals and layer_data.complete["fit"] else 1
+        batches = layer_data.cycle()
+        for round_index in range(rounds):
+            share = steps // rounds + (1 if round_index < steps % rounds else 0)
+            record.gradient_steps += _gradient_steps(block, batches, share, lr, energy_per_element, world)
+            # The loss after these steps, and the terminals solved again given the new rest.
+            error2, energy2, _ = _accumulate_pass(block, terminals, layer_data.pairs("fit"), device)
+            error2, energy2 = _all_reduce_floats([error2, energy2], world, device)
+            for terminal in terminals:
+                terminal.all_reduce(world)
+            candidates.append((error2, "gradient", _snapshot(block)))
+            if terminals:
+                resolved = _solve_terminals(terminals, ridge, error2)
+                candidates.append((resolved, "gradient+closed-form", _snapshot(block)))
 
     best_error, best_label, best_state = min(candidates, key=lambda c: c[0])
     block.load_state_dict(best_state)
@@ -905,7 +921,7 @@ def fit_layers(
     data: BatchSource,
     *,
     device: torch.device | str = "cpu",
-    steps: int = 200,
+    steps: int = 300,
     lr: float = 1e-2,
     ridge: float = 1e-7,
     cache_mb: float = 512.0,
@@ -1002,18 +1018,43 @@ def fit_layers(
     return result
 
 
+def _output_error(reference: nn.Module, model: nn.Module, data: BatchSource, device: torch.device) -> float:
+    """Relative output error of ``model`` against ``reference`` over this rank's fit shard (all-reduced)."""
+    rank, world = distributed_world()
+    error = energy = 0.0
+    reference.to(device).eval()
+    model.to(device).eval()
+    with torch.no_grad():
+        for batch in data.batches("fit", rank=rank, world_size=world):
+            batch = batch.to(device)
+            for a, b in zip(tree_flatten(batch.call(reference))[0], tree_flatten(batch.call(model))[0]):
+                if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                    error += float((b.to(torch.float64) - a.to(torch.float64)).pow(2).sum())
+                    energy += float(a.to(torch.float64).pow(2).sum())
+    error, energy = _all_reduce_floats([error, energy], world, device)
+    return _relative(error, energy)
+
+
 def reestimate_batchnorm(
     model: nn.Module,
     data: BatchSource,
     *,
     device: torch.device | str = "cpu",
     split: Split = "fit",
+    reference: nn.Module | None = None,
 ) -> BatchNormResult:
     """Recompute every BatchNorm's running mean and variance as cumulative averages over ``split``.
 
     Only the BatchNorm layers run in training mode (dropout and the rest stay in eval); batches
     stream, so memory does not depend on the data set. Under ``torch.distributed`` each rank
     streams its shard and the statistics are averaged across ranks.
+
+    With ``reference`` (the original model), the new statistics are kept only if they bring the
+    output closer to the reference's on the fit split. After fitting they often do not: fitting
+    reproduces the original layer outputs *with* the original statistics, and a fitted output that
+    is a damped least-squares image of the original gets re-inflated by new variances (measured on
+    the digits CNN with ``separable``: 0.94 test accuracy after fitting, 0.15 after re-estimating
+    unconditionally).
     """
     start = time.perf_counter()
     device = torch.device(device)
@@ -1021,6 +1062,11 @@ def reestimate_batchnorm(
     result = BatchNormResult(modules=len(norms))
     if not norms:
         return result
+    saved = {id(norm): _snapshot(norm) for norm in norms} if reference is not None else {}
+    modes_before = {id(m): m.training for m in model.modules()}
+    if reference is not None:
+        reference_modes = {id(m): m.training for m in reference.modules()}
+        result.output_error_before = _output_error(reference, model, data, device)
     rank, world = distributed_world()
     home = _device_of(model)
     modes = {id(m): m.training for m in model.modules()}
@@ -1053,6 +1099,19 @@ def reestimate_batchnorm(
         for module in model.modules():
             module.train(modes.get(id(module), False))
         model.to(home)
+    if reference is not None:
+        reference_home = _device_of(reference)
+        result.output_error_after = _output_error(reference, model, data, device)
+        reference.to(reference_home)
+        for module in reference.modules():
+            module.train(reference_modes.get(id(module), False))
+        for module in model.modules():
+            module.train(modes_before.get(id(module), False))
+        model.to(home)
+        if result.output_error_before is not None and result.output_error_after > result.output_error_before:
+            result.kept = False
+            for norm in norms:
+                norm.load_state_dict(saved[id(norm)])
     result.seconds = time.perf_counter() - start
     return result
 
