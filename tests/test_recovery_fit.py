@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,26 @@ def test_holdout_samples_never_reach_the_optimiser_or_batchnorm() -> None:
     assert torch.allclose(rewritten.bn1.running_mean, expected_mean, atol=1e-5)
 
 
+def test_batchnorm_statistics_are_kept_only_when_they_help() -> None:
+    torch.manual_seed(12)
+    x = smooth_images(40, 4, 8)
+    data = TensorBatches((x,), batch_size=10, holdout=0.25)
+    reference = Net2d().eval()
+    reestimate_batchnorm(reference, data)  # the reference's statistics come from these very samples
+    corrupted = copy.deepcopy(reference)
+    corrupted.bn1.running_mean.add_(3.0)
+    result = reestimate_batchnorm(corrupted, data, reference=reference)
+    assert result.kept and result.output_error_before > 0.1 and result.output_error_after < 1e-6
+    assert torch.allclose(corrupted.bn1.running_mean, reference.bn1.running_mean)
+    shifted = copy.deepcopy(reference)
+    data_shifted = TensorBatches((x + 1.0,), batch_size=10, holdout=0.25)  # other data, other statistics
+    saved = copy.deepcopy(shifted.bn1.state_dict())
+    result = reestimate_batchnorm(shifted, data_shifted, reference=reference)
+    assert not result.kept and result.output_error_before == 0.0 and result.output_error_after > 0
+    for key, value in saved.items():
+        assert torch.equal(shifted.bn1.state_dict()[key], value), key
+
+
 def test_each_pass_stops_at_the_layer_being_fitted() -> None:
     torch.manual_seed(7)
     x = smooth_images(32, 4, 8)
@@ -347,7 +368,7 @@ def test_two_processes_all_reduce_to_one_model(tmp_path: Path) -> None:
         args=(2, str(tmp_path / "init"), str(tmp_path)),
         nprocs=2,
         join=True,
-        start_method="spawn",
+        start_method="fork" if sys.platform == "linux" else "spawn",  # fork: no second torch import
     )
     for steps in (0, 3):
         first = torch.load(tmp_path / f"steps{steps}-rank0.pt", weights_only=True)
