@@ -20,7 +20,7 @@ Calibration data is the *training* images without labels
 the test images, which neither fitting nor BatchNorm re-estimation ever see.
 
     pip install scikit-learn
-    python benchmarks/bench_fit_digits.py [--epochs 30] [--steps 300] [--lr 0.01] [--threads 2]
+    python benchmarks/bench_fit_digits.py [--epochs 30] [--steps 500] [--lr 0.02] [--threads 2]
 """
 
 from __future__ import annotations
@@ -118,14 +118,15 @@ def run_table(
         seconds = time.perf_counter() - start
         fitted_acc = accuracy(fitted, test_x, test_y)
         agree_fit = measure_fidelity(original, fitted, data)
-        kept = reestimate_batchnorm(fitted, data, reference=original).kept
+        batchnorm = reestimate_batchnorm(fitted, data, reference=original)
+        kept = "*" if batchnorm.kept and batchnorm.modules else " "
         fitted_bn = accuracy(fitted, test_x, test_y)
         tuned = copy.deepcopy(rewritten)
         train(tuned, train_xy[0], train_xy[1], args.finetune, 3e-4)
         assert agree_transfer is not None and agree_fit is not None
         print(
             f"{' then '.join(specs):<36} {parameters(rewritten):>8,} {transfer:>8.3f} "
-            f"{accuracy(with_bn, test_x, test_y):>6.3f} {fitted_acc:>6.3f} {fitted_bn:>6.3f}{'*' if kept else ' '} "
+            f"{accuracy(with_bn, test_x, test_y):>6.3f} {fitted_acc:>6.3f} {fitted_bn:>6.3f}{kept} "
             f"{accuracy(tuned, test_x, test_y):>7.3f} {seconds:>6.1f} {agree_transfer.agreement or 0:>8.3f} "
             f"{agree_fit.agreement or 0:>9.3f}"
         )
@@ -142,8 +143,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=30, help="training epochs of the original models")
     parser.add_argument("--finetune", type=int, default=5, help="epochs of the labelled fine-tuning comparison")
-    parser.add_argument("--steps", type=int, default=300, help="gradient steps per layer")
-    parser.add_argument("--lr", type=float, default=1e-2, help="fitting learning rate (relative to parameter RMS)")
+    parser.add_argument("--steps", type=int, default=500, help="gradient steps per layer")
+    parser.add_argument("--lr", type=float, default=2e-2, help="fitting learning rate (relative to parameter RMS)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", choices=["digits", "tdnn"], default=None)

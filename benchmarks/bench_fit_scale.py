@@ -6,7 +6,7 @@ in its own process so that its peak resident memory (``ru_maxrss``) is its own; 
 memory before fitting (model, rewritten copy, data) is printed too, so the difference is what
 fitting itself costs. ``--cache-mb`` bounds the per-layer cache of (input, target) pairs.
 
-    python benchmarks/bench_fit_scale.py [--images 64 128 256] [--rule separable] [--steps 200]
+    python benchmarks/bench_fit_scale.py [--images 64 128 256] [--rule separable] [--steps 500]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--rule", default="separable")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cache-mb", type=float, default=512.0)
     parser.add_argument("--threads", type=int, default=2)
