@@ -20,7 +20,7 @@ Calibration data is the *training* images without labels
 the test images, which neither fitting nor BatchNorm re-estimation ever see.
 
     pip install scikit-learn
-    python benchmarks/bench_fit_digits.py [--epochs 30] [--steps 500] [--lr 0.02] [--threads 2]
+    python benchmarks/bench_fit_digits.py [--epochs 30] [--steps 500] [--lr 0.02] [--threads 1]
 """
 
 from __future__ import annotations

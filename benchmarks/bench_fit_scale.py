@@ -31,7 +31,7 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def one_run(images: int, rule: str, steps: int, batch_size: int, cache_mb: float, threads: int) -> dict:
+def one_run(images: int, rule: str, steps: int, batch_size: int, cache_mb: float, threads: int, layers: int) -> dict:
     import torch
 
     from convrewrite.engine.loading import load_model
@@ -45,6 +45,8 @@ def one_run(images: int, rule: str, steps: int, batch_size: int, cache_mb: float
     original = copy.deepcopy(loaded.model)
     result = analyse(loaded, [make_rule(rule)])
     names = [record.name for record in result.rewrites]
+    if layers:
+        names = names[:layers]  # a growth study on the first layers only (cheaper prefixes)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(images, 3, 224, 224, generator=generator)
     data = calibration_data_from(pixels, example=loaded, batch_size=batch_size, holdout=0.1)
@@ -77,14 +79,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cache-mb", type=float, default=512.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=0, help="fit only the first N rewritten layers (0: all)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(one_run(args.child, args.rule, args.steps, args.batch_size, args.cache_mb, args.threads)))
+        print(
+            json.dumps(
+                one_run(args.child, args.rule, args.steps, args.batch_size, args.cache_mb, args.threads, args.layers)
+            )
+        )
         return
     print(
         f"ResNet-50 at 224x224, rule {args.rule}, {args.steps} gradient steps per layer, batch {args.batch_size}, "
-        f"cache {args.cache_mb:.0f} MiB, {args.threads} threads"
+        f"cache {args.cache_mb:.0f} MiB, {args.threads} threads, layers fitted: {args.layers or 'all'}"
     )
     header = (
         f"{'images':>6} {'layers':>6} {'fit s':>8} {'BN s':>6} {'RSS before MiB':>14} {'peak RSS MiB':>12} "
