@@ -1,0 +1,150 @@
+"""How close a rewritten model stays to the original on held-out data, and the user's own metric.
+
+``measure_fidelity`` streams one split (the holdout split by default: samples never fitted on)
+through both models and sums, over every output tensor, the squared difference, both energies and
+the dot product in float64, so the figures are exact over the whole split whatever the batch size
+and memory stays at one batch. For a model whose output is one tensor shaped (N, classes), the
+top-1 agreement with the reference is counted too (labels are not needed: it says how often the
+rewritten model picks the class the original picks).
+
+``run_evaluate`` calls the model file's ``evaluate(model) -> float | dict[str, float]`` (the
+user's task metric, on their own labelled data) and normalises the result to ``dict[str, float]``;
+a single number is reported under the name ``score``. Any problem is one line naming what was
+expected and what was found.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from convrewrite.errors import ModelError, describe
+from convrewrite.recovery.batches import BatchSource, Split
+
+#: The name a single-number ``evaluate()`` result is reported under.
+SINGLE_SCORE = "score"
+
+
+@dataclass
+class HoldoutFidelity:
+    """Output fidelity of a candidate against a reference over one split of the calibration data."""
+
+    output_relative_error: float
+    cosine_similarity: float
+    agreement: float | None
+    samples: int
+    split: str = "holdout"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def measure_fidelity(
+    reference: nn.Module,
+    candidate: nn.Module,
+    data: BatchSource,
+    split: Split = "holdout",
+    device: torch.device | str = "cpu",
+) -> HoldoutFidelity | None:
+    """Relative output error, cosine similarity and (for (N, classes) outputs) top-1 agreement.
+
+    None when the split is empty. Both models run in eval mode on ``device`` and are put back
+    where they were, in the mode they were in.
+    """
+    device = torch.device(device)
+    homes = [next(iter([*m.parameters(), *m.buffers()]), torch.empty(0)).device for m in (reference, candidate)]
+    modes = [m.training for m in (reference, candidate)]
+    squared_difference = reference_energy = candidate_energy = dot = 0.0
+    agreeing = classified = samples = 0
+    reference.to(device).eval()
+    candidate.to(device).eval()
+    try:
+        with torch.no_grad():
+            for batch in data.batches(split):
+                batch = batch.to(device)
+                expected = _tensors(batch.call(reference))
+                got = _tensors(batch.call(candidate))
+                if [t.shape for t in expected] != [t.shape for t in got]:
+                    raise ModelError(
+                        f"the rewritten model's outputs {[tuple(t.shape) for t in got]} differ in shape from the "
+                        f"original's {[tuple(t.shape) for t in expected]}"
+                    )
+                for a, b in zip(expected, got):
+                    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+                    squared_difference += float((b64 - a64).pow(2).sum())
+                    reference_energy += float(a64.pow(2).sum())
+                    candidate_energy += float(b64.pow(2).sum())
+                    dot += float((a64 * b64).sum())
+                if len(expected) == 1 and expected[0].dim() == 2 and expected[0].shape[1] > 1:
+                    agreeing += int((expected[0].argmax(dim=1) == got[0].argmax(dim=1)).sum())
+                    classified += int(expected[0].shape[0])
+                samples += batch.size
+    finally:
+        for model, home, mode in zip((reference, candidate), homes, modes):
+            model.to(home)
+            model.train(mode)
+    if samples == 0:
+        return None
+    if reference_energy > 0:
+        relative = math.sqrt(squared_difference / reference_energy)
+    else:
+        relative = 0.0 if squared_difference == 0 else math.inf
+    denominator = math.sqrt(reference_energy * candidate_energy)
+    cosine = dot / denominator if denominator > 0 else (1.0 if squared_difference == 0 else 0.0)
+    agreement = agreeing / classified if classified else None
+    return HoldoutFidelity(relative, cosine, agreement, samples, split)
+
+
+def run_evaluate(evaluate: Callable[[nn.Module], Any], model: nn.Module, which: str) -> dict[str, float]:
+    """Call the user's ``evaluate(model)`` and return its metrics as ``dict[str, float]``.
+
+    ``which`` names the model in messages ("the original model", "the rewritten model").
+    A float (or int, or one-element tensor) becomes ``{"score": value}``.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            value = evaluate(model)
+    except Exception as exc:
+        raise ModelError(
+            f"evaluate() raised {describe(exc)} on {which}", hint="fix evaluate() in the model file"
+        ) from exc
+    finally:
+        model.train(was_training)
+    if isinstance(value, dict):
+        if not value:
+            raise ModelError(f"evaluate() on {which}: expected a number or a dict of numbers, found an empty dict")
+        return {_metric_name(key, which): _number(item, f"evaluate()[{key!r}]", which) for key, item in value.items()}
+    return {SINGLE_SCORE: _number(value, "evaluate()", which)}
+
+
+def _metric_name(key: Any, which: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise ModelError(f"evaluate() on {which}: expected metric names as non-empty strings, found {key!r}")
+    return key
+
+
+def _number(value: Any, what: str, which: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ModelError(f"{what} on {which}: expected a number, found {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ModelError(f"{what} on {which}: expected a finite number, found {number}")
+    return number
+
+
+__all__ = ["SINGLE_SCORE", "HoldoutFidelity", "measure_fidelity", "run_evaluate"]
