@@ -217,4 +217,21 @@ def run_job(job: Job) -> Any:
         weights=Path(weights) if weights else None,
         input_source=input_source_label(job),
     )
-    return analyse(loaded, rules, settings={name: value.value for name, value in job.values.items()})
+    data = open_data(job, loaded) if rules else None
+    return analyse(loaded, rules, data=data, settings={name: value.value for name, value in job.values.items()})
+
+
+def open_data(job: Job, loaded: Any) -> Any:
+    """The calibration data of ``--data`` (or ``calibration_data()`` in the model file), checked
+    against the loaded, not yet rewritten, model; None when there is none."""
+    from convrewrite.recovery.data import open_calibration_data
+
+    return open_calibration_data(
+        job.get("data"),
+        loaded,
+        holdout=job.get("holdout", 0.1),
+        # A DataLoader or stream keeps its own batches unless --batch-size is given.
+        batch_size=job.get("batch-size") if job.source("batch-size") != "default" else None,
+        mean=job.get("mean"),
+        std=job.get("std"),
+    )

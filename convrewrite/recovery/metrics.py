@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
+from convrewrite.engine.compare import OutputAgreement, output_shapes, same_structure
 from convrewrite.errors import ModelError, describe
 from convrewrite.recovery.batches import BatchSource, Split
 
@@ -41,13 +41,10 @@ class HoldoutFidelity:
     agreement: float | None
     samples: int
     split: str = "holdout"
+    max_abs_error: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 def measure_fidelity(
@@ -65,45 +62,30 @@ def measure_fidelity(
     device = torch.device(device)
     homes = [next(iter([*m.parameters(), *m.buffers()]), torch.empty(0)).device for m in (reference, candidate)]
     modes = [m.training for m in (reference, candidate)]
-    squared_difference = reference_energy = candidate_energy = dot = 0.0
-    agreeing = classified = samples = 0
+    sums = OutputAgreement()
     reference.to(device).eval()
     candidate.to(device).eval()
     try:
         with torch.no_grad():
             for batch in data.batches(split):
                 batch = batch.to(device)
-                expected = _tensors(batch.call(reference))
-                got = _tensors(batch.call(candidate))
-                if [t.shape for t in expected] != [t.shape for t in got]:
+                expected = batch.call(reference)
+                got = batch.call(candidate)
+                if not same_structure(expected, got):
                     raise ModelError(
-                        f"the rewritten model's outputs {[tuple(t.shape) for t in got]} differ in shape from the "
-                        f"original's {[tuple(t.shape) for t in expected]}"
+                        f"the rewritten model's outputs {output_shapes(got)} differ in shape from the "
+                        f"original's {output_shapes(expected)}"
                     )
-                for a, b in zip(expected, got):
-                    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
-                    squared_difference += float((b64 - a64).pow(2).sum())
-                    reference_energy += float(a64.pow(2).sum())
-                    candidate_energy += float(b64.pow(2).sum())
-                    dot += float((a64 * b64).sum())
-                if len(expected) == 1 and expected[0].dim() == 2 and expected[0].shape[1] > 1:
-                    agreeing += int((expected[0].argmax(dim=1) == got[0].argmax(dim=1)).sum())
-                    classified += int(expected[0].shape[0])
-                samples += batch.size
+                sums.add(expected, got, batch.size)
     finally:
         for model, home, mode in zip((reference, candidate), homes, modes):
             model.to(home)
             model.train(mode)
-    if samples == 0:
+    if sums.samples == 0:
         return None
-    if reference_energy > 0:
-        relative = math.sqrt(squared_difference / reference_energy)
-    else:
-        relative = 0.0 if squared_difference == 0 else math.inf
-    denominator = math.sqrt(reference_energy * candidate_energy)
-    cosine = dot / denominator if denominator > 0 else (1.0 if squared_difference == 0 else 0.0)
-    agreement = agreeing / classified if classified else None
-    return HoldoutFidelity(relative, cosine, agreement, samples, split)
+    return HoldoutFidelity(
+        sums.relative_error, sums.cosine_similarity, sums.agreement, sums.samples, split, sums.max_abs
+    )
 
 
 def run_evaluate(evaluate: Callable[[nn.Module], Any], model: nn.Module, which: str) -> dict[str, float]:

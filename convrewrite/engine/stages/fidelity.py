@@ -7,21 +7,23 @@ has data (never on samples anything was fitted on), otherwise on the example inp
 
 from __future__ import annotations
 
-import torch
-
-from convrewrite.engine.compare import OutputAgreement, agreement_of
+from convrewrite.engine.compare import agreement_of
 from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
 from convrewrite.engine.state import RunState
 from convrewrite.layers.dense import kernel_error
+from convrewrite.recovery.metrics import measure_fidelity
 from convrewrite.report.log import Fidelity, LayerFidelity
 
 
 def layer_fidelity(state: RunState) -> list[LayerFidelity]:
+    # After fitting or distillation the weights moved since the rewrite measured them.
+    changed_later = any(record.modified and not record.name.startswith("rewrite") for record in state.stages)
     layers = []
     for name, original in state.originals.items():
         touching = [r for r in state.rewrites if r.name == name or r.name.startswith(name + ".")]
         error: float | None
-        if len(touching) == 1 and touching[0].name == name and touching[0].kernel_error is not None:
+        one_rule = len(touching) == 1 and touching[0].name == name and touching[0].kernel_error is not None
+        if one_rule and not changed_later:
             error = touching[0].kernel_error  # one rule, already measured against the original
         else:
             try:
@@ -30,20 +32,6 @@ def layer_fidelity(state: RunState) -> list[LayerFidelity]:
                 error = None
         layers.append(LayerFidelity(name, [r.rule for r in touching], error))
     return layers
-
-
-def holdout_agreement(state: RunState) -> OutputAgreement | None:
-    """The rewritten model against the original on every held-out batch (None without data)."""
-    if state.data is None or state.reference is None or not state.data.count("holdout"):
-        return None
-    device = next((p.device for p in state.model.parameters()), torch.device("cpu"))
-    result = OutputAgreement()
-    state.model.eval()
-    with torch.no_grad():
-        for batch in state.data.batches("holdout"):
-            batch = batch.to(device)
-            result.add(batch.call(state.reference), batch.call(state.model), batch.size)
-    return result
 
 
 @register_stage
@@ -59,25 +47,30 @@ class FidelityStage(Stage):
 
     def run(self, state: RunState) -> StageOutcome:
         assert state.before is not None and state.after is not None
-        measured = holdout_agreement(state)
-        if measured is not None:
-            assert state.data is not None
-            where = f"{measured.samples:,} held-out calibration samples"
+        held_out = None
+        if state.data is not None and state.reference is not None:
+            held_out = measure_fidelity(state.reference, state.model, state.data)
+        if held_out is not None:
+            state.fidelity = Fidelity(
+                held_out.output_relative_error,
+                held_out.cosine_similarity,
+                held_out.max_abs_error,
+                layer_fidelity(state),
+                measured_on=f"{held_out.samples:,} held-out calibration samples",
+                samples=held_out.samples,
+                agreement=held_out.agreement,
+            )
         else:
+            # One example says nothing about top-1 agreement: it is only measured on held-out data.
             measured = agreement_of(state.before.output, state.after.output)
-            measured.top1_same = measured.top1_total = 0  # one example says nothing about top-1 agreement
-            where = "the example input"
-        state.fidelity = Fidelity(
-            measured.relative_error,
-            measured.cosine_similarity,
-            measured.max_abs,
-            layer_fidelity(state),
-            measured_on=where,
-            samples=max(measured.samples, 1),
-            agreement=measured.agreement,
+            state.fidelity = Fidelity(
+                measured.relative_error, measured.cosine_similarity, measured.max_abs, layer_fidelity(state)
+            )
+        fidelity = state.fidelity
+        state.metrics["output-error"] = fidelity.output_relative_error
+        state.metrics["cosine"] = fidelity.output_cosine_similarity
+        if fidelity.agreement is not None:
+            state.metrics["agreement"] = fidelity.agreement
+        return StageOutcome(
+            False, f"output relative error {fidelity.output_relative_error:.3g} on {fidelity.measured_on}"
         )
-        state.metrics["output-error"] = measured.relative_error
-        state.metrics["cosine"] = measured.cosine_similarity
-        if measured.agreement is not None:
-            state.metrics["agreement"] = measured.agreement
-        return StageOutcome(False, f"output relative error {measured.relative_error:.3g} on {where}")

@@ -17,7 +17,7 @@ from convrewrite.report.views.text import MACS_NOTE, shape_text
 # The built-in formats first, in the order --help lists them; then any other view module here.
 _BUILT_IN = ("table", "torchsummary", "json_view", "markdown")
 for _name in (*_BUILT_IN, *sorted(info.name for info in pkgutil.iter_modules(__path__))):
-    if _name not in ("registry", "text"):
+    if _name not in ("registry", "text", "sections"):
         importlib.import_module(f"{__name__}.{_name}")
 
 from convrewrite.report.views.torchsummary import render_torchsummary_block  # noqa: E402

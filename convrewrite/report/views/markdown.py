@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from convrewrite.report.model import Report
 from convrewrite.report.views.registry import register_view
+from convrewrite.report.views.sections import report_section_lines
 from convrewrite.report.views.table import layer_cells
 from convrewrite.report.views.text import MACS_NOTE, fidelity_lines, header_lines, number, ratio
 from convrewrite.report.views.text import md_row as _md_row
@@ -52,5 +53,7 @@ def render_markdown(report: Report, width: int = 120, color: bool = False) -> st
         if report.fidelity:
             for line in fidelity_lines(report):
                 lines += [line if line.endswith(".") else f"{line}.", ""]
+        for line in report_section_lines(report):
+            lines += [f"- {line.strip()}" if line.startswith("  ") else line, ""]
     lines.append(f"_{MACS_NOTE}_")
     return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from convrewrite.report.model import LayerRow, Report
 from convrewrite.report.views.registry import register_view
+from convrewrite.report.views.sections import report_section_lines
 from convrewrite.report.views.text import (
     MACS_NOTE,
     fidelity_lines,
@@ -93,4 +94,5 @@ def _rule_outcome(report: Report) -> list[str]:
         rule = "" if skip.rule == "*" else f"[{skip.rule}] "
         lines.append(f"  skipped {rule}{skip.name} ({skip.type}): {skip.reason}")
     lines += fidelity_lines(report)
+    lines += report_section_lines(report)
     return lines

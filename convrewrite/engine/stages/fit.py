@@ -1,0 +1,97 @@
+"""Stage ``fit``: win the accuracy back from calibration data, layer by layer.
+
+With calibration data (``--data``, or ``calibration_data()`` in the model file) and unless
+``--no-fit``: every rewritten layer, in the order the model calls it, is fitted to reproduce the
+original layer's output on the fit split, with its inputs taken from the partly rewritten model
+(asymmetric reconstruction; ``recovery/fit.py``), then BatchNorm statistics are re-estimated
+(kept only when they bring the output closer to the original's). The held-out fidelity of the
+plain transfer and of the fitted model go into the report's ``fitting`` section.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
+from convrewrite.engine.stages.profile import run_profile
+from convrewrite.engine.state import RunState
+from convrewrite.recovery.device import resolve_device
+from convrewrite.recovery.fit import BatchNormResult, FitProgress, FitResult, fit_layers, reestimate_batchnorm
+from convrewrite.recovery.metrics import HoldoutFidelity, measure_fidelity
+
+
+@dataclass
+class FittingSection:
+    """The report's ``fitting`` section."""
+
+    transfer: HoldoutFidelity | None
+    fitted: HoldoutFidelity | None
+    fit: FitResult
+    batchnorm: BatchNormResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fidelity": {
+                "transfer": self.transfer.to_dict() if self.transfer else None,
+                "fitted": self.fitted.to_dict() if self.fitted else None,
+            },
+            "layers": self.fit.to_dict(),
+            "batchnorm": self.batchnorm.to_dict(),
+        }
+
+
+def _progress(state: RunState) -> Any:
+    if state.settings.get("quiet") or not sys.stderr.isatty():
+        return None
+
+    def show(update: FitProgress) -> None:
+        text = f"fitting layer {update.index + 1}/{update.total}: {update.layer} ({update.phase})"
+        print(f"\r{text:<100}", end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+@register_stage
+class FitStage(Stage):
+    name = "fit"
+    order = 500
+    requires = ("reference", "after", "data")
+    ensures = ("after",)
+    needs_reference = True
+
+    @classmethod
+    def plan(cls, state: RunState) -> list[Stage]:
+        wanted = state.data is not None and bool(state.rules) and state.setting("fit", True)
+        return [cls()] if wanted else []
+
+    def run(self, state: RunState) -> StageOutcome:
+        assert state.reference is not None and state.data is not None
+        if not state.originals:
+            return StageOutcome(False, "nothing was rewritten: nothing to fit")
+        device = resolve_device(state.setting("device"))
+        reference, model, data = state.reference, state.model, state.data
+        transfer = measure_fidelity(reference, model, data, device=device)
+        fit = fit_layers(
+            reference,
+            model,
+            list(state.originals),
+            data,
+            device=device,
+            steps=int(state.setting("fit-steps", 500)),
+            progress=_progress(state),
+        )
+        batchnorm = reestimate_batchnorm(model, data, device=device, reference=reference)
+        fitted = measure_fidelity(reference, model, data, device=device)
+        if _progress(state) is not None:
+            print(file=sys.stderr)
+        state.sections["fitting"] = FittingSection(transfer, fitted, fit, batchnorm)
+        # The weights changed: the rewritten model's recorded output (which apply's reload check
+        # and the fidelity on the example input compare against) must be measured again.
+        state.after = state.current = run_profile(model, state.loaded.inputs, "the fitted model")
+        summary = f"{len(fit.layers)} layer(s) fitted in {fit.seconds:.1f} s"
+        if transfer and fitted:
+            before, after = transfer.output_relative_error, fitted.output_relative_error
+            summary += f"; held-out output error {before:.3g} -> {after:.3g}"
+        return StageOutcome(True, summary)

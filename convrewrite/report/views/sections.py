@@ -1,0 +1,70 @@
+"""Lines that the text views (table, markdown) print for the report's optional sections.
+
+A stage that adds a section to the report (``fitting``, ``distillation``, ``evaluation``,
+``latency``, ``export``...) gets its summary lines here, registered under the section's key with
+``@section_lines("key")``; the table and markdown views print every registered section the report
+has, in registration order. Works on the JSON form of the section, so a report read back from
+JSON shows the same lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from convrewrite.report.model import Report
+
+_sections: dict[str, Callable[[dict[str, Any]], list[str]]] = {}
+
+
+def section_lines(key: str) -> Callable[[Callable[[dict[str, Any]], list[str]]], Callable[[dict[str, Any]], list[str]]]:
+    def decorate(function: Callable[[dict[str, Any]], list[str]]) -> Callable[[dict[str, Any]], list[str]]:
+        _sections[key] = function
+        return function
+
+    return decorate
+
+
+def report_section_lines(report: Report) -> list[str]:
+    lines: list[str] = []
+    for key, function in _sections.items():
+        section = report.sections.get(key)
+        if section:
+            lines += function(section)
+    return lines
+
+
+def _fidelity_text(fidelity: dict[str, Any] | None) -> str:
+    if not fidelity:
+        return "--"
+    text = f"output error {fidelity['output_relative_error']:.3g}"
+    if fidelity.get("agreement") is not None:
+        text += f", agreement {fidelity['agreement']:.4f}"
+    return text
+
+
+@section_lines("fitting")
+def _fitting(section: dict[str, Any]) -> list[str]:
+    layers = section.get("layers", {})
+    fidelity = section.get("fidelity", {})
+    fitted = layers.get("layers", [])
+    lines = [
+        f"Fitting: {len(fitted)} layer(s) fitted to the original's outputs on {layers.get('fit_samples') or 0:,} "
+        f"calibration samples in {layers.get('seconds', 0.0):.1f} s ({layers.get('device', 'cpu')})"
+    ]
+    transfer, fitted = _fidelity_text(fidelity.get("transfer")), _fidelity_text(fidelity.get("fitted"))
+    lines.append(f"  held out: transfer {transfer} -> fitted {fitted}")
+    batchnorm = section.get("batchnorm", {})
+    if batchnorm.get("modules"):
+        kept = (
+            "kept" if batchnorm.get("kept") else "not kept (the old statistics gave outputs closer to the original's)"
+        )
+        lines.append(f"  BatchNorm statistics re-estimated for {batchnorm['modules']} layer(s): {kept}")
+    return lines
+
+
+@section_lines("evaluation")
+def _evaluation(section: dict[str, Any]) -> list[str]:
+    original, result = section.get("original", {}), section.get("result", {})
+    shown = ", ".join(f"{name} {original[name]:.4g} -> {result.get(name, float('nan')):.4g}" for name in original)
+    return [f"evaluate() (your metric): {shown}"]
