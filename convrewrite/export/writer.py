@@ -25,6 +25,9 @@ from convrewrite import __version__
 from convrewrite.errors import ModelError, UsageError
 
 OUTPUT_FILES = ("model.py", "weights.safetensors", "report.json")
+#: The checkpoint an interrupted distillation leaves inside an output directory
+#: (recovery/distill_job.py): convrewrite's own, so ``--force`` may replace it with the rest.
+CHECKPOINT_DIR = "distill-checkpoint"
 
 
 @dataclass
@@ -92,7 +95,9 @@ def check_destination(directory: Path, force: bool) -> None:
                 hint="choose another --out",
             )
         unexpected = sorted(
-            p.name for p in directory.iterdir() if p.name not in OUTPUT_FILES and not p.name.startswith("original_")
+            p.name
+            for p in directory.iterdir()
+            if p.name not in OUTPUT_FILES and p.name != CHECKPOINT_DIR and not p.name.startswith("original_")
         )
         if unexpected:
             raise UsageError(
