@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from bench_trained_digits import MODEL_SOURCE as DIGITS_SOURCE
 from bench_trained_digits import digits
 from common import machine
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from convrewrite.engine.loading import load_model
 from convrewrite.engine.pipeline import analyse
@@ -195,21 +195,30 @@ def run_model(name: str, source: str, data: tuple[torch.Tensor, ...], rules: lis
     model_file.write_text(source)
     start = time.perf_counter()
     original = load_model(str(model_file)).model
-    train(original, train_x, train_y, args.epochs, 1e-3)
-    weights = work / f"{name}.safetensors"
-    save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(weights))
+    # Training is deterministic (seeded initialisation and order): a cached result is the same model.
+    weights = args.cache / f"{name}-{args.epochs}-epochs.safetensors"
+    if weights.is_file():
+        original.load_state_dict(load_file(str(weights)))
+        trained = f"loaded the model trained for {args.epochs} epochs from {weights}"
+    else:
+        train(original, train_x, train_y, args.epochs, 1e-3)
+        args.cache.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(weights))
+        trained = f"trained for {args.epochs} epochs in {time.perf_counter() - start:.1f} s"
     base = accuracy(original, test_x, test_y)
     base_params = params(original)
     print(
-        f"\n{name}: trained for {args.epochs} epochs in {time.perf_counter() - start:.1f} s on {len(train_y):,} "
-        f"samples; test accuracy {base:.3f} on {len(test_y):,} held-out samples; {base_params:,} params"
+        f"\n{name}: {trained} on {len(train_y):,} samples; test accuracy {base:.3f} on {len(test_y):,} "
+        f"held-out samples; {base_params:,} params"
     )
     modes = [m.strip() for m in args.batchnorm.split(",") if m.strip()]
-    columns = "".join(f" {'distill/' + m:>13} {'s':>5}" for m in modes)
+    columns = "".join(f" {'distill/' + m:>13} {'s':>5} {'cpu s':>5}" for m in modes)
     header = f"{'rules':<40} {'params':>8} {'ratio':>6} {'plain':>6}{columns} {'ft labels':>9} {'s':>5} {'steps':>6}"
     print(header)
     print("-" * len(header))
     for specs in rules:
+        if args.only and " then ".join(specs) not in args.only:
+            continue
         loaded = load_model(str(model_file), weights=weights)
         result = analyse(loaded, [make_rule(spec) for spec in specs])
         report = build_report(result)
@@ -224,13 +233,20 @@ def run_model(name: str, source: str, data: tuple[torch.Tensor, ...], rules: lis
         for mode in modes:
             student = copy.deepcopy(rewritten)
             config = DistillConfig(steps=args.steps, lr=args.lr, batchnorm=mode)  # type: ignore[arg-type]
-            begin = time.perf_counter()
+            begin, begin_cpu = time.perf_counter(), time.process_time()
             distilled = distill(teacher, student, calibration, config, device="cpu", progress="none")
-            seconds = time.perf_counter() - begin
+            seconds, cpu = time.perf_counter() - begin, time.process_time() - begin_cpu
             budget = max(budget, seconds)
-            cells.append(f" {accuracy(student, test_x, test_y):>13.3f} {seconds:>5.1f}")
+            cells.append(f" {accuracy(student, test_x, test_y):>13.3f} {seconds:>5.1f} {cpu:>5.1f}")
             if args.verbose:
-                print(f"    {mode}: best step {distilled.best_step}, held-out {distilled.best}")
+                for entry in distilled.history:
+                    fidelity = entry["fidelity"] or {}
+                    print(
+                        f"    {mode} step {entry['step']:>4}: loss {entry['loss'] or 0:.4f} "
+                        f"error {fidelity.get('output_relative_error', 0):.4f} "
+                        f"agree {fidelity.get('top1_agreement') or 0:.3f}"
+                    )
+                print(f"    {mode}: kept step {distilled.best_step}")
         tuned = copy.deepcopy(rewritten)
         fit = torch.tensor(calibration.indices["fit"])  # the labelled twin of what the distiller saw
         tuned_seconds, tuned_steps = supervised_finetune(tuned, train_x[fit], train_y[fit], budget, config, args.batch)
@@ -249,8 +265,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="batch size of distillation and fine-tuning")
     parser.add_argument("--batchnorm", default="train", help="BatchNorm modes to compare: train,frozen")
     parser.add_argument("--model", default="digits,tdnn", help="which models: digits,tdnn")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "convrewrite-bench-cache",
+        help="where the trained originals are kept between runs",
+    )
+    parser.add_argument("--only", action="append", help="run only this rule line (e.g. 'separable'); repeatable")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"machine: {machine()}; torch threads {torch.get_num_threads()}")
     print(
         f"distillation: {args.steps} steps, batch {args.batch}, peak lr {args.lr:g}, unlabeled training inputs "

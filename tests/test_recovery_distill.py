@@ -57,10 +57,10 @@ def inputs(count: int = 96, seed: int = 1) -> torch.Tensor:
 
 
 class Interrupting:
-    """A batch source that raises KeyboardInterrupt when fit batch number ``after + 1`` is asked for."""
+    """A batch source that raises KeyboardInterrupt when batch number ``after + 1`` of ``split`` is asked for."""
 
-    def __init__(self, inner: TensorBatches, after: int) -> None:
-        self.inner, self.after, self.served = inner, after, 0
+    def __init__(self, inner: TensorBatches, after: int, split: str = "fit") -> None:
+        self.inner, self.after, self.served, self.split = inner, after, 0, split
         self.description = inner.description
 
     def count(self, split: Any) -> int | None:
@@ -68,7 +68,7 @@ class Interrupting:
 
     def batches(self, split: Any, **kwargs: Any) -> Iterator[Batch]:
         for batch in self.inner.batches(split, **kwargs):
-            if split == "fit":
+            if split == self.split:
                 self.served += 1
                 if self.served > self.after:
                     raise KeyboardInterrupt
@@ -281,19 +281,25 @@ def test_interrupt_and_resume_give_the_same_weights_as_one_uninterrupted_run(
         assert torch.equal(value, resumed.state_dict()[key]), key
 
 
-def test_resume_keeps_the_best_state_and_history(tmp_path: Path) -> None:
-    data = TensorBatches((inputs(),), batch_size=16, holdout=0.25)
-    config = DistillConfig(steps=12, eval_every=3, checkpoint_every=3, lr=3e-3)
+@pytest.mark.parametrize(
+    ("split", "after"),
+    [("fit", 8), ("holdout", 5)],  # during step 8; during the evaluation due after step 6
+)
+def test_resume_keeps_the_best_state_and_history(tmp_path: Path, split: str, after: int) -> None:
+    data = TensorBatches((inputs(),), batch_size=16, holdout=0.25)  # 2 holdout batches per evaluation
+    config = DistillConfig(steps=12, eval_every=3, checkpoint_every=5, lr=3e-3)
     teacher, start = teacher_and_student()
     straight = copy.deepcopy(start)
     expected = distill(teacher, straight, data, config, device="cpu", progress="none")
     with pytest.raises(KeyboardInterrupt):
-        cut = Interrupting(data, 8)
+        cut = Interrupting(data, after, split)
         distill(teacher, copy.deepcopy(start), cut, config, device="cpu", progress="none", checkpoint_dir=tmp_path)
     resumed = copy.deepcopy(start)
     result = distill(teacher, resumed, data, config, device="cpu", progress="none", resume=tmp_path)
+    assert result.start_step == (7 if split == "fit" else 6)
     assert result.best_step == expected.best_step
     assert [h["step"] for h in result.history] == [h["step"] for h in expected.history] == [0, 3, 6, 9, 12]
+    assert [h["fidelity"] for h in result.history] == [h["fidelity"] for h in expected.history]
     assert result.initial == expected.initial and result.best == expected.best
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
@@ -333,3 +339,14 @@ def test_progress_lines_when_not_a_terminal_and_silence_elsewhere(capsys: pytest
     quiet = DistillProgress("bar", 4, 0, is_main=False)  # ranks other than 0 never print
     quiet.message("hello")
     assert quiet.mode == "none" and capsys.readouterr().err == ""
+
+
+def test_summary_line_says_before_and_after() -> None:
+    teacher, student = teacher_and_student()
+    data = TensorBatches((inputs(),), batch_size=16, holdout=0.25)
+    result = distill(teacher, student, data, DistillConfig(steps=6, eval_every=3), device="cpu", progress="none")
+    assert result.initial is not None and result.best is not None
+    line = result.summary()
+    assert line.startswith("Distillation (kl (T=4) loss, held-out, 24 samples): output error ")
+    assert f"{result.initial.output_relative_error:.4f} -> {result.best.output_relative_error:.4f}" in line
+    assert "top-1 agreement" in line and "6 steps" in line and "on cpu" in line

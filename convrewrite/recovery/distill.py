@@ -201,6 +201,29 @@ class DistillResult:
     checkpoint: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """One line for a table footer: held-out figures before -> after, steps and time."""
+        parts = []
+        if self.initial is not None and self.best is not None:
+            samples = f"held-out, {self.best.samples:,} samples"
+            parts.append(
+                f"output error {self.initial.output_relative_error:.4f} -> {self.best.output_relative_error:.4f}"
+            )
+            parts.append(f"cosine {self.initial.cosine_similarity:.4f} -> {self.best.cosine_similarity:.4f}")
+            if self.initial.top1_agreement is not None and self.best.top1_agreement is not None:
+                parts.append(f"top-1 agreement {self.initial.top1_agreement:.3f} -> {self.best.top1_agreement:.3f}")
+        else:
+            samples = "no held-out data"
+        steps = f"{self.completed_steps:,} steps"
+        if self.best_step is not None and self.best_step != self.completed_steps:
+            steps += f" (kept step {self.best_step:,})"
+        where = f"{self.device}" + (f" x {self.world_size} processes" if self.world_size > 1 else "")
+        figures = "; ".join(parts)
+        return (
+            f"Distillation ({self.loss} loss, {samples}): {figures}{'; ' if figures else ''}"
+            f"{steps} in {self.total_seconds:.1f} s on {where}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for key in ("initial", "best", "final"):
@@ -699,10 +722,11 @@ def distill(
 
         try:
             _set_student_mode(student, config.batchnorm)
-            if step == 0 and saved is None:
-                evaluate(0)
+            due = step == 0 or step % config.evaluation_interval == 0 or step == config.steps
+            if due and (not history or history[-1]["step"] != step):
+                # A fresh start, or a run interrupted during the evaluation its last step was due.
+                evaluate(step)
             while step < config.steps:
-                step_start = (cursor.epoch, cursor.position, _rng_state(device))
                 lr = config.learning_rate(step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -741,6 +765,8 @@ def distill(
                 optimizer.step()
                 updating = False
                 step += 1
+                # Where the next step starts: what an interruption from here on must hand back.
+                step_start = (cursor.epoch, cursor.position, _rng_state(device))
                 losses_since_eval.append(step_loss)
                 display.step(step, step_loss)
                 if step % config.evaluation_interval == 0 or step == config.steps:

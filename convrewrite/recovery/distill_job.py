@@ -68,19 +68,9 @@ class DistillJobResult:
         }
 
     def summary(self) -> str:
-        result = self.distillation
-        text = f"distilled {result.completed_steps - result.start_step} steps"
+        text = self.distillation.summary()
         if self.resumed_from_step:
-            text += f" (resumed at step {self.resumed_from_step})"
-        if result.best is not None:
-            text += f"; kept step {result.best_step}: held-out output error {result.best.output_relative_error:.4f}"
-            if result.best.top1_agreement is not None:
-                text += f", top-1 agreement {result.best.top1_agreement:.3f}"
-            if result.initial is not None:
-                text += f" (before: {result.initial.output_relative_error:.4f}"
-                if result.initial.top1_agreement is not None:
-                    text += f", {result.initial.top1_agreement:.3f}"
-                text += ")"
+            text += f", resumed at step {self.resumed_from_step:,}"
         if self.written:
             text += f"; wrote {self.directory}/ (reloaded and matched, max abs diff {self.reload_max_abs_error:.3g})"
         return text
@@ -167,7 +157,7 @@ def distill_output(
             checkpoint_dir=checkpoint_dir,
             resume=resume,
             progress=progress,
-            resume_command=resume_command,
+            resume_command=resume_command or f"the same call again (it continues from {checkpoint_dir})",
         )
         failure: str | None = None
         reload_error: float | None = None
