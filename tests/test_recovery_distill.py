@@ -152,6 +152,14 @@ def test_held_out_fidelity_matches_the_engines_fidelity_on_the_whole_holdout() -
     assert measured.cosine_similarity == pytest.approx(cosine, rel=1e-6)
     agreement = float((expected_t.argmax(1) == expected_s.argmax(1)).float().mean())
     assert measured.top1_agreement == pytest.approx(agreement)
+    assert measured.loss is None
+    # With the losses: the mean over all 24 held-out rows of the KL, batches of 7 notwithstanding.
+    kl = _held_out_fidelity(teacher, student, data, torch.device("cpu"), ["kl"], 2.0)
+    p_t = torch.softmax(expected_t.double() / 2.0, dim=1)
+    by_hand = (p_t * (p_t.log() - torch.log_softmax(expected_s.double() / 2.0, dim=1))).sum(1).mean() * 4.0
+    assert kl is not None and kl.loss == pytest.approx(float(by_hand), rel=1e-6)
+    mse = _held_out_fidelity(teacher, student, data, torch.device("cpu"), ["mse"], 1.0)
+    assert mse is not None and mse.loss == pytest.approx(relative**2, rel=1e-6)
 
 
 # --------------------------------------------------------------------------- training
