@@ -14,8 +14,10 @@ The loop:
   statistics and re-estimate their running statistics while it learns. A rewrite changes the
   distribution of every rewritten layer's output, so the running statistics copied from the
   original are stale; with ``frozen`` they stay as they are (eval mode) and only the affine
-  parameters learn. On the digits benchmark (benchmarks/bench_distill_digits.py) ``train`` recovers
-  more accuracy for every rule; ``frozen`` remains for tiny batches, where batch statistics are noise;
+  parameters learn. Measured on held-out test accuracy (benchmarks/bench_distill_digits.py, 300
+  steps): on the digits CNN ``train`` is as good or better for every rule (separable 0.997 against
+  0.931 frozen, separable then channelwise 0.969 against 0.764); on the Conv1d TDNN the two are
+  within 0.2 points. ``frozen`` remains for tiny batches, where batch statistics are noise;
 - every ``eval_every`` steps the student is measured against the teacher on the *holdout* split
   (never trained on): output relative error, cosine similarity and, for outputs shaped
   (N, classes), top-1 agreement, and the output loss itself on those samples. The student state
