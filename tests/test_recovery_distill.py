@@ -317,7 +317,7 @@ def test_resume_refuses_a_changed_configuration_or_a_damaged_checkpoint(tmp_path
     data = TensorBatches((inputs(),), batch_size=16, holdout=0.25)
     teacher, student = teacher_and_student()
     distill(teacher, student, data, DistillConfig(steps=4), device="cpu", progress="none", checkpoint_dir=tmp_path)
-    with pytest.raises(UsageError, match=r"made with lr=0\.001, this run asks for 0\.01"):
+    with pytest.raises(UsageError, match=r"made with lr=0\.003, this run asks for 0\.01"):
         distill(teacher, student, data, DistillConfig(steps=8, lr=1e-2), device="cpu", progress="none", resume=tmp_path)
     with pytest.raises(UsageError, match="beyond the 2 steps"):
         distill(teacher, student, data, DistillConfig(steps=2), device="cpu", progress="none", resume=tmp_path)
