@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from convrewrite.engine.pipeline import fidelity_of
-from convrewrite.errors import UsageError
+from convrewrite.errors import ModelError, UsageError
 from convrewrite.recovery.batches import Batch, TensorBatches
 from convrewrite.recovery.checkpoint import INDEX_NAME
 from convrewrite.recovery.distill import (
@@ -358,3 +358,25 @@ def test_summary_line_says_before_and_after() -> None:
     assert line.startswith("Distillation (kl (T=4) loss, held-out, 24 samples): output error ")
     assert f"{result.initial.output_relative_error:.4f} -> {result.best.output_relative_error:.4f}" in line
     assert "top-1 agreement" in line and "6 steps" in line and "on cpu" in line
+
+
+def test_a_crash_leaves_a_checkpoint_and_the_resume_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    teacher, student = teacher_and_student()
+    x = inputs()
+    x[40:] = float("nan")  # batches that reach the optimiser from step 3 on carry NaN
+    data = TensorBatches((x,), batch_size=16, holdout=0.0, shuffle=False)
+    with pytest.raises(ModelError, match="diverged at step 3"):
+        distill(teacher, student, data, DistillConfig(steps=8), device="cpu", progress="none", checkpoint_dir=tmp_path)
+    err = capsys.readouterr().err
+    assert "distillation stopped (ModelError: distillation diverged at step 3" in err and "at step 2 of 8" in err
+    assert json.loads((tmp_path / INDEX_NAME).read_text())["step"] == 2
+
+
+def test_the_rich_bar_runs_and_closes(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "160")
+    teacher, student = teacher_and_student()
+    data = TensorBatches((inputs(),), batch_size=16, holdout=0.25)
+    distill(teacher, student, data, DistillConfig(steps=4, eval_every=2), device="cpu", progress="bar")
+    err = capsys.readouterr().err
+    assert "4/4" in err and "held-out err" in err and "left" in err
+    assert err.splitlines()[-1].startswith("distill: 4 steps in")

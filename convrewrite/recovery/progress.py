@@ -27,11 +27,15 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def describe_fidelity(fidelity: Any) -> str:
-    """``error 0.0312 cos 0.9995 agree 0.986`` for a held-out fidelity object (or ``--``)."""
+def describe_fidelity(fidelity: Any, compact: bool = False) -> str:
+    """``held-out error 0.0312 cos 0.9995 agree 0.986`` for a held-out fidelity object (or ``--``);
+    ``compact`` (for the bar) leaves out the cosine."""
     if fidelity is None:
         return "held-out --"
-    text = f"held-out error {fidelity.output_relative_error:.4f} cos {fidelity.cosine_similarity:.4f}"
+    if compact:
+        text = f"held-out err {fidelity.output_relative_error:.4f}"
+    else:
+        text = f"held-out error {fidelity.output_relative_error:.4f} cos {fidelity.cosine_similarity:.4f}"
     if fidelity.top1_agreement is not None:
         text += f" agree {fidelity.top1_agreement:.3f}"
     return text
@@ -62,19 +66,17 @@ class DistillProgress:
                 MofNCompleteColumn,
                 Progress,
                 TextColumn,
-                TimeElapsedColumn,
                 TimeRemainingColumn,
             )
 
             self._bar = Progress(
                 TextColumn("[bold]{task.description}"),
-                BarColumn(),
+                BarColumn(bar_width=16),
                 MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}"),
                 TextColumn("{task.fields[fidelity]}"),
-                TimeElapsedColumn(),
-                TextColumn("left"),
                 TimeRemainingColumn(),
+                TextColumn("left"),
                 console=Console(stderr=True),
                 transient=False,
             )
@@ -95,7 +97,7 @@ class DistillProgress:
     def evaluated(self, step: int, loss: float | None, fidelity: Any) -> None:
         self.fidelity_text = describe_fidelity(fidelity)
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, fidelity=self.fidelity_text)
+            self._bar.update(self._task, completed=step, fidelity=describe_fidelity(fidelity, compact=True))
         elif self.mode == "lines":
             loss_text = f"loss {loss:.4g}" if loss is not None else "loss --"
             elapsed = _duration(time.perf_counter() - self.started)
