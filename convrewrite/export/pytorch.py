@@ -22,7 +22,7 @@ from convrewrite.export.base import ExportContext, Exporter, register_exporter
 from convrewrite.export.writer import file_mode, write_file_atomic
 
 
-def _import_generated(path: Path, tag: str) -> Any:
+def import_generated(path: Path, tag: str) -> Any:
     from convrewrite.engine.loading import import_file, isolated_import
 
     with isolated_import(path.parent):
@@ -64,7 +64,7 @@ def transplant(generated: nn.Module, source: dict[str, torch.Tensor], prefix: st
                 buffer.copy_(source[lookup])
 
 
-def _compare_outputs(expected: Any, actual: Any) -> float:
+def compare_outputs(expected: Any, actual: Any) -> float:
     """The reload check: the written files must reproduce the rewritten model (max abs diff)."""
     from convrewrite.engine.compare import max_abs_difference, outputs_close, same_structure
 
@@ -78,7 +78,7 @@ def _compare_outputs(expected: Any, actual: Any) -> float:
     return max_abs_difference(expected, actual)
 
 
-def _check_weights_read_back(model: nn.Module, loaded: dict[str, torch.Tensor]) -> None:
+def check_weights_read_back(model: nn.Module, loaded: dict[str, torch.Tensor]) -> None:
     state = model.state_dict()
     for key, tensor in loaded.items():
         if key not in state:
@@ -117,25 +117,25 @@ class PyTorchExporter(Exporter):
             os.chmod(staging / generated.user_source_copy_name, file_mode())
             context.facts["user_source"] = generated.user_source_copy_name
 
-        module = _import_generated(staging / "model.py", "first import")
+        module = import_generated(staging / "model.py", "first import")
         fresh: nn.Module = module.build_model()
         prefix = "model." if graph_module is None else ""
         transplant(fresh, _source_tensors(model, graph_constants(model, graph_module)), prefix)
         metadata = {"generator": f"convrewrite {__version__}", "format": "pt"}
         save_model(fresh, str(staging / "weights.safetensors"), metadata=metadata)
         os.chmod(staging / "weights.safetensors", file_mode())
-        _check_weights_read_back(fresh, load_file(str(staging / "weights.safetensors")))
+        check_weights_read_back(fresh, load_file(str(staging / "weights.safetensors")))
         return written
 
     def verify(self, context: ExportContext, staging: Path) -> None:
         result = context.result
-        reloaded_module = _import_generated(staging / "model.py", "reload")
+        reloaded_module = import_generated(staging / "model.py", "reload")
         reloaded: nn.Module = reloaded_module.load_model(staging / "weights.safetensors")
         reloaded.eval()
         with torch.no_grad():
             actual = result.loaded.inputs.call(reloaded)
         # The engine's last profile already ran the rewritten model on these inputs.
-        context.facts["reload_max_abs_error"] = _compare_outputs(result.after.output, actual)
+        context.facts["reload_max_abs_error"] = compare_outputs(result.after.output, actual)
 
 
 def _header(result: Any, report: Any) -> str:

@@ -19,6 +19,10 @@ from typing import Any
 from convrewrite.errors import ModelError, UsageError
 from convrewrite.export.base import output_files
 
+#: The checkpoint an interrupted distillation leaves inside an output directory
+#: (recovery/distill_job.py): convrewrite's own, so ``--force`` may replace it with the rest.
+CHECKPOINT_DIR = "distill-checkpoint"
+
 
 @dataclass
 class WrittenOutput:
@@ -35,7 +39,7 @@ class WrittenOutput:
         )
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -43,7 +47,7 @@ def _umask() -> int:
 
 def file_mode() -> int:
     """The mode a new file gets here (0o666 less the umask), for files written under a temp name."""
-    return 0o666 & ~_umask()
+    return 0o666 & ~umask()
 
 
 def write_file_atomic(path: Path, data: bytes) -> None:
@@ -65,7 +69,7 @@ def write_file_atomic(path: Path, data: bytes) -> None:
             os.unlink(temporary)
 
 
-def _is_our_output(directory: Path) -> bool:
+def is_our_output(directory: Path) -> bool:
     report = directory / "report.json"
     if not report.is_file():
         return False
@@ -83,14 +87,16 @@ def check_destination(directory: Path, force: bool) -> None:
     if directory.is_dir() and any(directory.iterdir()):
         if not force:
             raise UsageError(f"output directory {directory} exists and is not empty", hint="pass --force to replace it")
-        if not _is_our_output(directory):
+        if not is_our_output(directory):
             raise UsageError(
                 f"output directory {directory} holds files that convrewrite did not write; "
                 "not replacing it even with --force",
                 hint="choose another --out",
             )
         unexpected = sorted(
-            p.name for p in directory.iterdir() if p.name not in output_files() and not p.name.startswith("original_")
+            p.name
+            for p in directory.iterdir()
+            if p.name not in output_files() and p.name != CHECKPOINT_DIR and not p.name.startswith("original_")
         )
         if unexpected:
             raise UsageError(
@@ -113,14 +119,14 @@ def write_apply_output(
     parent = directory.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.convrewrite-", dir=parent))
-    os.chmod(staging, 0o777 & ~_umask())
+    os.chmod(staging, 0o777 & ~umask())
     context = ExportContext(result, report)
     files: list[str] = []
     try:
         for exporter in exporters:
             files += exporter.write(context, staging)
             exporter.verify(context, staging)
-        _move_into_place(staging, directory)
+        move_into_place(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -129,7 +135,7 @@ def write_apply_output(
     )
 
 
-def _move_into_place(staging: Path, directory: Path) -> None:
+def move_into_place(staging: Path, directory: Path) -> None:
     if directory.exists():
         if any(directory.iterdir()):
             backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.resolve().parent))
