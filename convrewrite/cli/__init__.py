@@ -8,6 +8,7 @@ is instant.
 
 from __future__ import annotations
 
+import json
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -210,19 +211,67 @@ def apply(
         if not job["rules"]:
             raise UsageError("apply needs at least one --rule", hint="see `convrewrite rules`")
         import_engine()
-        from convrewrite.export.writer import write_apply_output
-        from convrewrite.gate.job import run_job
-        from convrewrite.report.builder import build_report
-        from convrewrite.report.views import render
+        from convrewrite.recovery.distributed import distributed_session
 
-        result = run_job(job)
-        report_data = build_report(result)
-        written = write_apply_output(result, report_data, out, force=force)
-        sys.stdout.write(render(report_data, fmt, width=_width(width), color=fmt == "table" and sys.stdout.isatty()))
-        print(written.summary(), file=sys.stderr)
-        return 0
+        # Under torchrun every rank rewrites and fits (fitting all-reduces its statistics across
+        # ranks); rank 0 alone writes and prints.
+        with distributed_session(job.get("device")) as session:
+            return _apply(job, out, force, fmt, width, session)
 
     raise typer.Exit(guarded(debug, body))
+
+
+def _apply(job: Any, out: Path, force: bool, fmt: str, width: int | None, session: Any) -> int:
+    """apply's work once settings are resolved: rewrite (and fit), write, then distil the written output."""
+    from convrewrite.export.writer import write_apply_output
+    from convrewrite.gate.job import run_job
+    from convrewrite.report.builder import build_report
+    from convrewrite.report.model import Report
+    from convrewrite.report.views import render
+
+    steps = int(job.get("distill", 0))
+    result = run_job(job, distill_after_write=steps > 0)
+    if steps > 0 and result.data is None:
+        raise UsageError("--distill needs calibration data", hint="pass --data SPEC (or define calibration_data())")
+    report_data = build_report(result)
+    written = None
+    if session.is_main:
+        written = write_apply_output(result, report_data, out, force=force, exports=job.get("export", []))
+    session.barrier()
+    if steps > 0 and result.rewrites:
+        from convrewrite.engine.stages.distill import distill_config
+        from convrewrite.recovery.distill_job import distill_output
+
+        distilled = distill_output(
+            out,
+            result.reference,
+            result.data,
+            distill_config(job.settings_values(), steps),
+            device=session.device,
+            layers=list(result.originals),
+            resume_command=resume_command(job, out, steps),
+        )
+        report_data = Report.from_dict(json.loads((out / "report.json").read_text()))
+        if session.is_main:
+            print(distilled.summary(), file=sys.stderr)
+    if session.is_main:
+        sys.stdout.write(render(report_data, fmt, width=_width(width), color=fmt == "table" and sys.stdout.isatty()))
+        if written is not None:
+            print(written.summary(), file=sys.stderr)
+    return 0
+
+
+def resume_command(job: Any, out: Path, steps: int) -> str:
+    """The command that continues an interrupted distillation of ``out``."""
+    import shlex
+
+    parts = ["convrewrite", "distill", str(out), "--teacher", str(job["model"]), "--steps", str(steps)]
+    for name in ("data", "weights", "holdout", "batch-size", "distill-loss", "device"):
+        if job.source(name) != "default" and job.get(name) is not None:
+            parts += [f"--{name}", str(job.get(name))]
+    for shape in job.get("input-shape", []):
+        parts += ["--input-shape", ",".join(str(d) for d in shape)]
+    return shlex.join(parts)
 
 
 COUNT_UNITS_HELP = "k, M, G are decimal (1k = 1,000)"
@@ -308,6 +357,75 @@ def check(
             print(f"convrewrite: {line}", file=sys.stderr)
         if result.failures and not exit_zero:
             raise BudgetExceeded(failure_line(result))
+        return 0
+
+    raise typer.Exit(guarded(debug, body))
+
+
+@app.command()
+@with_settings("distill")
+def distill(
+    settings: dict[str, Any],
+    directory: Annotated[
+        Path, typer.Argument(metavar="DIR", help="A directory written by `convrewrite apply` (the student).")
+    ],
+    teacher: Annotated[
+        str | None,
+        typer.Option("--teacher", help="The original MODEL the student was rewritten from.", show_default=False),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Write the result here instead of replacing DIR.", show_default=False),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace --out if it holds an earlier convrewrite output.")
+    ] = False,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Distil an apply output DIR from its original model (continues from DIR's checkpoint, if any).
+
+    Under torchrun (torchrun --nproc-per-node N -m convrewrite distill ...) the run is data-parallel.
+    """
+
+    def body() -> int:
+        from convrewrite.recovery.distill_job import check_source
+
+        if teacher is None:
+            raise UsageError("distill needs --teacher MODEL", hint="the model file the student was rewritten from")
+        if not settings.get("steps"):
+            raise UsageError("distill needs --steps N")
+        check_source(directory)
+        if out is not None:
+            from convrewrite.export.writer import check_destination
+
+            check_destination(out, force)
+        job = _job("distill", {**settings, "model": teacher}, config, verbose)
+        import_engine()
+        from convrewrite.engine.stages.distill import distill_config
+        from convrewrite.gate.job import load_job_model, open_data
+        from convrewrite.recovery.distill_job import distill_output
+        from convrewrite.recovery.distributed import distributed_session
+
+        loaded = load_job_model(job, teacher)
+        data = open_data(job, loaded)
+        if data is None:
+            raise UsageError("distill needs calibration data", hint="pass --data SPEC (or define calibration_data())")
+        steps = int(job["steps"])
+        with distributed_session(job.get("device")) as session:
+            result = distill_output(
+                directory,
+                loaded.model,
+                data,
+                distill_config(job.settings_values(), steps),
+                device=session.device,
+                out=out,
+                force=force,
+                resume_command=" ".join(["convrewrite", *sys.argv[1:]]) if sys.argv[1:2] == ["distill"] else None,
+            )
+            if session.is_main:
+                print(result.summary(), file=sys.stderr)
         return 0
 
     raise typer.Exit(guarded(debug, body))

@@ -50,6 +50,10 @@ class Job:
         """Every setting, for ``--verbose``."""
         return dict(self.values)
 
+    def settings_values(self) -> dict[str, Any]:
+        """Every setting's value by name (what the pipeline's stages read)."""
+        return {name: value.value for name, value in self.values.items()}
+
     # The settings every command reads, by their old names.
     @property
     def model(self) -> Value:
@@ -204,21 +208,34 @@ def input_source_label(job: Job) -> str:
     return "--input-shape" if source == "command line" else f"input-shape in {source}"
 
 
-def run_job(job: Job) -> Any:
-    """Load and analyse (rewriting when the job has rules); returns the engine's run state."""
-    from convrewrite.engine.loading import load_model
+def run_job(job: Job, *, distill_after_write: bool = False) -> Any:
+    """Load and analyse (rewriting when the job has rules); returns the engine's run state.
+
+    ``distill_after_write``: leave distillation to the caller (``apply`` distils the written output).
+    """
     from convrewrite.engine.pipeline import analyse
 
     rules = build_rules(job)
+    loaded = load_job_model(job, str(job["model"]))
+    data = open_data(job, loaded) if rules else None
+    settings = job.settings_values()
+    settings["distill_after_write"] = distill_after_write
+    if distill_after_write:
+        settings["keep_reference"] = True  # the teacher
+    return analyse(loaded, rules, data=data, settings=settings)
+
+
+def load_job_model(job: Job, spec: str) -> Any:
+    """Load ``spec`` with the job's weights and input shapes."""
+    from convrewrite.engine.loading import load_model
+
     weights = job.get("weights")
-    loaded = load_model(
-        str(job["model"]),
+    return load_model(
+        spec,
         input_shapes=job.get("input-shape") or None,
         weights=Path(weights) if weights else None,
         input_source=input_source_label(job),
     )
-    data = open_data(job, loaded) if rules else None
-    return analyse(loaded, rules, data=data, settings={name: value.value for name, value in job.values.items()})
 
 
 def open_data(job: Job, loaded: Any) -> Any:

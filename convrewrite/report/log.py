@@ -100,7 +100,7 @@ class Fidelity:
 
     output_relative_error: float
     output_cosine_similarity: float
-    output_max_abs_error: float
+    output_max_abs_error: float | None
     layers: list[LayerFidelity] = field(default_factory=list)
     measured_on: str = "the example input"
     samples: int = 1
@@ -123,7 +123,7 @@ class Fidelity:
         return cls(
             output_relative_error=float(data["output_relative_error"]),
             output_cosine_similarity=float(data["output_cosine_similarity"]),
-            output_max_abs_error=float(data.get("output_max_abs_error", 0.0)),
+            output_max_abs_error=_float_or_none(data.get("output_max_abs_error")),
             layers=[
                 LayerFidelity(layer["name"], list(layer.get("rules", [])), layer.get("kernel_relative_error"))
                 for layer in data.get("layers", [])
@@ -132,3 +132,7 @@ class Fidelity:
             samples=int(data.get("samples", 1)),
             agreement=data.get("agreement"),
         )
+
+
+def _float_or_none(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]

@@ -68,3 +68,27 @@ def _evaluation(section: dict[str, Any]) -> list[str]:
     original, result = section.get("original", {}), section.get("result", {})
     shown = ", ".join(f"{name} {original[name]:.4g} -> {result.get(name, float('nan')):.4g}" for name in original)
     return [f"evaluate() (your metric): {shown}"]
+
+
+@section_lines("distillation")
+def _distillation(section: dict[str, Any]) -> list[str]:
+    where = section.get("device", "cpu")
+    if section.get("world_size", 1) > 1:
+        where += f" x {section['world_size']} processes"
+    steps = f"{section.get('completed_steps', 0):,} steps"
+    if section.get("best_step") is not None and section.get("best_step") != section.get("completed_steps"):
+        steps += f" (kept step {section['best_step']:,})"
+    lines = [
+        f"Distillation: {steps} of {section.get('loss')} loss in {section.get('total_seconds', 0.0):.1f} s on {where}"
+    ]
+    initial, best = section.get("initial"), section.get("best")
+    if initial and best:
+
+        def text(figures: dict[str, Any]) -> str:
+            shown = f"output error {figures['output_relative_error']:.3g}"
+            if figures.get("top1_agreement") is not None:
+                shown += f", agreement {figures['top1_agreement']:.4f}"
+            return shown
+
+        lines.append(f"  held out: before {text(initial)} -> distilled {text(best)}")
+    return lines

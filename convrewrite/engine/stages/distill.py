@@ -1,0 +1,71 @@
+"""Stage ``distill``: end-to-end knowledge distillation from the original model (the teacher).
+
+With calibration data and ``--distill STEPS``, the rewritten model (after fitting) learns to
+reproduce the original's outputs on the fit split (``recovery/distill.py``: KL with temperature
+for logits, MSE or cosine otherwise, optional matching of the rewritten layers' outputs; AdamW,
+warm-up and cosine schedule; the best state by held-out loss is kept). The report gets a
+``distillation`` section.
+
+``apply`` does not run this stage: it writes the fitted model first and distils the written
+output, with resumable checkpoints inside it (``recovery/distill_job.py``), so an interrupted run
+continues with ``convrewrite distill DIR``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
+from convrewrite.engine.stages.profile import run_profile
+from convrewrite.engine.state import RunState
+from convrewrite.recovery.device import resolve_device
+from convrewrite.recovery.distill import DistillConfig, distill
+
+
+def distill_config(settings: dict[str, Any], steps: int) -> DistillConfig:
+    """The distillation settings of a run (``--distill-loss`` and friends) as a checked config."""
+    options: dict[str, Any] = {"steps": steps}
+    for setting, field in (
+        ("distill-loss", "loss"),
+        ("distill-temperature", "temperature"),
+        ("distill-lr", "lr"),
+        ("layer-weight", "layer_weight"),
+    ):
+        if settings.get(setting) is not None:
+            options[field] = settings[setting]
+    return DistillConfig(**options)
+
+
+@register_stage
+class DistillStage(Stage):
+    name = "distill"
+    order = 600
+    requires = ("reference", "after", "data")
+    ensures = ("after",)
+    needs_reference = True
+
+    @classmethod
+    def plan(cls, state: RunState) -> list[Stage]:
+        steps = int(state.setting("distill", 0))
+        wanted = state.data is not None and bool(state.rules) and steps > 0
+        return [cls()] if wanted and not state.settings.get("distill_after_write") else []
+
+    def run(self, state: RunState) -> StageOutcome:
+        assert state.reference is not None and state.data is not None
+        if not state.originals:
+            return StageOutcome(False, "nothing was rewritten: nothing to distill")
+        config = distill_config(state.settings, int(state.setting("distill")))
+        layers = list(state.originals) if config.layer_weight > 0 else []
+        result = distill(
+            state.reference,
+            state.model,
+            state.data,
+            config,
+            device=resolve_device(state.setting("device")),
+            layers=layers,
+            progress="none" if state.settings.get("quiet") else "auto",
+        )
+        state.model.to("cpu").eval()
+        state.sections["distillation"] = result
+        state.after = state.current = run_profile(state.model, state.loaded.inputs, "the distilled model")
+        return StageOutcome(True, result.summary())
