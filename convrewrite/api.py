@@ -4,7 +4,8 @@
 
     import convrewrite
 
-    result = convrewrite.rewrite(model, rules=["separable"], example_inputs=torch.randn(1, 3, 32, 32))
+    result = convrewrite.rewrite(model, rules=["separable"], example_inputs=torch.randn(1, 3, 32, 32),
+                                 data=calibration_images)   # optional: fit (and distill) on your data
     result.model         # the rewritten module (your own module is left untouched)
     result.report        # the Report: print() it, show it in Jupyter, .to_dict() is the JSON contract
     result.save("out/")  # model.py + weights.safetensors + report.json, like `convrewrite apply`
@@ -95,6 +96,14 @@ def rewrite(
     rules: Sequence[str | Rule] = (),
     *,
     example_inputs: Any,
+    data: Any = None,
+    holdout: float = 0.1,
+    batch_size: int | None = None,
+    fit: bool = True,
+    fit_steps: int = 500,
+    distill: int = 0,
+    distill_loss: str = "auto",
+    device: str = "auto",
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     min_channels: int = 0,
@@ -103,8 +112,13 @@ def rewrite(
     """Rewrite ``module`` with ``rules`` (specs like ``"separable:multiplier=2"`` or Rule objects).
 
     ``example_inputs`` is one forward call's input: a tensor, a tuple of positional inputs, or a
-    dict of keyword inputs. With ``copy_module`` (the default) your module is deep-copied first
-    and never changed. Errors are ``convrewrite.errors`` exceptions with one-line messages.
+    dict of keyword inputs. ``data`` is unlabeled calibration data: a tensor (samples along dim
+    0), a tuple or dict of tensors, a DataLoader (an ``(inputs, labels)`` pair per batch works),
+    or a ``--data`` SPEC string; with it the rewritten layers are fitted to the original's outputs
+    (``fit``), optionally distilled for ``distill`` steps, and fidelity is measured on the
+    ``holdout`` fraction that nothing is fitted on. With ``copy_module`` (the default) your
+    module is deep-copied first and never changed. Errors are ``convrewrite.errors`` exceptions
+    with one-line messages.
     """
     from convrewrite.engine.loading import LoadedModel, forward_argument_names
     from convrewrite.engine.pipeline import analyse
@@ -128,8 +142,29 @@ def rewrite(
         source_file=Path(source) if source else None,
         user_module=user_module,
     )
-    state = analyse(loaded, _rules(rules, include, exclude, min_channels))
+    built = _rules(rules, include, exclude, min_channels)
+    source = _calibration(data, loaded, holdout, batch_size) if data is not None and built else None
+    settings = {
+        "fit": fit,
+        "fit-steps": fit_steps,
+        "distill": distill,
+        "distill-loss": distill_loss,
+        "device": device,
+        "holdout": holdout,
+    }
+    state = analyse(loaded, built, data=source, settings=settings)
     return RewriteResult(model=state.model, report=build_report(state), state=state)
+
+
+def _calibration(data: Any, loaded: Any, holdout: float, batch_size: int | None) -> Any:
+    from convrewrite.recovery.batches import BatchSource
+    from convrewrite.recovery.data import calibration_data_from, open_calibration_data
+
+    if isinstance(data, BatchSource):
+        return data
+    if isinstance(data, (str, Path)):
+        return open_calibration_data(str(data), loaded, holdout=holdout, batch_size=batch_size)
+    return calibration_data_from(data, example=loaded, holdout=holdout, batch_size=batch_size)
 
 
 def report(

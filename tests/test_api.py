@@ -64,3 +64,17 @@ def test_importing_convrewrite_stays_lean() -> None:
     code = "import sys, convrewrite; print('torch' in sys.modules, convrewrite.__version__)"
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert completed.stdout.split()[0] == "False"
+
+
+def test_rewrite_fits_and_distils_on_calibration_data_from_a_dataloader() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    net = _net()
+    images = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    labels = torch.zeros(40, dtype=torch.long)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8)  # (inputs, labels) pairs
+    plain = convrewrite.rewrite(net, ["separable"], example_inputs=images[:1], data=loader, fit=False)
+    fitted = convrewrite.rewrite(net, ["separable"], example_inputs=images[:1], data=loader, fit_steps=5, distill=3)
+    assert plain.report.fidelity.samples == fitted.report.fidelity.samples == 4  # 10% of 40, by sample
+    assert fitted.report.fidelity.output_relative_error < plain.report.fidelity.output_relative_error
+    assert {"fitting", "distillation"} <= set(fitted.report.sections)
