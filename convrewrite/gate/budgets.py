@@ -6,6 +6,12 @@ A budget names one metric of the model as it ends up (after the rules), a limit 
 * a relative limit against a baseline report (``max-increase = "2%"`` or ``"10k"``): the metric may
   not grow more than that over the baseline's value.
 
+Besides the counted metrics (params, MACs, bytes), a budget can hold a metric that the run
+measured (``output-error``, ``cosine``, ``agreement``, ``speedup``, ``eval:NAME`` from the model
+file's ``evaluate()``): ``limit`` is a ceiling, ``minimum`` a floor (``minimum = 0.98`` or
+``"98%"``), and ``max-drop`` a floor below the original model's own value in the same run
+(``max-drop = 0.01``, or ``"1%"`` of the original's value).
+
 Units are exact and documented: counts take ``k``, ``M``, ``G`` (decimal: 1k = 1,000); byte sizes
 take ``B``, ``KB``/``kB``, ``MB``, ``GB`` (decimal: 1 MB = 1,000,000 bytes) or ``KiB``, ``MiB``,
 ``GiB`` (binary: 1 MiB = 1,048,576 bytes). Anything else, including ``m`` (milli or mega?) and
@@ -35,11 +41,17 @@ class Metric:
     """A quantity of the final model that a budget can limit."""
 
     name: str
-    attribute: str  # on report.Totals
-    kind: str  # "count" or "bytes"
+    attribute: str  # on report.Totals, or the key of Totals.metrics for a measured metric
+    kind: str  # "count", "bytes", or "ratio" (a measured number without unit)
     label: str
-    #: The per-layer column whose shares explain this metric ("params" or "macs").
+    #: The per-layer column whose shares explain this metric ("params" or "macs"; "" for none).
     layer_column: str
+    #: Measured by a stage (Totals.metrics) rather than counted.
+    measured: bool = False
+    #: Which way is worse when there is no explicit choice: "max" (higher is worse) or "min".
+    worse: str = "max"
+    #: What the run needs to measure it, for the message when it was not measured.
+    needs: str = ""
 
 
 METRICS: dict[str, Metric] = {
@@ -49,6 +61,17 @@ METRICS: dict[str, Metric] = {
         Metric("trainable-params", "trainable_params", "count", "trainable params", "params"),
         Metric("macs", "macs", "count", "MACs", "macs"),
         Metric("param-bytes", "param_bytes", "bytes", "parameter bytes", "params"),
+    )
+}
+
+#: Metrics the pipeline measures (``Totals.metrics``); ``eval:NAME`` is any metric of ``evaluate()``.
+MEASURED_METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("output-error", "output-error", "ratio", "output relative error", "", True, "max"),
+        Metric("cosine", "cosine", "ratio", "output cosine similarity", "", True, "min"),
+        Metric("agreement", "agreement", "ratio", "top-1 agreement", "", True, "min", "calibration data (--data)"),
+        Metric("speedup", "speedup", "ratio", "measured speedup", "", True, "min", "--latency"),
     )
 }
 
@@ -67,7 +90,7 @@ BYTE_UNITS = {
 COUNT_UNITS_TEXT = "k, M or G (decimal: 1k = 1,000)"
 BYTE_UNITS_TEXT = "B, KB, MB, GB (decimal: 1 KB = 1,000 B) or KiB, MiB, GiB (binary: 1 KiB = 1,024 B)"
 
-BUDGET_KEYS = ("name", "metric", "limit", "max-increase", "level")
+BUDGET_KEYS = ("name", "metric", "limit", "minimum", "max-increase", "max-drop", "level")
 #: Keys a named target takes: every setting of the schema that a config may hold, and budgets.
 TARGET_KEYS = (*(s.name for s in schema.SCHEMA if s.toml), "budgets")
 #: Settings a named target takes from the top-level table when it does not set them: they select
@@ -84,13 +107,14 @@ class Amount:
     """A parsed limit: ``value`` in the metric's base unit (count or bytes), or a percentage."""
 
     text: str
-    value: int | None = None
+    value: float | None = None
     percent: Decimal | None = None
 
-    def resolve(self, baseline: int) -> int:
-        """The allowed increase over ``baseline``, in the metric's unit."""
+    def resolve(self, baseline: float) -> float:
+        """The allowed change from ``baseline``, in the metric's unit (counts stay whole)."""
         if self.percent is not None:
-            return math.floor(baseline * self.percent / 100)
+            change = baseline * float(self.percent) / 100
+            return math.floor(change) if isinstance(baseline, int) else change
         assert self.value is not None
         return self.value
 
@@ -106,10 +130,17 @@ class Budget:
     max_increase: Amount | None = None
     source: str = "command line"
     target: str | None = None
+    minimum: Amount | None = None
+    max_drop: Amount | None = None
 
     @property
     def relative(self) -> bool:
         return self.max_increase is not None
+
+    @property
+    def floor(self) -> bool:
+        """True when the budget is a lower bound (minimum, max-drop); else an upper bound."""
+        return self.minimum is not None or self.max_drop is not None
 
     @property
     def qualified_name(self) -> str:
@@ -118,6 +149,10 @@ class Budget:
     def describe(self) -> str:
         if self.limit is not None:
             rule = f"{self.metric.name} <= {self.limit.text}"
+        elif self.minimum is not None:
+            rule = f"{self.metric.name} >= {self.minimum.text}"
+        elif self.max_drop is not None:
+            rule = f"{self.metric.name} >= original - {self.max_drop.text}"
         else:
             assert self.max_increase is not None
             rule = f"{self.metric.name} <= baseline + {self.max_increase.text}"
@@ -139,8 +174,34 @@ def _unit_problem(unit: str, metric: Metric) -> str:
     return f"unknown unit {unit!r}: sizes take {BYTE_UNITS_TEXT}"
 
 
+def parse_ratio(raw: Any, where: str, *, percent_of_value: bool = False) -> Amount:
+    """A measured metric's bound: a number (``0.98``), or a percentage (``"98%"`` = 0.98; with
+    ``percent_of_value``, as for ``max-drop``, a percentage of the original's value instead)."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise UsageError(f'{where} must be a number such as 0.98, or a percentage such as "98%"')
+    if isinstance(raw, (int, float)):
+        if not math.isfinite(raw) or raw < 0:
+            raise UsageError(f"{where} must be a finite number, zero or more, got {raw!r}")
+        return Amount(str(raw), value=float(raw))
+    text = raw.strip()
+    number_text = text[:-1].strip() if text.endswith("%") else text
+    try:
+        number = float(number_text)
+    except ValueError:
+        raise UsageError(f'{where} = {raw!r} is not a number such as 0.98 or a percentage such as "98%"') from None
+    if not math.isfinite(number) or number < 0:
+        raise UsageError(f"{where} must be a finite number, zero or more, got {raw!r}")
+    if text.endswith("%"):
+        if percent_of_value:
+            return Amount(text, percent=Decimal(number_text))
+        return Amount(text, value=number / 100)
+    return Amount(text, value=number)
+
+
 def parse_amount(raw: Any, metric: Metric, where: str, *, allow_percent: bool = False) -> Amount:
     """A non-negative limit such as ``800000``, ``"1.5M"``, ``"3MB"``, ``"2.5MiB"`` or ``"2%"``."""
+    if metric.kind == "ratio":
+        return parse_ratio(raw, where, percent_of_value=allow_percent)
     if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
         raise UsageError(f'{where} must be a number or a string with a unit, such as "1M" or "3MB"')
     if isinstance(raw, (int, float)):
@@ -177,15 +238,24 @@ def parse_amount(raw: Any, metric: Metric, where: str, *, allow_percent: bool = 
     return Amount(raw.strip(), value=math.floor(number * units[unit]))
 
 
+def metric_names() -> list[str]:
+    return [*METRICS, *MEASURED_METRICS, "eval:NAME"]
+
+
 def parse_metric(raw: Any, where: str) -> Metric:
     if not isinstance(raw, str):
-        raise UsageError(f"{where} must be a string, one of {', '.join(METRICS)}")
+        raise UsageError(f"{where} must be a string, one of {', '.join(metric_names())}")
+    if raw.strip().startswith("eval:") and raw.strip()[5:]:
+        name = raw.strip()
+        return Metric(name, name, "ratio", f"evaluate() {name[5:]}", "", True, "min", "evaluate() in the model file")
     name = raw.strip().replace("_", "-").lower()
     aliases = {"size": "param-bytes", "bytes": "param-bytes", "trainable": "trainable-params"}
     name = aliases.get(name, name)
+    if name in MEASURED_METRICS:
+        return MEASURED_METRICS[name]
     if name not in METRICS:
         hint = " (MACs are the unit: FLOPs = 2 x MACs)" if name == "flops" else ""
-        raise UsageError(f"{where}: unknown metric {raw!r}{hint}", hint=f"choose one of {', '.join(METRICS)}")
+        raise UsageError(f"{where}: unknown metric {raw!r}{hint}", hint=f"choose one of {', '.join(metric_names())}")
     return METRICS[name]
 
 
@@ -200,6 +270,14 @@ def parse_budget(raw: Any, where: str, target: str | None) -> Budget:
     level = data.get("level", "error")
     if level not in LEVELS:
         raise UsageError(f"{where} level = {level!r} is not one of {', '.join(LEVELS)}")
+    if metric.measured:
+        return _measured_budget(data, metric, level, where, target)
+    for key in ("minimum", "max-drop"):
+        if key in data:
+            raise UsageError(
+                f"{where}: {key} is for measured metrics (agreement, output-error, eval:NAME...), not {metric.name}",
+                hint="use limit or max-increase",
+            )
     has_limit, has_increase = "limit" in data, "max-increase" in data
     if has_limit == has_increase:
         raise UsageError(
@@ -213,9 +291,41 @@ def parse_budget(raw: Any, where: str, target: str | None) -> Budget:
         else None
     )
     name = data.get("name", metric.name if has_limit else f"{metric.name}-increase")
+    return Budget(_budget_name(name, where), metric, level, limit, increase, source=where, target=target)
+
+
+def _budget_name(name: Any, where: str) -> str:
     if not isinstance(name, str) or not name.strip() or "/" in name:
         raise UsageError(f"{where} name must be a non-empty string without '/'")
-    return Budget(name.strip(), metric, level, limit, increase, source=where, target=target)
+    return name.strip()
+
+
+def _measured_budget(data: dict[str, Any], metric: Metric, level: str, where: str, target: str | None) -> Budget:
+    """A budget on a measured metric: exactly one of limit (ceiling), minimum, max-drop."""
+    if "max-increase" in data:
+        raise UsageError(
+            f"{where}: max-increase compares with a baseline report's counts; {metric.name} is measured",
+            hint="use limit (a ceiling), minimum (a floor) or max-drop (below the original model's value)",
+        )
+    given = [key for key in ("limit", "minimum", "max-drop") if key in data]
+    if len(given) != 1:
+        raise UsageError(
+            f"{where} needs exactly one of limit, minimum and max-drop for the measured metric {metric.name}",
+            hint="for example minimum = 0.98 (agreement) or limit = 0.05 (output-error)",
+        )
+    key = given[0]
+    amount = parse_ratio(data[key], f"{where} {key}", percent_of_value=key == "max-drop")
+    if key == "max-drop" and not metric.name.startswith("eval:"):
+        raise UsageError(
+            f"{where}: max-drop compares with the original model's own {metric.name}, which only evaluate() measures",
+            hint='use it with metric = "eval:NAME", or use minimum',
+        )
+    name = _budget_name(data.get("name", metric.name), where)
+    if key == "limit":
+        return Budget(name, metric, level, limit=amount, source=where, target=target)
+    if key == "minimum":
+        return Budget(name, metric, level, minimum=amount, source=where, target=target)
+    return Budget(name, metric, level, max_drop=amount, source=where, target=target)
 
 
 def parse_budgets(raw: Any, where: str, target: str | None) -> list[Budget]:

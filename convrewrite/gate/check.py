@@ -71,12 +71,19 @@ class Outcome:
     """One budget held against one measured model."""
 
     budget: Budget
-    measured: int
+    measured: float
     #: None for a relative budget that had no baseline to compare with: it is skipped, visibly.
-    limit: int | None
-    baseline: int | None
+    #: A ceiling, or for a floor budget (minimum, max-drop) the floor.
+    limit: float | None
+    baseline: float | None
     contributors: list[Contributor]
     contributors_basis: str
+    #: For max-drop: the original model's own value in the same run.
+    original: float | None = None
+
+    @property
+    def floor(self) -> bool:
+        return self.budget.floor
 
     @property
     def skipped(self) -> bool:
@@ -84,7 +91,9 @@ class Outcome:
 
     @property
     def exceeded(self) -> bool:
-        return self.limit is not None and self.measured > self.limit
+        if self.limit is None:
+            return False
+        return self.measured < self.limit if self.floor else self.measured > self.limit
 
     @property
     def status(self) -> str:
@@ -95,22 +104,25 @@ class Outcome:
         return "fail" if self.budget.level == "error" else "warn"
 
     @property
-    def headroom(self) -> int | None:
-        return None if self.limit is None else self.limit - self.measured
+    def headroom(self) -> float | None:
+        if self.limit is None:
+            return None
+        return self.measured - self.limit if self.floor else self.limit - self.measured
 
     @property
     def headroom_percent(self) -> float | None:
         """Headroom as a share of the limit (negative when over)."""
-        if self.limit is None or self.limit == 0:
+        if self.limit is None or self.limit == 0 or self.headroom is None:
             return None
-        return 100.0 * (self.limit - self.measured) / self.limit
+        return 100.0 * self.headroom / self.limit
 
     @property
-    def over(self) -> int:
-        return 0 if self.limit is None else max(0, self.measured - self.limit)
+    def over(self) -> float:
+        """How far past the limit (above a ceiling, below a floor); 0 within it."""
+        return 0 if self.headroom is None else max(0, -self.headroom)
 
     @property
-    def change(self) -> int | None:
+    def change(self) -> float | None:
         return None if self.baseline is None else self.measured - self.baseline
 
     @property
@@ -129,7 +141,11 @@ class Outcome:
             "level": budget.level,
             "kind": "relative" if budget.relative else "absolute",
             "limit_text": budget.limit.text if budget.limit else None,
+            "minimum_text": budget.minimum.text if budget.minimum else None,
             "max_increase_text": budget.max_increase.text if budget.max_increase else None,
+            "max_drop_text": budget.max_drop.text if budget.max_drop else None,
+            "bound": "floor" if budget.floor else "ceiling",
+            "original": self.original,
             "limit": self.limit,
             "measured": self.measured,
             "baseline": self.baseline,
@@ -420,16 +436,44 @@ def contributors(
     ], f"share of {shown}"
 
 
+def _measured_outcome(budget: Budget, report: Report) -> Outcome:
+    """A budget on a metric the run measured (agreement, output-error, speedup, eval:NAME)."""
+    metric = budget.metric
+    value = report.final.metrics.get(metric.attribute)
+    if value is None:
+        needs = f"; it needs {metric.needs}" if metric.needs else ""
+        raise UsageError(
+            f"budget {budget.qualified_name}: this run did not measure {metric.name}{needs}",
+            hint=f"measured here: {', '.join(sorted(report.final.metrics)) or 'nothing'}",
+        )
+    original = None
+    if budget.limit is not None:
+        assert budget.limit.value is not None
+        limit = budget.limit.value
+    elif budget.minimum is not None:
+        assert budget.minimum.value is not None
+        limit = budget.minimum.value
+    else:
+        assert budget.max_drop is not None
+        original = report.before.metrics.get(metric.attribute)
+        if original is None:
+            raise UsageError(f"budget {budget.qualified_name}: the original model's {metric.name} was not measured")
+        limit = original - budget.max_drop.resolve(original)
+    return Outcome(budget, value, limit, None, [], "", original)
+
+
 def evaluate(budget: Budget, report: Report, baseline: Report | None) -> Outcome:
+    if budget.metric.measured:
+        return _measured_outcome(budget, report)
     measured = int(getattr(report.final, budget.metric.attribute))
     base = int(getattr(baseline.final, budget.metric.attribute)) if baseline is not None else None
     limit: int | None = None
     if budget.limit is not None:
         assert budget.limit.value is not None
-        limit = budget.limit.value
+        limit = int(budget.limit.value)
     elif base is not None:
         assert budget.max_increase is not None
-        limit = base + budget.max_increase.resolve(base)
+        limit = base + int(budget.max_increase.resolve(base))
     layers, basis = contributors(report, budget.metric, baseline if budget.relative else None)
     return Outcome(budget, measured, limit, base, layers, basis)
 

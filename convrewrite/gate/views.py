@@ -22,14 +22,16 @@ STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "
 STATUS_WORD = {"pass": "pass", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
 
 
-def amount(value: int | None, outcome: Outcome) -> str:
+def amount(value: float | None, outcome: Outcome) -> str:
     if value is None:
         return "--"
+    if outcome.budget.metric.kind == "ratio":
+        return f"{value:.4g}"
     text = f"{value:,}"
     return f"{text} B" if outcome.budget.metric.kind == "bytes" else text
 
 
-def signed(value: int, outcome: Outcome) -> str:
+def signed(value: float, outcome: Outcome) -> str:
     return ("+" if value >= 0 else "-") + amount(abs(value), outcome)
 
 
@@ -69,6 +71,14 @@ def breach_sentence(outcome: Outcome) -> str:
     increase = outcome.budget.max_increase
     if increase is not None and outcome.baseline is not None:
         limit += f" (baseline {amount(outcome.baseline, outcome)} + {increase.text})"
+    drop = outcome.budget.max_drop
+    if drop is not None and outcome.original is not None:
+        limit += f" (the original's {amount(outcome.original, outcome)} - {drop.text})"
+    if outcome.floor:
+        return (
+            f"{outcome.budget.metric.label} {amount(outcome.measured, outcome)} < minimum {limit}: "
+            f"under by {amount(over, outcome)}{pct.replace('+', '-')}"
+        )
     return (
         f"{outcome.budget.metric.label} {amount(outcome.measured, outcome)} > limit {limit}: "
         f"over by {amount(over, outcome)}{pct}"
@@ -79,6 +89,10 @@ def where_sentence(outcome: Outcome, code: bool = False) -> str:
     budget = outcome.budget
     if budget.limit is not None:
         written = budget.limit.text
+    elif budget.minimum is not None:
+        written = f"minimum {budget.minimum.text}"
+    elif budget.max_drop is not None:
+        written = f"max-drop {budget.max_drop.text}"
     else:
         assert budget.max_increase is not None
         written = f"max-increase {budget.max_increase.text}"
