@@ -327,3 +327,45 @@ def test_report_without_rules(entry: Any, monkeypatch: pytest.MonkeyPatch) -> No
     assert (report.before.params, report.before.macs) == (params, macs)
     assert sum(row.params_before or 0 for row in report.layers) == params
     assert sum(row.macs_before or 0 for row in report.layers) == macs
+
+
+def _calibration_batches(inputs: ExampleInputs, count: int = 8) -> list[Any]:
+    """Batches shaped like the example input: floating tensors with noise added, the rest as is."""
+    generator = torch.Generator().manual_seed(7)
+
+    def jitter(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value + 0.5 * torch.randn(value.shape, generator=generator, dtype=value.dtype)
+        return value
+
+    from torch.utils._pytree import tree_map
+
+    batches = []
+    for _ in range(count):
+        args, kwargs = tree_map(jitter, (inputs.args, inputs.kwargs))
+        batches.append(kwargs if not args else args if not kwargs else args)
+    return batches
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("entry", zoo.ZOO, ids=[entry.name for entry in zoo.ZOO])
+def test_fitting_on_calibration_data(entry: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every zoo model rewritten with ``separable`` and fitted on calibration data: the fitted
+    model is measured on held-out batches, does not drift from the transfer, and writes out."""
+    from convrewrite.recovery.data import calibration_data_from
+
+    monkeypatch.setattr(torch, "get_num_threads", torch.get_num_threads)  # keep fixtures' thread choice
+    loaded = load_entry(entry, monkeypatch)
+    if loaded.inputs.args and loaded.inputs.kwargs:
+        pytest.skip("positional and keyword inputs together: not a calibration batch form")
+    data = calibration_data_from(_calibration_batches(loaded.inputs), example=loaded, holdout=0.25)
+    result = analyse(loaded, [make_rule("separable")], data=data, settings={"fit-steps": 3})
+    if not result.originals:
+        assert "fitting" not in result.sections or not result.sections["fitting"].fit.layers
+        return
+    fitting = result.sections["fitting"]
+    assert fitting.transfer is not None and fitting.fitted is not None
+    assert fitting.fitted.samples == fitting.transfer.samples > 0
+    assert fitting.fitted.output_relative_error <= fitting.transfer.output_relative_error * 1.1 + 1e-6
+    assert result.fidelity is not None and result.fidelity.measured_on.endswith("held-out calibration samples")
+    write_apply_output(result, build_report(result), tmp_path / "out")  # reloads and compares

@@ -142,6 +142,9 @@ class BatchNormResult:
     kept: bool = True
     output_error_before: float | None = None
     output_error_after: float | None = None
+    #: Batches of one sample that BatchNorm in training mode cannot use (after global pooling).
+    skipped_batches: int = 0
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -886,6 +889,17 @@ def _fit_layer(
     if has_holdout:
         error, energy, elements = _measure(block, layer_data.pairs("holdout"))
         record.holdout_error_after = _relative(error, energy) if elements else None
+        before, after = record.holdout_error_before, record.holdout_error_after
+        if best_label != "transfer" and before is not None and after is not None and after > before:
+            # The fit did not carry over to samples it never saw (too little calibration data for
+            # this layer's parameters): keep the transfer. This one choice per layer is the only
+            # use of the held-out samples besides measuring.
+            block.load_state_dict(candidates[0][2])
+            record.kept = "transfer"
+            record.note = "; ".join(
+                filter(None, [record.note, f"fit reverted: held-out layer error {before:.3g} -> {after:.3g}"])
+            )
+            record.holdout_error_after = before
 
 
 def _solve_terminals(terminals: list[_Terminal], ridge: float, current: float) -> float:
@@ -983,10 +997,15 @@ def fit_layers(
             block, layer = blocks[name], layers[name]
             record = LayerFit(name=name, block=type(block).__name__, calls=calls[name])
             if original_calls.get(name) != calls[name]:
-                raise ModelError(
-                    f"fitting {name}: the rewritten model calls it {calls[name]} time(s), "
-                    f"the original {original_calls.get(name)}"
+                # A replacement shared by tied convs is called once per original conv: its target
+                # is not one original layer's output, so the transfer is kept as it is.
+                record.note = (
+                    f"not fitted: the rewritten model calls it {calls[name]} time(s), "
+                    f"the original {original_calls.get(name)} (a replacement shared by tied layers)"
                 )
+                record.seconds = time.perf_counter() - began
+                result.layers.append(record)
+                continue
             layer_data = _LayerData(
                 original, rewritten, layer, block, calls[name], data, device, budget, rank, world, name
             )
@@ -1062,7 +1081,7 @@ def reestimate_batchnorm(
     result = BatchNormResult(modules=len(norms))
     if not norms:
         return result
-    saved = {id(norm): _snapshot(norm) for norm in norms} if reference is not None else {}
+    saved = {id(norm): _snapshot(norm) for norm in norms}
     modes_before = {id(m): m.training for m in model.modules()}
     if reference is not None:
         reference_modes = {id(m): m.training for m in reference.modules()}
@@ -1081,10 +1100,17 @@ def reestimate_batchnorm(
             for batch in data.batches(split, rank=rank, world_size=world):
                 try:
                     batch.to(device).call(model)
+                except ValueError as exc:
+                    if "more than 1 value per channel" not in str(exc):
+                        raise ModelError(
+                            f"re-estimating BatchNorm statistics failed on a batch of {batch.size}: {describe(exc)}"
+                        ) from exc
+                    # A batch of one sample after global pooling has no batch statistics.
+                    result.skipped_batches += 1
+                    continue
                 except Exception as exc:
                     raise ModelError(
-                        f"re-estimating BatchNorm statistics failed on a batch of {batch.size}: {describe(exc)}",
-                        hint="use a larger batch size (BatchNorm in training mode needs more than one value)",
+                        f"re-estimating BatchNorm statistics failed on a batch of {batch.size}: {describe(exc)}"
                     ) from exc
                 result.batches += 1
                 result.samples += batch.size
@@ -1099,6 +1125,13 @@ def reestimate_batchnorm(
         for module in model.modules():
             module.train(modes.get(id(module), False))
         model.to(home)
+    if result.batches == 0:
+        for norm in norms:
+            norm.load_state_dict(saved[id(norm)])
+        result.kept = False
+        result.note = "no batch could give batch statistics (batches of one sample): the old ones are kept"
+        result.seconds = time.perf_counter() - start
+        return result
     if reference is not None:
         reference_home = _device_of(reference)
         result.output_error_after = _output_error(reference, model, data, device)

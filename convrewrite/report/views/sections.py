@@ -48,12 +48,15 @@ def _fitting(section: dict[str, Any]) -> list[str]:
     layers = section.get("layers", {})
     fidelity = section.get("fidelity", {})
     fitted = layers.get("layers", [])
+    reverted = [layer["name"] for layer in fitted if "fit reverted" in (layer.get("note") or "")]
     lines = [
         f"Fitting: {len(fitted)} layer(s) fitted to the original's outputs on {layers.get('fit_samples') or 0:,} "
         f"calibration samples in {layers.get('seconds', 0.0):.1f} s ({layers.get('device', 'cpu')})"
     ]
-    transfer, fitted = _fidelity_text(fidelity.get("transfer")), _fidelity_text(fidelity.get("fitted"))
-    lines.append(f"  held out: transfer {transfer} -> fitted {fitted}")
+    transfer, fitted_text = _fidelity_text(fidelity.get("transfer")), _fidelity_text(fidelity.get("fitted"))
+    lines.append(f"  held out: transfer {transfer} -> fitted {fitted_text}")
+    if reverted:
+        lines.append(f"  kept the transfer where the fit did not hold on held-out samples: {', '.join(reverted)}")
     batchnorm = section.get("batchnorm", {})
     if batchnorm.get("modules"):
         kept = (
