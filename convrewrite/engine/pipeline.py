@@ -26,6 +26,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 import convrewrite.layers  # noqa: F401  (registers the replacement blocks as FX leaves)
+from convrewrite.engine.consumers import conv_consumers
 from convrewrite.engine.loading import ExampleInputs, LoadedModel
 from convrewrite.engine.profiling import CallRecord, ModelProfile, profile
 from convrewrite.engine.tracing import LeafAwareTracer, TraceResult, placeholder_values, trace
@@ -333,7 +334,16 @@ def apply_rule(
     sites, functional = collect_sites(model, current)
     if not result.skipped:
         result.skipped.extend(functional)
+    # --- issue 11 (graph context for rules that rewrite beyond the conv, e.g. fuse-bn) -------
+    # Who reads each conv's output, from the original trace (rules replace modules in place, so
+    # its names still hold; modules are looked up live). See engine/consumers.py.
+    consumers = conv_consumers(result.trace.graph_module, model, current)
     users = parameter_users(model)
+    for site in sites:
+        site.consumers = consumers.get(site.name)
+        holders = users.get(id(site.module.weight), [])
+        site.tied_to = tuple(n for n, m in holders if m is not site.module)
+    # --- end issue 11 ---------------------------------------------------------------------------
     done: dict[int, nn.Module] = {}
     records: list[RewriteRecord] = []
     for site in sites:
@@ -379,8 +389,10 @@ def apply_rule(
             replacement.notes.setdefault(
                 "unverified", "not called on the example input: shapes and output were not checked for this layer"
             )
+        # issue 11: a rule may name what the replacement must equal (fuse-bn: conv + BN folded).
+        reference = replacement.reference if replacement.reference is not None else module
         try:
-            error = kernel_error(new_module, module)
+            error = kernel_error(new_module, reference)
         except (TypeError, ValueError):
             error = None
         all_names = [site.name, *site.aliases]
@@ -392,9 +404,18 @@ def apply_rule(
             for tied_name in module_aliases(model).get(id(tied), []):
                 macs_before += current.subtree_totals(tied_name)[1]
         if site.name not in originals and not _created_by_rule(site.name, result):
-            originals[site.name] = module
+            originals[site.name] = reference
         for name in all_names:
             install(model, name, new_module)
+        # --- issue 11: other modules the rule replaces (fuse-bn: the folded BN -> Identity) ----
+        for other_name, other_module in replacement.also_replace.items():
+            other = model.get_submodule(other_name)
+            for alias in module_aliases(model).get(id(other), [other_name]):
+                install(model, alias, other_module)
+            replacement.notes.setdefault("also_replaced", {})[other_name] = (
+                f"{type(other).__name__} -> {type(other_module).__name__}"
+            )
+        # --- end issue 11 ----------------------------------------------------------------------
         done[id(module)] = new_module
         records.append(
             RewriteRecord(

@@ -15,6 +15,7 @@ from convrewrite.layers.channelwise import (
 from convrewrite.layers.log_group import LogGroupConv1d, LogGroupConv2d, log_group_sizes
 from convrewrite.layers.separable import SeparableConv1d, SeparableConv2d
 from convrewrite.layers.shuffle import ChannelPermutation, ChannelShuffle, GroupShuffleConv1d, GroupShuffleConv2d
+from convrewrite.layers.winograd import WinogradConv2d
 
 BLOCK_CLASSES = (
     SeparableConv1d,
@@ -29,6 +30,7 @@ BLOCK_CLASSES = (
     ChannelwiseConv2d,
     GroupChannelwiseConv1d,
     GroupChannelwiseConv2d,
+    WinogradConv2d,
 )
 
 for _cls in BLOCK_CLASSES:
@@ -48,5 +50,6 @@ __all__ = [
     "LogGroupConv2d",
     "SeparableConv1d",
     "SeparableConv2d",
+    "WinogradConv2d",
     "log_group_sizes",
 ]
