@@ -69,6 +69,22 @@ def _pair(value) -> tuple[int, int]:
     return int(value), int(value)
 
 
+_TRANSFORMS: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def winograd_transforms(tile: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(kron(B^T, B^T), G, kron(A^T, A^T)) in ``dtype``, rounded once from float64 (1/6 and 1/24
+    have no exact binary form), built once per tile, dtype and device."""
+    key = (tile, dtype, device)
+    if key not in _TRANSFORMS:
+        input_t, filter_t, output_t = (torch.tensor(m, dtype=torch.float64) for m in WINOGRAD_MATRICES[tile])
+        _TRANSFORMS[key] = tuple(  # type: ignore[assignment]
+            t.to(device=device, dtype=dtype)
+            for t in (torch.kron(input_t, input_t), filter_t, torch.kron(output_t, output_t))
+        )
+    return _TRANSFORMS[key]
+
+
 def _in_graph_capture() -> bool:
     """True while torch.jit.trace, torch.export or torch.compile records the forward."""
     if torch.jit.is_tracing():
@@ -124,15 +140,6 @@ class WinogradConv2d(nn.Module):
         if self.bias is not None:
             bound = 1.0 / (in_channels // groups * 9) ** 0.5
             nn.init.uniform_(self.bias, -bound, bound)
-        input_t, filter_t, output_t = (torch.tensor(m, dtype=torch.float64) for m in WINOGRAD_MATRICES[tile])
-        # Derived constants, not weights: rebuilt by the constructor, so not in the state_dict.
-        self.input_transform: torch.Tensor
-        self.output_transform: torch.Tensor
-        self.filter_transform: torch.Tensor
-        default = torch.get_default_dtype()
-        self.register_buffer("input_transform", torch.kron(input_t, input_t).to(default), persistent=False)
-        self.register_buffer("output_transform", torch.kron(output_t, output_t).to(default), persistent=False)
-        self.register_buffer("filter_transform", filter_t.to(default), persistent=False)
         self._cached_weight: tuple[tuple, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
@@ -150,7 +157,7 @@ class WinogradConv2d(nn.Module):
     def transformed_weight(self) -> torch.Tensor:
         """``G g G^T`` for every kernel, as (a*a, out_channels, in_channels / groups)."""
         size = self.tile + 2
-        g = self.filter_transform.to(self.weight.dtype)
+        _, g, _ = winograd_transforms(self.tile, self.weight.dtype, self.weight.device)
         product = torch.einsum("ik,ockl,jl->ijoc", g, self.weight, g)
         return product.reshape(size * size, self.out_channels, self.in_channels // self.groups)
 
@@ -158,7 +165,7 @@ class WinogradConv2d(nn.Module):
         weight = self.weight
         if (torch.is_grad_enabled() and weight.requires_grad) or _in_graph_capture():
             return self.transformed_weight()
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, self.filter_transform._version)
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         cached = self._cached_weight
         if cached is None or cached[0] != key:
             with torch.no_grad():
@@ -216,7 +223,8 @@ class WinogradConv2d(nn.Module):
             [x[:, :, i : i + m * rows : m, j : j + m * columns : m] for i in range(a) for j in range(a)]
         )  # (a*a, C, N, rows, columns)
         positions = batch * rows * columns
-        transformed = torch.mm(self.input_transform.to(x.dtype), tiles.reshape(a * a, -1))
+        input_transform, _, output_transform = winograd_transforms(m, x.dtype, x.device)
+        transformed = torch.mm(input_transform, tiles.reshape(a * a, -1))
         weight = self._weight_in_transform_domain()
         per_group_in = channels // self.groups
         per_group_out = self.out_channels // self.groups
@@ -230,7 +238,7 @@ class WinogradConv2d(nn.Module):
                 weight.reshape(a * a, self.groups, per_group_out, per_group_in),
                 transformed.reshape(a * a, self.groups, per_group_in, positions),
             )
-        y = torch.mm(self.output_transform.to(x.dtype), products.reshape(a * a, -1))
+        y = torch.mm(output_transform, products.reshape(a * a, -1))
         y = y.reshape(m, m, self.out_channels, batch, rows, columns).permute(3, 2, 4, 0, 5, 1)
         y = y.reshape(batch, self.out_channels, rows * m, columns * m)[:, :, :out_h, :out_w]
         if self.bias is not None:
