@@ -24,7 +24,7 @@ from torch import nn
 from convrewrite import __version__
 from convrewrite.errors import ModelError, UsageError
 
-OUTPUT_FILES = ("model.py", "weights.safetensors", "report.json")
+OUTPUT_FILES = ("model.py", "weights.safetensors", "report.json", "model.onnx")
 
 
 @dataclass
@@ -33,13 +33,19 @@ class WrittenOutput:
     files: list[str]
     reload_max_abs_error: float
     user_source: str | None
+    #: ``apply --export onnx`` (issue 11): what export/onnx.py wrote and verified.
+    onnx: Any = None
 
     def summary(self) -> str:
         extra = f" (+ {self.user_source}, needed by model.py)" if self.user_source else ""
-        return (
+        text = (
             f"wrote {self.directory}/: {', '.join(self.files)}{extra}; reloaded model.py + weights "
             f"and matched the rewritten model (max abs diff {self.reload_max_abs_error:.3g})"
         )
+        if self.onnx is not None:
+            opset, difference = self.onnx.opset, self.onnx.max_abs_diff
+            text += f"; model.onnx: ONNX opset {opset}, ONNX Runtime max abs diff {difference:.3g}"
+        return text
 
 
 def _umask() -> int:
@@ -166,13 +172,23 @@ def _compare_outputs(expected: Any, actual: Any) -> float:
     return worst
 
 
-def write_apply_output(result: Any, report: Any, directory: Path, force: bool = False) -> WrittenOutput:
-    """Generate, save, verify and move into place the rewritten model in ``directory``."""
+def write_apply_output(
+    result: Any, report: Any, directory: Path, force: bool = False, *, export_onnx: bool = False
+) -> WrittenOutput:
+    """Generate, save, verify and move into place the rewritten model in ``directory``.
+
+    ``export_onnx``: also write ``model.onnx`` (export/onnx.py: verified in ONNX Runtime against the
+    rewritten model), recorded in report.json's ``export`` section.
+    """
     from safetensors.torch import load_file, save_model
 
     from convrewrite.export.source import SourceWriter, class_name_for, graph_constants, inputs_source
     from convrewrite.layers import BLOCK_CLASSES
 
+    if export_onnx:
+        from convrewrite.export.onnx import require_onnx
+
+        require_onnx()  # a missing extra is a usage error, before any work is done
     check_destination(directory, force)
     loaded = result.loaded
     model: nn.Module = loaded.model
@@ -206,7 +222,15 @@ def write_apply_output(result: Any, report: Any, directory: Path, force: bool = 
         # A model of 100M+ parameters: free this copy before the reload builds another.
         del fresh, module
 
-        report_text = json.dumps(report.to_dict(), indent=2) + "\n"
+        onnx_result = None
+        report_data = report.to_dict()
+        if export_onnx:
+            from convrewrite.export.onnx import export_onnx as write_onnx
+
+            onnx_result = write_onnx(model, loaded.inputs, staging / "model.onnx")
+            files.append("model.onnx")
+            report_data["export"] = {"onnx": {**onnx_result.to_dict(), "path": "model.onnx"}}
+        report_text = json.dumps(report_data, indent=2) + "\n"
         write_file_atomic(staging / "report.json", report_text.encode())
         if json.loads((staging / "report.json").read_text()) != json.loads(report_text):
             raise ModelError("report.json did not read back identically")
@@ -222,7 +246,9 @@ def write_apply_output(result: Any, report: Any, directory: Path, force: bool = 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return WrittenOutput(directory, files, worst, generated.user_source_copy_name)
+    if onnx_result is not None:
+        onnx_result.path = directory / "model.onnx"
+    return WrittenOutput(directory, files, worst, generated.user_source_copy_name, onnx_result)
 
 
 def _check_weights_read_back(model: nn.Module, loaded: dict[str, torch.Tensor]) -> None:

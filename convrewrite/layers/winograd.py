@@ -69,22 +69,6 @@ def _pair(value) -> tuple[int, int]:
     return int(value), int(value)
 
 
-_TRANSFORMS: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-
-def winograd_transforms(tile: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(kron(B^T, B^T), G, kron(A^T, A^T)) in ``dtype``, rounded once from float64 (1/6 and 1/24
-    have no exact binary form), built once per tile, dtype and device."""
-    key = (tile, dtype, device)
-    if key not in _TRANSFORMS:
-        input_t, filter_t, output_t = (torch.tensor(m, dtype=torch.float64) for m in WINOGRAD_MATRICES[tile])
-        _TRANSFORMS[key] = tuple(  # type: ignore[assignment]
-            t.to(device=device, dtype=dtype)
-            for t in (torch.kron(input_t, input_t), filter_t, torch.kron(output_t, output_t))
-        )
-    return _TRANSFORMS[key]
-
-
 def _in_graph_capture() -> bool:
     """True while torch.jit.trace, torch.export or torch.compile records the forward."""
     if torch.jit.is_tracing():
@@ -95,6 +79,27 @@ def _in_graph_capture() -> bool:
         if probe is not None and probe():
             return True
     return False
+
+
+_TRANSFORMS: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def winograd_transforms(tile: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(kron(B^T, B^T), G, kron(A^T, A^T)) in ``dtype``, rounded once from float64 (1/6 and 1/24
+    have no exact binary form), built once per tile, dtype and device."""
+    key = (tile, dtype, device)
+    capturing = _in_graph_capture()
+    if capturing or key not in _TRANSFORMS:
+        input_t, filter_t, output_t = (torch.tensor(m, dtype=torch.float64) for m in WINOGRAD_MATRICES[tile])
+        built = tuple(
+            t.to(device=device, dtype=dtype)
+            for t in (torch.kron(input_t, input_t), filter_t, torch.kron(output_t, output_t))
+        )
+        if capturing:
+            # Tensors made while torch.export / torch.compile records are fake: never cache them.
+            return built
+        _TRANSFORMS[key] = built  # type: ignore[assignment]
+    return _TRANSFORMS[key]
 
 
 class WinogradConv2d(nn.Module):
@@ -217,11 +222,16 @@ class WinogradConv2d(nn.Module):
         rows, columns = -(-out_h // m), -(-out_w // m)
         # Zero rows and columns up to whole tiles; they only reach outputs that are cropped away.
         x = F.pad(x, (pad_w, columns * m + 2 - width - pad_w, pad_h, rows * m + 2 - height - pad_h))
-        # Channels first, so that the gathered tiles are already grouped by channel for the products.
-        x = x.transpose(0, 1)
-        tiles = torch.stack(
-            [x[:, :, i : i + m * rows : m, j : j + m * columns : m] for i in range(a) for j in range(a)]
-        )  # (a*a, C, N, rows, columns)
+        # Overlapping a x a tiles at stride m, as a view (N, C, rows, columns, a, a); one copy lays
+        # them out as (a*a, C, N, rows, columns): channels first, grouped for the products.
+        if torch.jit.is_tracing():
+            # The TorchScript ONNX exporter cannot convert unfold of a padded tensor: strided slices.
+            x = x.transpose(0, 1)
+            tiles = torch.stack(
+                [x[:, :, i : i + m * rows : m, j : j + m * columns : m] for i in range(a) for j in range(a)]
+            )
+        else:
+            tiles = x.unfold(2, a, m).unfold(3, a, m).permute(4, 5, 1, 0, 2, 3)
         positions = batch * rows * columns
         input_transform, _, output_transform = winograd_transforms(m, x.dtype, x.device)
         transformed = torch.mm(input_transform, tiles.reshape(a * a, -1))
