@@ -20,6 +20,7 @@ from convrewrite.errors import UsageError
 from convrewrite.speed import latency
 from convrewrite.speed.latency import (
     LayerCase,
+    Timing,
     check_backend,
     fixed_threads,
     interleaved,
@@ -60,6 +61,9 @@ def test_interleaved_blocks_alternate_and_yield_median_and_iqr() -> None:
     # Warm-up (2 calls) and one sizing call each, then one call per block: a b, b a, a b, b a.
     assert calls == ["a", "a", "a", "b", "b", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
     assert len(result["a"].raw_times) == 4 and result["a"].number_per_run == 1
+    timing = Timing.from_measurement(result["a"])
+    assert timing.blocks == 4 and timing.iqr_ms == pytest.approx(timing.p75_ms - timing.p25_ms)
+    assert timing.p25_ms <= timing.median_ms <= timing.p75_ms
 
 
 def test_a_known_2x_is_measured_as_about_2x_with_settings_restored() -> None:

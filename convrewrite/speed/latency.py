@@ -59,11 +59,13 @@ class Timing:
 
     @classmethod
     def from_measurement(cls, measurement: Measurement) -> Timing:
+        # The quartiles as Measurement computes its median and IQR (linear interpolation).
+        times = torch.tensor(sorted(measurement.times), dtype=torch.float64)
         return cls(
             median_ms=measurement.median * 1e3,
             iqr_ms=measurement.iqr * 1e3,
-            p25_ms=float(measurement._p25) * 1e3,
-            p75_ms=float(measurement._p75) * 1e3,
+            p25_ms=float(times.quantile(0.25)) * 1e3,
+            p75_ms=float(times.quantile(0.75)) * 1e3,
             blocks=len(measurement.raw_times),
             calls_per_block=measurement.number_per_run,
             noisy=measurement.has_warnings,
