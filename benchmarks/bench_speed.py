@@ -163,6 +163,10 @@ def measure_cell(
     return {name: Timing.from_measurement(m) for name, m in measured.items()}
 
 
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    return sorted_values[int(fraction * (len(sorted_values) - 1))]
+
+
 def geometric_mean(values: list[float]) -> float:
     values = [v for v in values if v > 0 and math.isfinite(v)]
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
@@ -176,7 +180,11 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=0.4, help="seconds per variant per setting, at least")
     parser.add_argument("--min-rounds", type=int, default=7, help="interleaved blocks per variant, at least")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    parser.add_argument("--report-only", type=Path, default=None, help="print the tables of an earlier --json")
     args = parser.parse_args()
+    if args.report_only:
+        reprint(args.report_only)
+        return
 
     backends = ["torch", "onnxruntime"]
     threads_grid = [1] if args.quick else [1, 2]
@@ -255,6 +263,22 @@ def main() -> None:
         args.json.write_text(json.dumps(data, indent=1))
 
 
+def reprint(path: Path) -> None:
+    data = json.loads(path.read_text())
+    cells = []
+    for entry in data["cells"]:
+        cell = Cell(entry["model"], entry["backend"], entry["threads"], entry["batch"], entry["busy"], entry["pass"])
+        cell.timings = {name: Timing(**timing) for name, timing in entry["timings"].items()}
+        cells.append(cell)
+    names = list(dict.fromkeys(c.model for c in cells))
+    models = [m for m in MODELS if m[0] in names]
+    backends = list(dict.fromkeys(c.backend for c in cells))
+    threads_grid = sorted({c.threads for c in cells})
+    batch_grid = sorted({c.batch for c in cells})
+    passes = len({c.pass_index for c in cells if not c.busy})
+    report(cells, data["sizes"], models, backends, threads_grid, batch_grid, passes)
+
+
 def report(
     cells: list[Cell],
     sizes: dict[str, dict[str, dict[str, int]]],
@@ -330,10 +354,10 @@ def report(
         print(f"| {name} | " + " | ".join(columns) + f" | {overall} |")
 
     print("\n## Noise between repeated quiet passes (same setting, same variant)\n")
-    spreads = []
-    for model, _, _ in models:
+    for threads in threads_grid:
         for backend in backends:
-            for threads in threads_grid:
+            spreads = []
+            for model, _, _ in models:
                 for batch in batch_grid:
                     for name in names:
                         values = [
@@ -343,23 +367,20 @@ def report(
                         ]
                         if len(values) >= 2:
                             spreads.append((max(values) - min(values)) / statistics.median(values))
-    if spreads:
-        spreads.sort()
-        print(
-            f"relative spread (max - min) / median of each speedup over {passes} passes, {len(spreads)} figures: "
-            f"median {statistics.median(spreads):.1%}, 90th percentile {spreads[int(0.9 * (len(spreads) - 1))]:.1%}, "
-            f"max {spreads[-1]:.1%}"
-        )
-    iqrs = sorted(t.relative_iqr for c in quiet for t in c.timings.values())
-    if iqrs:
-        print(
-            f"within one measurement, IQR / median of the per-call times: median {statistics.median(iqrs):.1%}, "
-            f"90th percentile {iqrs[int(0.9 * (len(iqrs) - 1))]:.1%}"
-        )
+            same = [c for c in quiet if (c.threads, c.backend) == (threads, backend)]
+            iqrs = sorted(t.relative_iqr for c in same for t in c.timings.values())
+            if spreads:
+                spreads.sort()
+                print(
+                    f"{backend}, {threads} thread(s): speedup spread (max - min) / median over {passes} passes: "
+                    f"median {statistics.median(spreads):.1%}, 90th percentile {percentile(spreads, 0.9):.1%}, "
+                    f"max {spreads[-1]:.1%} ({len(spreads)} figures); IQR / median within a measurement: "
+                    f"median {statistics.median(iqrs):.1%}, 90th percentile {percentile(iqrs, 0.9):.1%}"
+                )
     busy = [c for c in cells if c.busy]
     if busy:
         print("\n## With a busy loop on one core beside it (speedup busy / speedup quiet, and original ms ratio)\n")
-        shifts = []
+        shifts: list[tuple[float, Cell]] = []
         for c in busy:
             key = (c.model, c.backend, c.threads, c.batch)
             reference = [q for q in quiet if (q.model, q.backend, q.threads, q.batch) == key]
@@ -367,7 +388,7 @@ def report(
                 continue
             for name in names:
                 quiet_speedup = statistics.median(q.speedup(name) for q in reference)
-                shifts.append(c.speedup(name) / quiet_speedup)
+                shifts.append((c.speedup(name) / quiet_speedup, c))
         for threads in threads_grid:
             ratios = [
                 c.timings["original"].median_ms
@@ -382,12 +403,14 @@ def report(
             if ratios:
                 typical = statistics.median(ratios)
                 print(f"original model latency, busy / quiet, {threads} thread(s): median {typical:.2f}x")
-        if shifts:
-            shifts.sort()
-            print(
-                f"speedups, busy / quiet: median {statistics.median(shifts):.2f}, "
-                f"range {shifts[0]:.2f} .. {shifts[-1]:.2f} ({len(shifts)} figures)"
-            )
+        for threads in threads_grid:
+            shifted = sorted(shift for shift, c in shifts if c.threads == threads)
+            if shifted:
+                print(
+                    f"speedups, busy / quiet, {threads} thread(s): median {statistics.median(shifted):.2f}, "
+                    f"10th-90th percentile {percentile(shifted, 0.1):.2f} .. {percentile(shifted, 0.9):.2f}, "
+                    f"range {shifted[0]:.2f} .. {shifted[-1]:.2f} ({len(shifted)} figures)"
+                )
 
 
 if __name__ == "__main__":
