@@ -2,7 +2,7 @@
 """Set-up and checks for a fresh machine that has only Python.
 
     python3 dev.py demo    create .venv, install convrewrite, print the CRNN before/after table
-    python3 dev.py test    create .venv, install convrewrite with test extras, run the whole suite
+    python3 dev.py test    create .venv, install convrewrite with the test and onnx extras, run the whole suite
 
 The virtual environment is created once and reinstalled only when pyproject.toml or
 constraints.txt change. torch is pinned by constraints.txt (the CPU build, 2.13.0).
@@ -51,7 +51,7 @@ def ensure_environment() -> None:
         "-c",
         "constraints.txt",
         "-e",
-        ".[test]",
+        ".[test,onnx]",
     )
     STAMP.write_text(wanted + "\n")
 

@@ -284,6 +284,17 @@ def _schema() -> tuple[Setting, ...]:
             per_model=False,
             group="speed",
         ),
+        Setting(
+            "export",
+            "choice",
+            "Also write this format, verified like the rest (onnx: model.onnx checked in ONNX Runtime; "
+            "needs pip install 'convrewrite[onnx]').",
+            repeatable=True,
+            choices=("onnx",),
+            commands=("apply",),
+            per_model=False,
+            group="speed",
+        ),
         # -- check ------------------------------------------------------------------------------------
         Setting(
             "baseline",
@@ -354,6 +365,10 @@ def _toml_type_problem(setting: Setting, value: Any) -> str | None:
         if not (isinstance(value, list) and all(isinstance(g, str) for g in value)):
             return "must be a list of glob strings"
         return None
+    if setting.repeatable:
+        if not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+            return "must be a list of strings"
+        return next((range_problem(setting, item) for item in value if range_problem(setting, item)), None)
     if kind == "int":
         if not isinstance(value, int) or isinstance(value, bool):
             return "must be an integer"
@@ -410,6 +425,10 @@ def command_line_value(setting: Setting, raw: Any) -> Any:
     if setting.kind == "shape":
         return [parse_shape(text) for text in raw]
     if setting.repeatable:
+        for item in raw:
+            problem = range_problem(setting, item)
+            if problem:
+                raise UsageError(f"{setting.option} {item!r}: {problem}")
         return list(raw)
     problem = range_problem(setting, raw)
     if problem:

@@ -34,6 +34,9 @@ RULE_SPECS = (
     "channelwise:kernel=4",
     "channelwise:groups=2",
     "channelwise:groups=4,kernel=5,refine=3",
+    "winograd",
+    "winograd:tile=4",
+    "fuse-bn",  # offered a bare conv (no graph context): always a skip with a reason here
 )
 
 

@@ -210,6 +210,10 @@ def apply(
         job = _job("apply", settings, config, verbose)
         if not job["rules"]:
             raise UsageError("apply needs at least one --rule", hint="see `convrewrite rules`")
+        from convrewrite.export.base import exporters_for
+
+        for exporter in exporters_for(job.get("export", [])):
+            exporter.check_available()  # a missing optional extra is a usage error, before any work
         import_engine()
         from convrewrite.recovery.distributed import distributed_session
 

@@ -17,6 +17,12 @@ textbook ones (hand-written here, checked against ``FlopCounterMode`` in the tes
   their projections, attention and (for the layer) feed-forward network, by the formulas above.
 
 Bias additions, normalisation, activations and pooling are not MACs and are not counted.
+
+A block whose work the ATen ops do not show honestly (the Winograd block's transform-domain
+products are elementwise multiplies, which no formula here counts) declares its own cost: a
+module with a ``count_macs(inputs, output) -> dict[kind, int]`` method is counted by that method
+instead of by the ops that run inside it (its submodules then count nothing), and the kinds it
+returns appear in ``macs_by_kind`` beside ``convolution`` and ``matmul``.
 """
 
 from __future__ import annotations
@@ -274,9 +280,13 @@ class _MacCounter(TorchDispatchMode):
     def __init__(self, stack: list[CallRecord]) -> None:
         super().__init__()
         self.stack = stack
+        #: Depth of blocks with their own ``count_macs`` currently running: their ops are not counted.
+        self.declared_depth = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self.declared_depth:
+            return out
         counted = macs_of(func, args, out)
         if counted is not None and self.stack:
             label, macs = counted
@@ -284,6 +294,15 @@ class _MacCounter(TorchDispatchMode):
             record.macs += macs
             record.macs_by_kind[label] = record.macs_by_kind.get(label, 0) + macs
         return out
+
+
+def declared_counter(module: nn.Module) -> Callable[[tuple[Any, ...], Any], dict[str, int]] | None:
+    """The module's own ``count_macs`` method, when its class defines one."""
+    method = getattr(type(module), "count_macs", None)
+    if not callable(method):
+        return None
+    bound: Callable[[tuple[Any, ...], Any], dict[str, int]] = method.__get__(module)
+    return bound
 
 
 def _shapes(value: Any) -> list[list[int]]:
@@ -301,6 +320,7 @@ def profile(model: nn.Module, inputs: ExampleInputs) -> ModelProfile:
     call_counts: dict[str, int] = {}
     post_counter = [0]
     handles = []
+    counter = _MacCounter(stack)
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         name = names.get(id(module), "?")
@@ -323,6 +343,8 @@ def profile(model: nn.Module, inputs: ExampleInputs) -> ModelProfile:
             record.param_bytes = ownership.bytes.get(name, 0)
         records.append(record)
         stack.append(record)
+        if declared_counter(module) is not None:
+            counter.declared_depth += 1
 
     def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if stack:
@@ -330,6 +352,13 @@ def profile(model: nn.Module, inputs: ExampleInputs) -> ModelProfile:
             record.output_shapes = _shapes(output)
             record.post_index = post_counter[0]
             post_counter[0] += 1
+            declared = declared_counter(module)
+            if declared is not None:
+                counter.declared_depth -= 1
+                if counter.declared_depth == 0:
+                    for kind, macs in declared(args, output).items():
+                        record.macs += int(macs)
+                        record.macs_by_kind[kind] = record.macs_by_kind.get(kind, 0) + int(macs)
 
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(pre_hook))
@@ -337,7 +366,7 @@ def profile(model: nn.Module, inputs: ExampleInputs) -> ModelProfile:
         # innermost one names the layer where the input stopped fitting.
         handles.append(module.register_forward_hook(post_hook))
     try:
-        with torch.no_grad(), _MacCounter(stack):
+        with torch.no_grad(), counter:
             output = inputs.call(model)
     except Exception as exc:
         open_calls = [r for r in stack if r.name]

@@ -30,13 +30,19 @@ class WrittenOutput:
     files: list[str]
     reload_max_abs_error: float
     user_source: str | None
+    #: ``--export onnx``: what export/onnx.py wrote and verified.
+    onnx: Any = None
 
     def summary(self) -> str:
         extra = f" (+ {self.user_source}, needed by model.py)" if self.user_source else ""
-        return (
+        text = (
             f"wrote {self.directory}/: {', '.join(self.files)}{extra}; reloaded model.py + weights "
             f"and matched the rewritten model (max abs diff {self.reload_max_abs_error:.3g})"
         )
+        if self.onnx is not None:
+            opset, difference = self.onnx.opset, self.onnx.max_abs_diff
+            text += f"; model.onnx: ONNX opset {opset}, ONNX Runtime max abs diff {difference:.3g}"
+        return text
 
 
 def umask() -> int:
@@ -130,8 +136,15 @@ def write_apply_output(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    onnx = context.facts.get("onnx")
+    if onnx is not None:
+        onnx.path = directory / "model.onnx"
     return WrittenOutput(
-        directory, files, float(context.facts.get("reload_max_abs_error", 0.0)), context.facts.get("user_source")
+        directory,
+        files,
+        float(context.facts.get("reload_max_abs_error", 0.0)),
+        context.facts.get("user_source"),
+        onnx,
     )
 
 

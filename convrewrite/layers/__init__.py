@@ -24,6 +24,7 @@ from convrewrite.layers.shuffle import (
     GroupShuffleConv2d,
     GroupShuffleConv3d,
 )
+from convrewrite.layers.winograd import WinogradConv2d
 
 # Every block class a file of this package defines is registered: a new block file is one file
 # plus its re-export here.
@@ -52,6 +53,7 @@ __all__ = [
     "SeparableConv2d",
     "SeparableConv3d",
     "is_block",
+    "WinogradConv2d",
     "log_group_sizes",
     "register_block",
     "registered_blocks",

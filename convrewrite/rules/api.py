@@ -60,9 +60,33 @@ class Cost:
     macs: int
 
 
+@dataclass(frozen=True)
+class Consumer:
+    """One use of a conv's output in the traced graph: the node that reads it.
+
+    ``kind`` is ``module`` (a submodule call; ``module`` is that submodule), ``function``,
+    ``method`` or ``output`` (the graph returns the value). ``calls`` is how often the model calls
+    that submodule on the example input in all (every input, not only this conv's output);
+    ``sole_input``: this conv's output is the node's only tensor input.
+    """
+
+    name: str
+    kind: str
+    type: str = ""
+    module: Any = None
+    calls: int = 1
+    sole_input: bool = True
+
+
 @dataclass
 class ConvSite:
-    """One conv module the engine offers to a rule, with the shapes seen on the example input."""
+    """One conv module the engine offers to a rule, with the shapes seen on the example input.
+
+    ``consumers``: every node of the traced graph that reads the conv's output (one entry per
+    use); None when the graph cannot tell (no traced graph, the conv called inside an FX leaf, or
+    the conv called more than once). Rules that rewrite beyond the conv (``fuse-bn``) need it.
+    ``tied_to``: the other modules that hold this conv's weight (tied weights).
+    """
 
     name: str
     module: Any
@@ -76,6 +100,8 @@ class ConvSite:
     #: computes, and this (``engine.conv_subclasses.ComputedConv``) holds the model's own module
     #: and the padding the replacement needs in front.
     computed: Any = None
+    consumers: tuple[Consumer, ...] | None = None
+    tied_to: tuple[str, ...] = ()
 
     @property
     def conv_dims(self) -> int:
@@ -106,10 +132,20 @@ class ConvSite:
 
 @dataclass
 class Replacement:
-    """What a rule built: the module (weights initialized) and notes for the report."""
+    """What a rule built: the module (weights initialized) and notes for the report.
+
+    ``also_replace`` maps other qualified module names to the modules that take their place
+    (``fuse-bn``: the folded BatchNorm becomes ``nn.Identity``); the engine installs them with the
+    conv's replacement, under every name they are registered under. ``reference`` is what the
+    kernel error compares the replacement with when that is not the original conv alone (an
+    object with ``to_dense()``; ``fuse-bn``: the conv's kernel with the BatchNorm's affine map
+    applied, computed in float64).
+    """
 
     module: Any
     notes: dict[str, Any] = field(default_factory=dict)
+    also_replace: dict[str, Any] = field(default_factory=dict)
+    reference: Any = None
 
 
 class Rule:

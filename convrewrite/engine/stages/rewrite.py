@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import fx, nn
 
+from convrewrite.engine.consumers import conv_consumers
 from convrewrite.engine.conv_subclasses import finish_replacement, original_module, resolve_conv_subclasses
 from convrewrite.engine.modules import CONV_TYPES, install, module_aliases, parameter_users, tie_mismatch
 from convrewrite.engine.profiling import CallRecord, ModelProfile
@@ -86,14 +87,31 @@ class RuleOutcome:
     unresolved: list[SkipRecord] = field(default_factory=list)
 
 
-def apply_rule(rule: Rule, model: nn.Module, current: ModelProfile, earlier: list[RewriteRecord]) -> RuleOutcome:
-    """Offer every site to ``rule`` and install its replacements; returns what it did."""
+def apply_rule(
+    rule: Rule,
+    model: nn.Module,
+    current: ModelProfile,
+    earlier: list[RewriteRecord],
+    graph_module: fx.GraphModule | None = None,
+) -> RuleOutcome:
+    """Offer every site to ``rule`` and install its replacements; returns what it did.
+
+    ``graph_module`` (the original trace) tells each site who reads its output (``consumers``),
+    for rules that rewrite beyond the conv (fuse-bn folds the BatchNorm that alone reads it).
+    """
     outcome = RuleOutcome()
     for block in rule.blocks:
         register_block(block)
     users = parameter_users(model)
     done: dict[int, nn.Module] = {}
     sites, outcome.unresolved = collect_sites(model, current)
+    # Rules replace modules in place, so the original trace's names still hold; modules are
+    # looked up live (engine/consumers.py).
+    consumers = conv_consumers(graph_module, model, current)
+    for site in sites:
+        site.consumers = consumers.get(site.name)
+        holders = users.get(id(site.module.weight), [])
+        site.tied_to = tuple(n for n, m in holders if m is not site.module)
     for site in sites:
         module = site.module
         if id(module) in done:
@@ -139,8 +157,10 @@ def apply_rule(rule: Rule, model: nn.Module, current: ModelProfile, earlier: lis
             replacement.notes.setdefault(
                 "unverified", "not called on the example input: shapes and output were not checked for this layer"
             )
+        # A rule may name what the replacement must equal (fuse-bn: the conv and BN folded).
+        reference = replacement.reference if replacement.reference is not None else module
         try:
-            error = kernel_error(new_module, module)
+            error = kernel_error(new_module, reference)
         except (TypeError, ValueError):
             error = None
         all_names = [site.name, *site.aliases]
@@ -153,9 +173,17 @@ def apply_rule(rule: Rule, model: nn.Module, current: ModelProfile, earlier: lis
             for tied_name in aliases.get(id(tied), []):
                 macs_before += current.subtree_totals(tied_name)[1]
         if not any(site.name.startswith(previous.name + ".") for previous in earlier):
-            outcome.originals[site.name] = module
+            outcome.originals[site.name] = reference
         for name in all_names:
             install(model, name, new_module)
+        # Other modules the rule replaces (fuse-bn: the folded BatchNorm becomes nn.Identity).
+        for other_name, other_module in replacement.also_replace.items():
+            other = model.get_submodule(other_name)
+            for alias in module_aliases(model).get(id(other), [other_name]):
+                install(model, alias, other_module)
+            replacement.notes.setdefault("also_replaced", {})[other_name] = (
+                f"{type(other).__name__} -> {type(other_module).__name__}"
+            )
         done[id(module)] = new_module
         outcome.rewrites.append(
             RewriteRecord(
@@ -201,7 +229,8 @@ class RewriteStage(Stage):
         if self.first and state.settings.get("keep_reference") and state.reference is None:
             state.reference = _frozen_copy(state.model)
         functional = functional_conv_notes(state.model, state.current) if self.first else []
-        outcome = apply_rule(self.rule, state.model, state.current, state.log.rewrites)
+        graph_module = state.trace.graph_module if state.trace is not None else None
+        outcome = apply_rule(self.rule, state.model, state.current, state.log.rewrites, graph_module)
         if self.first:
             state.log.skipped.extend([*outcome.unresolved, *functional])
         for name, module in outcome.originals.items():

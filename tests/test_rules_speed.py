@@ -1,0 +1,334 @@
+"""The exact speed rewrites: ``winograd`` (its block, its honest MAC count) and ``fuse-bn``.
+
+Oracles: ``F.conv2d`` for what the Winograd block computes, hand formulas and torch's
+FlopCounterMode for what it multiplies, a conv followed by its BatchNorm for the fold.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import convrewrite.layers.winograd as winograd_module
+from convrewrite.engine.loading import ExampleInputs, LoadedModel
+from convrewrite.engine.pipeline import analyse
+from convrewrite.engine.profiling import profile
+from convrewrite.layers import WinogradConv2d
+from convrewrite.layers.dense import kernel_error
+
+from .rule_test_support import relative, rule, single_thread, site_of
+
+_threads = pytest.fixture(autouse=True)(single_thread)
+
+
+def _block_like(conv: nn.Conv2d, tile: int) -> WinogradConv2d:
+    block = WinogradConv2d(
+        conv.in_channels,
+        conv.out_channels,
+        padding=conv.padding,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        tile=tile,
+    ).to(conv.weight.dtype)
+    with torch.no_grad():
+        block.weight.copy_(conv.weight)
+        if conv.bias is not None:
+            block.bias.copy_(conv.bias)
+    return block
+
+
+# (in, out, groups, padding, padding_mode, H, W, batch): dense, grouped, depthwise (with a channel
+# multiplier), odd sizes that do not fill whole tiles, no padding, padding in one dimension only.
+GEOMETRIES = [
+    (3, 5, 1, 1, "zeros", 7, 9, 2),
+    (4, 6, 2, 1, "zeros", 5, 11, 3),
+    (6, 6, 6, 1, "zeros", 9, 7, 2),
+    (4, 8, 4, 0, "zeros", 8, 5, 1),
+    (4, 4, 1, (1, 0), "zeros", 6, 13, 2),
+    (4, 4, 2, 1, "reflect", 7, 6, 2),
+    (3, 3, 3, 1, "circular", 5, 5, 3),
+]
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_winograd_block_computes_the_conv(tile: int, geometry: tuple) -> None:
+    cin, cout, groups, padding, mode, height, width, batch = geometry
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, 3, padding=padding, groups=groups, padding_mode=mode).double()
+    x = torch.randn(batch, cin, height, width, dtype=torch.float64)
+    block = _block_like(conv, tile)
+    with torch.no_grad():
+        expected, actual = conv(x), block(x)
+    assert actual.shape == expected.shape
+    assert relative(actual, expected) < 1e-12
+    # float32: what users run. F(4x4,3x3)'s larger transform coefficients cost some precision.
+    conv32, block32, x32 = conv.float(), block.float(), x.float()
+    with torch.no_grad():
+        assert relative(block32(x32), conv32(x32)) < (1e-6 if tile == 2 else 1e-5)
+    assert kernel_error(block, conv) == 0.0  # to_dense() is the conv's own kernel
+
+
+def test_winograd_block_trains_like_the_conv_and_follows_weight_changes() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2).double()
+    block = _block_like(conv, 2)
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    conv(x).square().sum().backward()
+    block(x).square().sum().backward()
+    assert torch.allclose(block.weight.grad, conv.weight.grad, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(block.bias.grad, conv.bias.grad, rtol=1e-10, atol=1e-12)
+    # Inference caches the transformed kernel; an in-place change of the weight must invalidate it.
+    with torch.no_grad():
+        block(x)
+        block.weight.mul_(-2.0)
+        conv.weight.mul_(-2.0)
+        assert relative(block(x), conv(x)) < 1e-12
+
+
+def test_winograd_counts_what_it_multiplies_by_hand_formula() -> None:
+    """2 x 4 x 7 x 9 input, 6 outputs, groups 2, padding 1, F(2x2,3x3): 7x9 outputs -> 4 x 5 tiles
+    of 2x2 per image, 40 tiles; a = 4 transform points per side."""
+    block = WinogradConv2d(4, 6, padding=1, groups=2, tile=2)
+    result = profile(block, ExampleInputs((torch.randn(2, 4, 7, 9),)))
+    expected = {
+        "winograd_product": 40 * 16 * 2 * 6,  # tiles x a^2 x (Cin/groups) x Cout = 7,680
+        "winograd_input_transform": 40 * 4 * 256,  # tiles x Cin x a^4 = 40,960
+        "winograd_output_transform": 40 * 6 * 4 * 16,  # tiles x Cout x m^2 x a^2 = 15,360
+    }
+    assert result.records[0].macs_by_kind == expected
+    assert result.macs == 7_680 + 40_960 + 15_360
+    # F(4x4,3x3) on 1 x 3 x 10 x 10, no padding, depthwise: 8x8 outputs -> 2 x 2 tiles of 4x4, a = 6.
+    depthwise = WinogradConv2d(3, 3, padding=0, groups=3, tile=4)
+    counted = profile(depthwise, ExampleInputs((torch.randn(1, 3, 10, 10),))).records[0].macs_by_kind
+    assert counted == {
+        "winograd_product": 4 * 36 * 1 * 3,
+        "winograd_input_transform": 4 * 3 * 6**4,
+        "winograd_output_transform": 4 * 3 * 16 * 36,
+    }
+
+
+@pytest.mark.parametrize("groups,depthwise", [(1, False), (2, False), (4, True)])
+def test_winograd_declared_count_agrees_with_flop_counter_mode(groups: int, depthwise: bool) -> None:
+    """FlopCounterMode sees the matmuls (transforms, grouped products) but not elementwise
+    products: for a depthwise block it must see exactly the declared transforms."""
+    block = WinogradConv2d(4, 8, padding=1, groups=groups)
+    x = torch.randn(3, 4, 9, 10)
+    with torch.no_grad():
+        block(x)  # compute and cache the transformed kernel, as in steady-state inference
+        counter = FlopCounterMode(display=False)
+        with counter:
+            block(x)
+    declared = profile(block, ExampleInputs((x,))).records[0].macs_by_kind
+    seen = counter.get_total_flops() // 2
+    transforms = declared["winograd_input_transform"] + declared["winograd_output_transform"]
+    assert seen == (transforms if depthwise else transforms + declared["winograd_product"])
+
+
+def test_winograd_layer_file_is_standalone() -> None:
+    tree = ast.parse(inspect.getsource(winograd_module))
+    imported = {
+        alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names
+    } | {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported <= {"torch", "__future__"}
+
+
+@pytest.mark.parametrize(
+    "kwargs,reason",
+    [
+        ({"stride": 2, "padding": 1}, "stride (2, 2): Winograd needs stride 1"),
+        ({"dilation": 2, "padding": 2}, "dilation (2, 2): Winograd needs dilation 1"),
+    ],
+)
+def test_winograd_skips_what_it_cannot_compute(kwargs: dict, reason: str) -> None:
+    conv = nn.Conv2d(4, 4, 3, **kwargs)
+    assert rule("winograd").skip_reason(site_of(conv, torch.randn(1, 4, 9, 9))) == reason
+    five = nn.Conv2d(4, 4, 5)
+    assert "needs 3x3" in rule("winograd").skip_reason(site_of(five, torch.randn(1, 4, 9, 9)))
+    line = nn.Conv1d(4, 4, 3)
+    assert "2-D" in rule("winograd").skip_reason(site_of(line, torch.randn(1, 4, 9)))
+
+
+class SeparableNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.conv2(torch.relu(self.norm1(self.conv1(x)))))
+
+
+def _randomize_norms(model: nn.Module) -> nn.Module:
+    """Trained-looking BatchNorms: running statistics and affine parameters far from 0 / 1."""
+    generator = torch.Generator().manual_seed(3)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            count = module.num_features
+            with torch.no_grad():
+                if module.running_mean is not None:
+                    module.running_mean.copy_(torch.randn(count, generator=generator))
+                    module.running_var.copy_(torch.rand(count, generator=generator) * 3 + 0.2)
+                if module.affine:
+                    module.weight.copy_(torch.randn(count, generator=generator))
+                    module.bias.copy_(torch.randn(count, generator=generator))
+    return model.eval()
+
+
+def _analyse(model: nn.Module, x: torch.Tensor, specs: list[str]):
+    with torch.no_grad():
+        expected = model(x)
+    result = analyse(LoadedModel(model, ExampleInputs((x,)), "m", "m", "test"), [rule(s) for s in specs])
+    return expected, result
+
+
+def test_separable_then_winograd_on_the_depthwise_half_is_exact() -> None:
+    torch.manual_seed(0)
+    model = _randomize_norms(SeparableNet())
+    x = torch.randn(2, 3, 9, 11)
+    with torch.no_grad():
+        separable_only = _analyse(model, x, ["separable:multiplier=9"])[1].after.output
+    torch.manual_seed(0)
+    model = _randomize_norms(SeparableNet())
+    _, result = _analyse(model, x, ["separable:multiplier=9", "winograd:include=*.depthwise"])
+    assert type(result.model.conv2.depthwise) is WinogradConv2d
+    assert type(result.model.conv2.pointwise) is nn.Conv2d
+    assert relative(result.after.output, separable_only) < 1e-5
+    for record in result.rewrites:
+        assert (record.params_after, record.macs_after) == (record.analytic_params, record.analytic_macs)
+
+
+def test_fuse_bn_folds_exactly_and_removes_the_norms() -> None:
+    torch.manual_seed(0)
+    model = _randomize_norms(SeparableNet())
+    x = torch.randn(2, 3, 9, 11)
+    expected, result = _analyse(model, x, ["fuse-bn"])
+    assert [(r.name, r.notes["batchnorm"]) for r in result.rewrites] == [("conv1", "norm1"), ("conv2", "norm2")]
+    assert type(result.model.norm1) is nn.Identity and type(result.model.norm2) is nn.Identity
+    assert result.model.conv2.bias is not None  # the BN shift becomes the bias
+    assert relative(result.after.output, expected) < 1e-6
+    # BN params (2 x 8 x 2) go; conv2 gains a bias of 8.
+    assert result.before.params - result.after.params == 32 - 8
+    errors = {layer.name: layer.kernel_relative_error for layer in result.fidelity.layers}
+    assert errors["conv1"] < 1e-6 and errors["conv2"] < 1e-6  # rounding of the fold only
+
+
+def test_fuse_bn_then_exact_separable_keeps_the_output_and_sees_the_scale() -> None:
+    torch.manual_seed(0)
+    model = _randomize_norms(SeparableNet())
+    x = torch.randn(2, 3, 9, 11)
+    expected, result = _analyse(model, x, ["fuse-bn", "separable:multiplier=9"])
+    assert relative(result.after.output, expected) < 1e-5
+    pointwise = result.model.conv2.pointwise
+    # The folded kernel (scaled per output channel) was factored: its pointwise bias is the BN shift.
+    norm = SeparableNet().norm2
+    assert pointwise.bias is not None and not torch.allclose(pointwise.bias, torch.zeros_like(pointwise.bias))
+    assert type(result.model.norm2) is nn.Identity and isinstance(norm, nn.BatchNorm2d)
+    errors = {layer.name: layer.kernel_relative_error for layer in result.fidelity.layers}
+    assert errors["conv2"] < 1e-5  # measured against the fold, not against the unscaled conv
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 6, 3, groups=2, bias=False)
+        self.norm = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+def test_fuse_bn_on_grouped_conv1d_without_bias() -> None:
+    model = _randomize_norms(Conv1dNet())
+    x = torch.randn(3, 4, 10)
+    expected, result = _analyse(model, x, ["fuse-bn"])
+    assert [r.name for r in result.rewrites] == ["conv"]
+    assert relative(result.after.output, expected) < 1e-6
+
+
+class Branches(nn.Module):
+    """Every case fuse-bn must leave alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.residual = nn.Conv2d(4, 4, 3, padding=1)
+        self.residual_norm = nn.BatchNorm2d(4)
+        self.fork = nn.Conv2d(4, 4, 1)
+        self.fork_a = nn.BatchNorm2d(4)
+        self.fork_b = nn.BatchNorm2d(4)
+        self.shared_one = nn.Conv2d(4, 4, 1)
+        self.shared_two = nn.Conv2d(4, 4, 1)
+        self.shared_norm = nn.BatchNorm2d(4)
+        self.batch_stats = nn.Conv2d(4, 4, 1)
+        self.batch_norm = nn.BatchNorm2d(4, track_running_stats=False)
+        self.activated = nn.Conv2d(4, 4, 1)
+        self.after_relu = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.residual(x)
+        x = self.residual_norm(r) + r
+        f = self.fork(x)
+        x = self.fork_a(f) + self.fork_b(f)
+        x = self.shared_norm(self.shared_one(x)) + self.shared_norm(self.shared_two(x))
+        x = self.batch_norm(self.batch_stats(x))
+        return self.after_relu(torch.relu(self.activated(x)))
+
+
+def test_fuse_bn_skips_with_reasons() -> None:
+    model = _randomize_norms(Branches())
+    expected, result = _analyse(model, torch.randn(2, 4, 5, 5), ["fuse-bn"])
+    assert result.rewrites == []
+    reasons = {s.name: s.reason for s in result.skipped}
+    assert reasons["residual"] == "its output also goes to operator.add, which would see the folded values"
+    assert reasons["fork"] == "feeds several BatchNorms (fork_a, fork_b)"
+    assert reasons["shared_one"] == "shared_norm is called 2 times (shared); folding it here would break the others"
+    assert reasons["batch_stats"].startswith("batch_norm has no running statistics")
+    assert reasons["activated"] == "its output does not go to a BatchNorm"
+    assert relative(result.after.output, expected) == 0.0
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = nn.Conv2d(3, 3, 1, bias=False)
+        self.right = nn.Conv2d(3, 3, 1, bias=False)
+        self.right.weight = self.left.weight
+        self.norm = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.left(x)) + self.right(x)
+
+
+def test_fuse_bn_never_folds_into_a_tied_kernel() -> None:
+    model = _randomize_norms(Tied())
+    expected, result = _analyse(model, torch.randn(1, 3, 4, 4), ["fuse-bn"])
+    assert result.rewrites == []
+    reasons = {s.name: s.reason for s in result.skipped}
+    assert reasons["left"].startswith("weight is tied to right")
+    assert relative(result.after.output, expected) == 0.0
+
+
+def test_fuse_bn_and_winograd_apply_writes_a_standalone_model(tmp_path, monkeypatch, capsys) -> None:
+    from convrewrite.cli import run
+
+    from .rule_test_support import REPO_SAMPLES
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["apply", str(REPO_SAMPLES / "crnn.py"), "--input-shape", "1,1,32,24", "--out", str(tmp_path / "out")]
+    argv += ["--rule", "fuse-bn", "--rule", "separable", "--rule", "winograd:include=*.depthwise,tile=4"]
+    assert run(argv) == 0, capsys.readouterr().err
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "class WinogradConv2d(nn.Module)" in source
+    assert "self.batchNorm2 = nn.Identity()" in source
+    top_level = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
+    assert not [line for line in top_level if "convrewrite" in line]
+    _ = F  # the functional API is the oracle of the block tests above
