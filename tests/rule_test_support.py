@@ -26,6 +26,9 @@ RULE_SPECS = (
     "channelwise:kernel=4",
     "channelwise:groups=2",
     "channelwise:groups=4,kernel=5,refine=3",
+    "low-rank",
+    "low-rank:energy=0.9",
+    "low-rank:rank=2",
 )
 
 

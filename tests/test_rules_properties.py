@@ -22,7 +22,14 @@ from .rule_test_support import RULE_SPECS, conv_class, equivalent_conv, measured
 
 _threads = pytest.fixture(autouse=True)(single_thread)
 
-PAIR_SPECS = ("separable", "group-shuffle:groups=2", "log-group:groups=3", "channelwise", "channelwise:groups=2")
+PAIR_SPECS = (
+    "separable",
+    "group-shuffle:groups=2",
+    "log-group:groups=3",
+    "channelwise",
+    "channelwise:groups=2",
+    "low-rank",
+)
 PAIRS = [(a, b) for a in PAIR_SPECS for b in PAIR_SPECS]
 
 

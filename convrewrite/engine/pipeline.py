@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_leaves
 import convrewrite.layers  # noqa: F401  (registers the replacement blocks as FX leaves)
 from convrewrite.engine.loading import ExampleInputs, LoadedModel
 from convrewrite.engine.profiling import CallRecord, ModelProfile, profile
+from convrewrite.engine.threads import forward_work, small_work
 from convrewrite.engine.tracing import LeafAwareTracer, TraceResult, placeholder_values, trace
 from convrewrite.errors import ModelError, UsageError, describe, first_line
 from convrewrite.layers.dense import kernel_error
@@ -278,8 +279,14 @@ def _tie_mismatch(module: nn.Module, other_name: str, other: nn.Module) -> str |
 # --------------------------------------------------------------------------- sites
 
 
-def collect_sites(model: nn.Module, current: ModelProfile) -> tuple[list[ConvSite], list[SkipRecord]]:
-    """Every conv module with its shapes, plus skips for functional convs that cannot be swapped."""
+def collect_sites(
+    model: nn.Module, current: ModelProfile, site_types: tuple[type, ...] | None = None
+) -> tuple[list[ConvSite], list[SkipRecord]]:
+    """Every module of ``site_types`` (default: the conv types) with its shapes, plus skips for
+    functional convs that cannot be swapped."""
+    # [issue 12, low-rank] A rule declares the module types it takes (Rule.site_types, None = the
+    # conv types); low-rank adds nn.Linear. Only this filter and the call in apply_rule changed.
+    wanted = site_types if site_types is not None else CONV_TYPES
     aliases = module_aliases(model)
     sites: list[ConvSite] = []
     notes: list[SkipRecord] = []
@@ -288,7 +295,7 @@ def collect_sites(model: nn.Module, current: ModelProfile) -> tuple[list[ConvSit
         if record.called:
             calls_of.setdefault(record.name, []).append(record)
     for name, module in model.named_modules():
-        if not isinstance(module, CONV_TYPES):
+        if not isinstance(module, wanted):
             continue
         calls = calls_of.get(name, [])
         first = calls[0] if calls else None
@@ -323,6 +330,7 @@ def collect_sites(model: nn.Module, current: ModelProfile) -> tuple[list[ConvSit
 # --------------------------------------------------------------------------- pipeline
 
 
+@small_work()  # [issue 12, threads] rule work is many small factorisations: one thread (engine/threads.py)
 def apply_rule(
     rule: Rule,
     model: nn.Module,
@@ -330,7 +338,7 @@ def apply_rule(
     originals: dict[str, nn.Module],
     result: EngineResult,
 ) -> list[RewriteRecord]:
-    sites, functional = collect_sites(model, current)
+    sites, functional = collect_sites(model, current, rule.site_types)  # [issue 12] the rule's module types
     if not result.skipped:
         result.skipped.extend(functional)
     users = parameter_users(model)
@@ -477,6 +485,7 @@ def verify_rewrite(result: EngineResult, before_trace: TraceResult, reference_ou
     result.rewritten_trace = rewritten
 
 
+@forward_work()  # [issue 12, threads] forward passes on the idle cores; rules inside on one (engine/threads.py)
 def analyse(loaded: LoadedModel, rules: Sequence[Rule] = ()) -> EngineResult:
     """Profile and trace ``loaded.model``; with rules, rewrite it in place and verify."""
     timings: dict[str, float] = {}

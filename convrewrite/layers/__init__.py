@@ -13,6 +13,7 @@ from convrewrite.layers.channelwise import (
     GroupChannelwiseConv2d,
 )
 from convrewrite.layers.log_group import LogGroupConv1d, LogGroupConv2d, log_group_sizes
+from convrewrite.layers.low_rank import LowRankConv1d, LowRankConv2d, LowRankLinear
 from convrewrite.layers.separable import SeparableConv1d, SeparableConv2d
 from convrewrite.layers.shuffle import ChannelPermutation, ChannelShuffle, GroupShuffleConv1d, GroupShuffleConv2d
 
@@ -29,6 +30,9 @@ BLOCK_CLASSES = (
     ChannelwiseConv2d,
     GroupChannelwiseConv1d,
     GroupChannelwiseConv2d,
+    LowRankLinear,
+    LowRankConv1d,
+    LowRankConv2d,
 )
 
 for _cls in BLOCK_CLASSES:
@@ -46,6 +50,9 @@ __all__ = [
     "GroupShuffleConv2d",
     "LogGroupConv1d",
     "LogGroupConv2d",
+    "LowRankConv1d",
+    "LowRankConv2d",
+    "LowRankLinear",
     "SeparableConv1d",
     "SeparableConv2d",
     "log_group_sizes",

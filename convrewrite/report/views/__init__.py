@@ -1,4 +1,4 @@
-"""Views of a ``Report``: a rich table, torchsummary's layout, JSON and markdown.
+"""Views of a ``Report``: a rich table, torchsummary's layout, JSON, markdown and HTML (``html.py``).
 
 Every view is a pure function of the report and returns text, so golden files can pin it at a
 fixed width with no colour.
@@ -10,8 +10,9 @@ import json
 from collections.abc import Callable
 
 from convrewrite.report.model import MIB, LayerRow, Report, TorchSummary
+from convrewrite.report.views.html import render_html
 
-FORMATS = ("table", "torchsummary", "json", "markdown")
+FORMATS = ("table", "torchsummary", "json", "markdown", "html")
 
 MACS_NOTE = "MACs are multiply-accumulates (FLOPs = 2 x MACs); shared or tied parameters are counted once."
 
@@ -212,6 +213,7 @@ def render_markdown(report: Report, width: int = 120, color: bool = False) -> st
     ]:
         cells = [label, number(b)] + ([number(a), r] if with_rules else [])
         lines.append(_md_row(cells))
+    lines += mermaid_largest_layers(report)
     lines += ["", "<details><summary>Per-layer table</summary>", ""]
     headers = ["Layer", "Type", "Output shape"]
     headers += (
@@ -242,11 +244,67 @@ def render_markdown(report: Report, width: int = 120, color: bool = False) -> st
     return "\n".join(lines) + "\n"
 
 
+#: Layers in the markdown view's Mermaid chart.
+MERMAID_LAYERS = 10
+
+
+def _mermaid_label(text: str) -> str:
+    """A category label Mermaid accepts inside double quotes."""
+    return text.replace('"', "'").replace("\n", " ")
+
+
+def _axis_end(value: int) -> int:
+    """The smallest 1, 2, 2.5 or 5 x 10^k at or above ``value``: a readable end for the y axis."""
+    if value <= 0:
+        return 1
+    scale = 10 ** max(len(str(value)) - 1, 0)
+    for step in (1, 2, 2.5, 5, 10):
+        if step * scale >= value:
+            return int(step * scale)
+    return 10 * scale
+
+
+def mermaid_largest_layers(report: Report, count: int = MERMAID_LAYERS) -> list[str]:
+    """A Mermaid ``xychart-beta`` bar chart of the ``count`` layers with the most parameters.
+
+    GitHub renders Mermaid in job summaries, pull-request comments and markdown files. With rules,
+    two bar series: before (grey) and after (blue), drawn over each other (xychart has no grouped
+    bars or legend, hence the sentence under the chart). Layers are sorted by parameters before.
+    """
+    rows = [row for row in report.layers if row.call == 0 and (row.params_before or row.params_after)]
+    if not rows:
+        return []
+    rows = sorted(rows, key=lambda row: -(row.params_before or 0))[:count]
+    with_rules = report.has_rules
+    values = [row.params_before or 0 for row in rows]
+    afters = [row.params_after or 0 for row in rows] if with_rules else []
+    top = _axis_end(max(values + afters))
+    labels = ", ".join(f'"{_mermaid_label(row.name)}"' for row in rows)
+    what = f"{len(rows)} largest layers" if len(rows) > 1 else "the largest layer"
+    lines = [
+        "",
+        "```mermaid",
+        '%%{init: {"themeVariables": {"xyChart": {"plotColorPalette": "#9aa5b1, #2563eb"}}}}%%',
+        "xychart-beta",
+        f'    title "Parameters of the {what}"',
+        f"    x-axis [{labels}]",
+        f'    y-axis "parameters" 0 --> {top}',
+        f"    bar [{', '.join(str(v) for v in values)}]",
+    ]
+    if with_rules:
+        lines.append(f"    bar [{', '.join(str(v) for v in afters)}]")
+    lines.append("```")
+    if with_rules:
+        lines += ["", "_Parameters per layer: before (grey bars) and after the rules (blue bars, in front)._"]
+    return lines
+
+
 RENDERERS: dict[str, Callable[..., str]] = {
     "table": render_table,
     "torchsummary": render_torchsummary,
     "json": render_json,
     "markdown": render_markdown,
+    "html": render_html,
 }
 
 
