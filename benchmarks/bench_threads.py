@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
@@ -48,7 +49,9 @@ def main() -> None:
     if args.baseline_source:
         configurations["baseline"] = {**base, "PYTHONPATH": args.baseline_source}
 
-    busy = None if args.idle else subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    # The busy loop ends itself after an hour at most, and with this script when it is stopped.
+    busy = None if args.idle else subprocess.Popen(["timeout", "3600", sys.executable, "-c", "while True: pass"])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
         print(f"{machine()}; {'no busy loop' if args.idle else 'a busy loop on one core'}")
         runs: dict[str, list[Run]] = {name: [] for name in configurations}

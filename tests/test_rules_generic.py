@@ -199,7 +199,6 @@ def test_the_json_report_says_how_much_of_each_kernel_was_kept(tmp_path, monkeyp
         ("tdnn.py", ["group-shuffle"]),
         ("tdnn.py", ["group-shuffle:assign=energy"]),
         ("tdnn.py", ["log-group"]),
-        ("tdnn.py", ["channelwise"]),  # no 1x1 convs: every layer skipped, the model written unchanged
         ("tdnn.py", ["separable", "channelwise"]),
         ("tdnn.py", ["log-group", "separable"]),  # separable blocks inside the log-group's ModuleList
         ("crnn.py", ["group-shuffle"]),

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from convrewrite import __version__
-from convrewrite.errors import ModelError, UsageError
+from convrewrite.errors import ModelError, NothingRewritten, UsageError
 
 OUTPUT_FILES = ("model.py", "weights.safetensors", "report.json")
 
@@ -166,14 +167,60 @@ def _compare_outputs(expected: Any, actual: Any) -> float:
     return worst
 
 
+#: Distinct skip reasons named in the one-line message of ``require_rewrites``.
+_REASONS_SHOWN = 2
+
+
+def nothing_rewritten_message(result: Any) -> str:
+    """Why no layer was rewritten, in one line: per rule, how many layers it skipped and the most
+    common reasons (the full list is in ``convrewrite report``)."""
+    rules = [rule.spec() for rule in result.rules]
+    parts = []
+    for rule in result.rules:
+        skips = [s for s in result.skipped if s.rule == rule.name]
+        if not skips:
+            parts.append(f"{rule.spec()} found no layer it takes")
+            continue
+        counts = Counter(s.reason for s in skips)
+        shown = [
+            f"{reason} ({count}x)" if count > 1 else reason for reason, count in counts.most_common(_REASONS_SHOWN)
+        ]
+        more = len(counts) - len(shown)
+        tail = f"; {more} other reason(s)" if more > 0 else ""
+        layers = "layer" if len(skips) == 1 else "layers"
+        parts.append(f"{rule.spec()} skipped {len(skips)} {layers}: {'; '.join(shown)}{tail}")
+    if not rules:
+        parts.append("no rules were given")
+    return "no layer was rewritten, so nothing was written: " + " / ".join(parts)
+
+
+def require_rewrites(result: Any) -> None:
+    """Raise ``NothingRewritten`` (exit 3) when the rules rewrote no layer of the model.
+
+    ``apply`` would otherwise write a copy of the unchanged model; called before anything is
+    written, so the output directory is not created.
+    """
+    if result.rewrites:
+        return
+    raise NothingRewritten(
+        nothing_rewritten_message(result),
+        hint="`convrewrite report MODEL --rule ...` lists every layer with its reason; "
+        "change the rules or their options",
+    )
+
+
 def write_apply_output(result: Any, report: Any, directory: Path, force: bool = False) -> WrittenOutput:
-    """Generate, save, verify and move into place the rewritten model in ``directory``."""
+    """Generate, save, verify and move into place the rewritten model in ``directory``.
+
+    Refuses (``NothingRewritten``, exit 3) when no rule rewrote anything: nothing is written.
+    """
     from safetensors.torch import load_file, save_model
 
     from convrewrite.export.source import SourceWriter, class_name_for, graph_constants, inputs_source
     from convrewrite.layers import BLOCK_CLASSES
 
     check_destination(directory, force)
+    require_rewrites(result)
     loaded = result.loaded
     model: nn.Module = loaded.model
     graph_module = result.rewritten_trace.graph_module if result.rewritten_trace is not None else None

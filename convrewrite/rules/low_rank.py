@@ -41,7 +41,7 @@ class LowRankConfig(RuleConfig):
     rank: int | None = field(default=None, metadata={"help": "keep exactly this rank r"})
     ratio: float | None = field(
         default=None,
-        metadata={"help": "keep about this fraction of each layer's weights: r = floor(ratio*A*B/(A+B)); default 0.5"},
+        metadata={"help": "fraction of each layer's weights kept, r = floor(ratio*A*B/(A+B)); 0.5 if no option is set"},
     )
     energy: float | None = field(
         default=None, metadata={"help": "smallest rank keeping this fraction of the squared singular values"}
@@ -137,7 +137,15 @@ class LowRankRule(Rule):
     summary = "Linear or dense conv -> two factors through rank r (truncated SVD; KxK conv to r, then 1x1)"
     config_class = LowRankConfig
     config: LowRankConfig
-    site_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    site_types = (
+        nn.Linear,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+    )
 
     def __init__(self, config: RuleConfig | None = None) -> None:
         super().__init__(config)
@@ -179,7 +187,8 @@ class LowRankRule(Rule):
             return "never called as a module on the example input (its weight may be read directly): left as is"
         if type(module) not in (nn.Linear, nn.Conv1d, nn.Conv2d):
             # A subclass may not compute a plain linear map (TF-style padding, weight standardisation).
-            return f"{type(module).__name__} is a subclass of {type(module).__mro__[1].__name__}: its forward may differ"
+            parent = type(module).__mro__[1].__name__
+            return f"{type(module).__name__} is a subclass of {parent}: its forward may differ"
         if not isinstance(module, nn.Linear) and module.groups > 1:
             return f"grouped conv (groups={module.groups}): not factorised"
         plan = self.plan(site)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from convrewrite import __version__
@@ -248,20 +248,21 @@ def chart_svg(chart: Chart) -> str:
             f'data-after="{_attr(bar.after)}">'
         )
         tooltip = f"{bar.label}: " + " → ".join(
-            f"{name} {compact(v, chart.integer) if v is not None else '--'}" for name, v in zip(names, (bar.before, bar.after))
+            f"{name} {compact(v, chart.integer) if v is not None else '--'}"
+            for name, v in zip(names, (bar.before, bar.after))
         )
         parts.append(f"<title>{esc(tooltip)}</title>")
         parts.append(
             f'<text class="label" x="{plot_left - 8}" y="{center + 4:.1f}" text-anchor="end">'
             f"{esc(_truncate(bar.label))}</text>"
         )
-        for offset, (css, value) in enumerate(values):
+        for offset, (css, amount) in enumerate(values):
             css = css if paired else "after"  # a single series is drawn in the accent colour
             bar_y = y + offset * (_BAR_HEIGHT + 2)
-            if value is None:
+            if amount is None:
                 continue
-            width = max(x_of(abs(value)) - plot_left, 0.0)
-            if value:
+            width = max(x_of(abs(amount)) - plot_left, 0.0)
+            if amount:
                 width = max(width, 1.5)  # a tiny value stays visible
             parts.append(
                 f'<rect class="bar {css}" x="{plot_left}" y="{bar_y:.1f}" width="{width:.1f}" '
@@ -287,7 +288,8 @@ body { margin: 0; padding: 32px 40px 48px; color: var(--ink); background: #fff;
 main { max-width: 1180px; margin: 0 auto; }
 h1 { font-size: 22px; margin: 0 0 4px; font-weight: 650; }
 h1 code { font-size: 20px; }
-h2 { font-size: 16px; margin: 36px 0 10px; padding-bottom: 6px; border-bottom: 1px solid var(--line); font-weight: 650; }
+h2 { font-size: 16px; margin: 36px 0 10px; padding-bottom: 6px; border-bottom: 1px solid var(--line);
+  font-weight: 650; }
 h3 { font-size: 14px; margin: 22px 0 4px; font-weight: 600; }
 code, .num, td, .mono { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, "Liberation Mono", monospace; }
 code { font-size: 13px; }
@@ -322,7 +324,8 @@ tbody tr:hover { background: var(--panel); }
 .chart .bar.before { fill: var(--before); }
 .chart .bar.after { fill: var(--after); }
 .note { color: var(--muted); font-size: 12.5px; margin: 2px 0 0; }
-.pill { display: inline-block; padding: 0 7px; border-radius: 9px; font-size: 11.5px; background: #e0e7ff; color: #1e3a8a; }
+.pill { display: inline-block; padding: 0 7px; border-radius: 9px; font-size: 11.5px; background: #e0e7ff;
+  color: #1e3a8a; }
 ul.skips { padding-left: 18px; font-size: 13px; }
 footer { margin-top: 40px; color: var(--muted); font-size: 12px; border-top: 1px solid var(--line); padding-top: 10px; }
 """
@@ -403,9 +406,7 @@ def _cards(report: Report) -> str:
                 )
             )
         rewritten = len(report.rewrites)
-        cards.append(
-            _card("rewrites", "Layers rewritten", str(rewritten), f"{len(report.skipped)} skipped", rewritten)
-        )
+        cards.append(_card("rewrites", "Layers rewritten", str(rewritten), f"{len(report.skipped)} skipped", rewritten))
     return '<div class="cards">' + "".join(cards) + "</div>"
 
 
@@ -465,7 +466,8 @@ def _layer_table(report: Report) -> str:
             cells.append("--" if row.kernel_error is None else f"{row.kernel_error:.3f}")
         tds = "".join(f'<td class="{"r" if i >= 3 else ""}">{c}</td>' for i, c in enumerate(cells))
         body.append(f'<tr class="{esc(row.status)}" data-layer="{esc(row.name)}" data-call="{row.call}">{tds}</tr>')
-    return f'<div class="scroll"><table class="layers"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    table = f'<table class="layers"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return f'<div class="scroll">{table}</div>'
 
 
 def _skipped(report: Report) -> str:
@@ -492,7 +494,7 @@ def render_html(report: Report, width: int = 120, color: bool = False, charts: S
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<meta name=\"generator\" content=\"convrewrite {esc(__version__)}\">",
+        f'<meta name="generator" content="convrewrite {esc(__version__)}">',
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body><main>",
         f"<h1>convrewrite report: <code>{esc(name)}</code></h1>",
         '<p class="sub">'
