@@ -25,6 +25,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from common import CONVREWRITE, ZOO, Run, compile_bytecode, machine, run_process, summarize
 
@@ -57,7 +59,9 @@ def main() -> None:
         runs: dict[str, list[Run]] = {name: [] for name in configurations}
         for _ in range(args.runs):
             for name, env in configurations.items():
-                runs[name].append(run_process(COMMAND, env=env))
+                # Not from the checkout: ``python -m`` puts the working directory first on sys.path,
+                # which would shadow --baseline-source.
+                runs[name].append(run_process(COMMAND, env=env, cwd=Path(tempfile.gettempdir())))
         for name, measured in runs.items():
             print(f"{name:28s} {summarize(measured)}")
     finally:

@@ -201,3 +201,31 @@ def test_extra_sections_bring_their_own_charts(monkeypatch: pytest.MonkeyPatch) 
 )
 def test_axis_ticks_are_round_numbers(largest: float, ticks: list[float]) -> None:
     assert nice_ticks(largest) == pytest.approx(ticks)
+
+
+def test_markdown_mermaid_chart_of_the_largest_layers() -> None:
+    """The markdown view's Mermaid chart: the largest layers by parameters, before and after."""
+    from convrewrite.report.views import MERMAID_LAYERS, mermaid_largest_layers
+
+    report = _synthetic(MERMAID_LAYERS + 2)
+    lines = mermaid_largest_layers(report)
+    block = lines[lines.index("```mermaid") + 1 : lines.index("```", lines.index("```mermaid"))]
+    assert block[1] == "xychart-beta horizontal"
+    largest = [f'"block{i}.conv"' for i in range(MERMAID_LAYERS + 1, 1, -1)]
+    assert block[3] == f"    x-axis [{', '.join(largest)}]"
+    assert block[4] == '    y-axis "parameters" 0 --> 2000'  # 1,200 at most: the next 1, 2, 2.5 or 5 x 10^k
+    assert block[5] == "    bar [" + ", ".join(str(100 * (i + 1)) for i in range(MERMAID_LAYERS + 1, 1, -1)) + "]"
+    assert block[6] == "    bar [" + ", ".join(str(50 * (i + 1)) for i in range(MERMAID_LAYERS + 1, 1, -1)) + "]"
+    without_rules = dataclasses.replace(_synthetic(2), rules=[], after=None)
+    single = mermaid_largest_layers(without_rules)
+    assert sum(line.startswith("    bar [") for line in single) == 1
+    assert mermaid_largest_layers(dataclasses.replace(_synthetic(0), rules=[], after=None)) == []
+
+
+def test_mermaid_labels_never_break_the_chart() -> None:
+    from convrewrite.report.views import mermaid_largest_layers
+
+    report = _synthetic(1)
+    report.layers[0].name = 'odd "name"'
+    (axis,) = [line for line in mermaid_largest_layers(report) if "x-axis" in line]
+    assert axis == "    x-axis [\"odd 'name'\"]"

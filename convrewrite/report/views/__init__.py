@@ -284,8 +284,9 @@ def mermaid_largest_layers(report: Report, count: int = MERMAID_LAYERS) -> list[
     lines = [
         "",
         "```mermaid",
-        '%%{init: {"themeVariables": {"xyChart": {"plotColorPalette": "#9aa5b1, #2563eb"}}}}%%',
-        "xychart-beta",
+        '%%{init: {"xyChart": {"width": 900, "height": 420}, '
+        '"themeVariables": {"xyChart": {"plotColorPalette": "#9aa5b1, #2563eb"}}}}%%',
+        "xychart-beta horizontal",
         f'    title "Parameters of the {what}"',
         f"    x-axis [{labels}]",
         f'    y-axis "parameters" 0 --> {top}',
