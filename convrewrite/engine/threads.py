@@ -106,4 +106,4 @@ def small_work() -> torch_threads:
 def forward_work() -> torch_threads:
     """The idle cores (see ``forward_thread_count``), chosen when the block starts: for the
     engine's forward passes."""
-    return torch_threads(forward_thread_count)
+    return torch_threads(lambda: forward_thread_count())  # looked up at entry (tests replace it)

@@ -159,13 +159,13 @@ class LowRankRule(Rule):
         weight = site.module.weight
         if self._last is not None and self._last[0] is weight and self._last[1] == weight._version:
             return self._last[2]
-        matrix = weight_matrix(site.module)
-        rows, columns = matrix.shape
+        rows = int(weight.shape[0])
+        columns = int(weight.numel()) // max(rows, 1)
         svd = None
         if self.config.rank is not None:
             rank = self.config.rank
         elif self.config.energy is not None:
-            svd = thin_svd(matrix)
+            svd = thin_svd(weight_matrix(site.module))
             rank = energy_rank(svd[1], self.config.energy)
         else:
             ratio = self.config.ratio if self.config.ratio is not None else DEFAULT_RATIO
