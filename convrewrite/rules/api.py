@@ -320,7 +320,7 @@ def load_rule_class(name: str) -> type[Rule]:
     except Exception as exc:
         raise UsageError(f"rule {name!r} could not be loaded from {entry.value}: {exc}") from exc
     if not (isinstance(loaded, type) and issubclass(loaded, Rule)):
-        raise UsageError(f"rule {name!r} ({entry.value}) is not a convrewrite.rule_api.Rule subclass")
+        raise UsageError(f"rule {name!r} ({entry.value}) is not a convrewrite.rules.api.Rule subclass")
     return loaded
 
 
