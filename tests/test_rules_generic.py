@@ -203,7 +203,6 @@ def test_the_json_report_says_how_much_of_each_kernel_was_kept(tmp_path, monkeyp
         ("tdnn.py", ["log-group", "separable"]),  # separable blocks inside the log-group's ModuleList
         ("crnn.py", ["group-shuffle"]),
         ("crnn.py", ["log-group"]),
-        ("crnn.py", ["channelwise"]),
         ("crnn.py", ["separable:multiplier=2", "channelwise"]),
         ("crnn.py", ["separable", "group-shuffle:groups=2,assign=energy"]),
         ("crnn.py", ["separable", "channelwise:groups=2,refine=2"]),

@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
 from convrewrite.engine.loading import ExampleInputs, load_model
 from convrewrite.engine.pipeline import CONV_TYPES, EngineResult, analyse
+from convrewrite.errors import NothingRewritten
 from convrewrite.export.writer import write_apply_output
 from convrewrite.report.builder import build_report
 from convrewrite.rules.api import make_rule, rule_registry
@@ -211,8 +212,14 @@ def test_rule_on_zoo_model(rule: str, entry: Any, tmp_path: Path) -> None:
         assert "own bias" in reasons["branch_a"][0] and "own bias" in reasons["branch_b"][0]
         assert "decode (ConvTranspose2d)" in reasons["encode"][0]
 
-    # ---- apply: written, and the written model.py + weights reload to the same output
+    # ---- apply: written, and the written model.py + weights reload to the same output; a rule
+    # that rewrote nothing writes nothing (exit 3, one line that sums up the skip reasons)
     out = tmp_path / "out"
+    if not result.rewrites:
+        with pytest.raises(NothingRewritten, match=f"no layer was rewritten, so nothing was written: {rule}"):
+            write_apply_output(result, report, out)
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+        return
     write_apply_output(result, report, out)
     assert (out / "model.py").is_file() and (out / "weights.safetensors").is_file()
     fresh = load_model(str(out))
