@@ -66,7 +66,7 @@ def main() -> None:
             print(f"{name:28s} {summarize(measured)}")
     finally:
         if busy is not None:
-            busy.kill()
+            busy.terminate()  # timeout passes SIGTERM on to the loop (a SIGKILL would orphan it)
             busy.wait()
 
 

@@ -4,9 +4,9 @@ torch runs intra-op work on an OpenMP pool of one thread per core, whose threads
 wait for each other at the end of every parallel operation. On a machine whose cores are busy with
 other processes, the thread being waited for is often not running, and the spinning threads burn
 the time it needs: on the 2-core development machine with a busy loop on one core,
-``convrewrite report resnet50 --rule separable`` took 4-7 times longer with torch's default pool
-of 2 threads than with 1, in every phase: forward passes and the rules' many small SVDs alike
-(figures in benchmarks/README.md, "Threads on a busy machine").
+``convrewrite report resnet50 --rule separable`` took 22 s with torch's default pool of 2 threads
+against 4.6 s with 1, and every phase suffered: forward passes and the rules' many small SVDs
+alike (figures in benchmarks/README.md, "Threads on a busy machine").
 
 So the thread count is chosen per kind of work:
 
