@@ -66,6 +66,8 @@ RULES = [
     ["group-shuffle:groups=4,assign=energy"],
     ["log-group"],
     ["separable", "channelwise:groups=4"],
+    ["low-rank"],
+    ["low-rank:energy=0.9"],
 ]
 
 
@@ -119,6 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=30, help="training epochs of the original model")
     parser.add_argument("--finetune", type=int, default=5, help="fine-tuning epochs after each rewrite")
+    parser.add_argument("--only", default="", help="only the rule lists whose specs contain this text")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(tempfile.mkdtemp(prefix="convrewrite-digits-"))
@@ -148,7 +151,7 @@ def main() -> None:
         f"{'(original)':<42} {report.before.params:>9,} {report.before.macs:>11,} {'--':>10} {base:>13.3f} "
         f"{'--':>8} {'--':>8}"
     )
-    for specs in RULES:
+    for specs in [r for r in RULES if args.only in " ".join(r)]:
         loaded = load_model(str(model_file), weights=weights)
         result = analyse(loaded, [make_rule(spec) for spec in specs])
         report = build_report(result)

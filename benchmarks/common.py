@@ -40,11 +40,13 @@ class Run:
     cpu_seconds: float
 
 
-def run_process(command: list[str], *, cwd: Path | None = None, show_output: bool = False) -> Run:
+def run_process(
+    command: list[str], *, cwd: Path | None = None, show_output: bool = False, env: dict[str, str] | None = None
+) -> Run:
     """Run ``command`` to completion; fail loudly when it fails."""
     output = None if show_output else subprocess.DEVNULL
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, stdout=output, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, cwd=cwd, stdout=output, stderr=subprocess.PIPE, env=env)
     assert process.stderr is not None
     errors = process.stderr.read()
     _, status, usage = os.wait4(process.pid, 0)

@@ -64,3 +64,8 @@ class BudgetExceeded(ConvRewriteError):
     """At least one error-level budget is exceeded (exit 1)."""
 
     exit_code = 1
+
+
+class NothingRewritten(ModelError):
+    """``apply``: the rules rewrote no layer, so nothing is written (exit 3, like any model that
+    could not be rewritten). The message sums up the skip reasons."""

@@ -14,6 +14,19 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 SAMPLES = ROOT / "sample_models"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tests run tiny models, where a second thread only adds waits at every op's barrier, and
+    on a shared 2-core machine those waits grow without bound (engine/threads.py). The engine's
+    own choice is tested in test_threads.py."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @dataclass
 class CliResult:
     code: int

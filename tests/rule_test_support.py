@@ -37,6 +37,9 @@ RULE_SPECS = (
     "winograd",
     "winograd:tile=4",
     "fuse-bn",  # offered a bare conv (no graph context): always a skip with a reason here
+    "low-rank",
+    "low-rank:energy=0.9",
+    "low-rank:rank=2",
 )
 
 

@@ -43,6 +43,29 @@ def assert_one_line_error(result, code: int, *fragments: str) -> None:
             ["unknown rule 'sepparable'", "valid rules:", "separable"],
         ),
         (
+            ["report", ASSETS / "tiny.py", "--rule", "seperable"],
+            2,
+            ["unknown rule 'seperable'; did you mean 'separable'? valid rules:", "low-rank"],
+        ),
+        (
+            ["report", ASSETS / "tiny.py", "--rule", "lowrank:rank=2"],
+            2,
+            ["unknown rule 'lowrank'; did you mean 'low-rank'?"],
+        ),
+        (
+            ["report", ASSETS / "tiny.py", "--rule", "low-rank:rank=2,energy=0.9"],
+            2,
+            ["rule 'low-rank': give at most one of rank, ratio and energy, not rank and energy"],
+        ),
+        (
+            ["apply", ASSETS / "tiny.py", "--rule", "separable:include=nothing", "--out", "o"],
+            3,
+            [
+                "no layer was rewritten, so nothing was written: separable:include=nothing skipped 3 layers:",
+                "not selected by include=nothing (3x)",
+            ],
+        ),
+        (
             ["report", ASSETS / "tiny.py", "--rule", "separable:multiplier=0"],
             2,
             ["multiplier must be a positive integer"],
@@ -84,6 +107,26 @@ def test_bad_input(cli, args, code: int, fragments: list[str]) -> None:
     result = cli(*args)
     assert_one_line_error(result, code, *fragments)
     assert result.out == ""
+
+
+def test_an_unknown_rule_far_from_every_name_gets_no_guess(cli) -> None:
+    result = cli("report", ASSETS / "tiny.py", "--rule", "nosuchrule")
+    assert_one_line_error(result, 2, "unknown rule 'nosuchrule'; valid rules: channelwise, fuse-bn, group-shuffle")
+    assert "did you mean" not in result.err
+
+
+def test_apply_that_rewrites_nothing_writes_nothing(cli, tmp_path: Path) -> None:
+    """Exit 3 (the model could not be rewritten), one line that sums up why, no output directory."""
+    result = cli("apply", SAMPLES / "tdnn.py", "--rule", "channelwise", "--out", "rewritten")
+    assert_one_line_error(
+        result,
+        3,
+        "no layer was rewritten, so nothing was written: channelwise skipped 3 layers: not a pointwise conv",
+        "lists every layer with its reason",
+    )
+    assert result.out == ""
+    assert not (tmp_path / "rewritten").exists()
+    assert not list(tmp_path.iterdir())  # no staging directory left behind either
 
 
 def test_debug_shows_the_traceback(cli) -> None:

@@ -97,12 +97,12 @@ def test_wheel_in_a_fresh_venv(wheel: Path, tmp_path: Path) -> None:
 
 
 def test_third_party_rule_plugs_in(tmp_path: Path) -> None:
-    plugin_wheel = _build_wheel(ASSETS / "plugin_lowrank", tmp_path)
+    plugin_wheel = _build_wheel(ASSETS / "plugin_ranksplit", tmp_path)
     site = tmp_path / "site"
     _run(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", site, plugin_wheel, cwd=tmp_path)
     env = dict(os.environ, PYTHONPATH=str(site))
     listing = _run(sys.executable, "-m", "convrewrite", "rules", cwd=tmp_path, env=env)
-    assert "low-rank  (convrewrite_lowrank:LowRankRule)" in listing.stdout
+    assert "rank-split  (convrewrite_ranksplit:RankSplitRule)" in listing.stdout
     assert "rank" in listing.stdout
     out = tmp_path / "out"
     applied = _run(
@@ -112,7 +112,7 @@ def test_third_party_rule_plugs_in(tmp_path: Path) -> None:
         "apply",
         ASSETS / "tiny.py",
         "--rule",
-        "low-rank:rank=2",
+        "rank-split:rank=2",
         "--out",
         out,
         "--format",

@@ -186,15 +186,15 @@ def test_the_json_report_says_how_much_of_each_kernel_was_kept(tmp_path, monkeyp
         ("tdnn.py", ["group-shuffle"]),
         ("tdnn.py", ["group-shuffle:assign=energy"]),
         ("tdnn.py", ["log-group"]),
-        ("tdnn.py", ["channelwise"]),  # no 1x1 convs: every layer skipped, the model written unchanged
         ("tdnn.py", ["separable", "channelwise"]),
         ("tdnn.py", ["log-group", "separable"]),  # separable blocks inside the log-group's ModuleList
         ("crnn.py", ["group-shuffle"]),
         ("crnn.py", ["log-group"]),
-        ("crnn.py", ["channelwise"]),
         ("crnn.py", ["separable:multiplier=2", "channelwise"]),
         ("crnn.py", ["separable", "group-shuffle:groups=2,assign=energy"]),
         ("crnn.py", ["separable", "channelwise:groups=2,refine=2"]),
+        ("tdnn.py", ["low-rank:energy=0.8"]),  # the classifier Linear too
+        ("crnn.py", ["low-rank", "separable"]),  # separable then splits each low-rank block's KxK part
     ],
 )
 def test_apply_writes_a_model_that_reloads(tmp_path, monkeypatch, capsys, model: str, specs: list[str]) -> None:

@@ -29,6 +29,7 @@ PAIR_SPECS = (
     "channelwise",
     "channelwise:groups=2",
     "winograd",
+    "low-rank",
 )
 PAIRS = [(a, b) for a in PAIR_SPECS for b in PAIR_SPECS]
 

@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_leaves
 from convrewrite.engine.loading import ExampleInputs, load_model
 from convrewrite.engine.modules import CONV_TYPES
 from convrewrite.engine.pipeline import EngineResult, analyse
+from convrewrite.errors import NothingRewritten
 from convrewrite.export.writer import write_apply_output
 from convrewrite.report.builder import build_report
 from convrewrite.rules.api import make_rule, rule_registry
@@ -214,7 +215,7 @@ def test_rule_on_zoo_model(rule: str, entry: Any, tmp_path: Path, monkeypatch: p
             continue
         assert name not in rewritten, f"{name} must be left alone"
         # A rule that does not handle the layer's kind at all may give that reason instead.
-        kind = ("implemented for 2-D", "only Conv2d")
+        kind = ("implemented for 2-D", "only Conv2d", "factorises Linear, Conv1d and Conv2d")
         assert any(fragment in reason or any(k in reason for k in kind) for reason in reasons[name]), (
             name,
             reasons[name],
@@ -277,8 +278,14 @@ def test_rule_on_zoo_model(rule: str, entry: Any, tmp_path: Path, monkeypatch: p
         assert "own bias" in reasons["branch_a"][0] and "own bias" in reasons["branch_b"][0]
         assert "decode (ConvTranspose2d)" in reasons["encode"][0]
 
-    # ---- apply: written, and the written model.py + weights reload to the same output
+    # ---- apply: written, and the written model.py + weights reload to the same output; a rule
+    # that rewrote nothing writes nothing (exit 3, one line that sums up the skip reasons)
     out = tmp_path / "out"
+    if not result.rewrites:
+        with pytest.raises(NothingRewritten, match=f"no layer was rewritten, so nothing was written: {rule}"):
+            write_apply_output(result, report, out)
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+        return
     write_apply_output(result, report, out)
     assert (out / "model.py").is_file() and (out / "weights.safetensors").is_file()
     fresh = load_model(str(out))

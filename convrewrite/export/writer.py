@@ -12,15 +12,18 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convrewrite.errors import ModelError, UsageError
+from convrewrite.errors import ModelError, NothingRewritten, UsageError
 from convrewrite.export.base import output_files
 
 #: The checkpoint an interrupted distillation leaves inside an output directory
 #: (recovery/distill_job.py): convrewrite's own, so ``--force`` may replace it with the rest.
+_REASONS_SHOWN = 2
+
 CHECKPOINT_DIR = "distill-checkpoint"
 
 
@@ -111,12 +114,54 @@ def check_destination(directory: Path, force: bool) -> None:
             )
 
 
+def nothing_rewritten_message(result: Any) -> str:
+    """Why no layer was rewritten, in one line: per rule, how many layers it skipped and the most
+    common reasons (the full list is in ``convrewrite report``)."""
+    rules = [rule.spec() for rule in result.rules]
+    parts = []
+    for rule in result.rules:
+        skips = [s for s in result.skipped if s.rule == rule.name]
+        if not skips:
+            parts.append(f"{rule.spec()} found no layer it takes")
+            continue
+        counts = Counter(s.reason for s in skips)
+        shown = [
+            f"{reason} ({count}x)" if count > 1 else reason for reason, count in counts.most_common(_REASONS_SHOWN)
+        ]
+        more = len(counts) - len(shown)
+        tail = f"; {more} other reason(s)" if more > 0 else ""
+        layers = "layer" if len(skips) == 1 else "layers"
+        parts.append(f"{rule.spec()} skipped {len(skips)} {layers}: {'; '.join(shown)}{tail}")
+    if not rules:
+        parts.append("no rules were given")
+    return "no layer was rewritten, so nothing was written: " + " / ".join(parts)
+
+
+def require_rewrites(result: Any) -> None:
+    """Raise ``NothingRewritten`` (exit 3) when the rules rewrote no layer of the model.
+
+    ``apply`` would otherwise write a copy of the unchanged model; called before anything is
+    written, so the output directory is not created.
+    """
+    if result.rewrites:
+        return
+    raise NothingRewritten(
+        nothing_rewritten_message(result),
+        hint="`convrewrite report MODEL --rule ...` lists every layer with its reason; "
+        "change the rules or their options",
+    )
+
+
 def write_apply_output(
     result: Any, report: Any, directory: Path, force: bool = False, exports: tuple[str, ...] | list[str] = ()
 ) -> WrittenOutput:
-    """Run every exporter into a staging directory, verify each, then move it into place as ``directory``."""
+    """Run every exporter into a staging directory, verify each, then move it into place as ``directory``.
+
+    Refuses (``NothingRewritten``, exit 3) when no rule rewrote anything: nothing is written.
+    """
     from convrewrite.export.base import ExportContext, exporters_for
 
+    require_rewrites(result)
     check_destination(directory, force)
     exporters = exporters_for(list(exports))
     for exporter in exporters:

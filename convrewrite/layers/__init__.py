@@ -14,6 +14,7 @@ from convrewrite.layers.channelwise import (
     GroupChannelwiseConv3d,
 )
 from convrewrite.layers.log_group import LogGroupConv1d, LogGroupConv2d, LogGroupConv3d, log_group_sizes
+from convrewrite.layers.low_rank import LowRankConv1d, LowRankConv2d, LowRankLinear
 from convrewrite.layers.padding import PaddedConv, same_padding
 from convrewrite.layers.registry import is_block, register_block, registered_blocks
 from convrewrite.layers.separable import SeparableConv1d, SeparableConv2d, SeparableConv3d
@@ -49,6 +50,9 @@ __all__ = [
     "LogGroupConv2d",
     "LogGroupConv3d",
     "PaddedConv",
+    "LowRankConv1d",
+    "LowRankConv2d",
+    "LowRankLinear",
     "SeparableConv1d",
     "SeparableConv2d",
     "SeparableConv3d",

@@ -37,13 +37,15 @@ def conv_dense_kernel(conv: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def dense_kernel(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The equivalent dense (weight, bias) of a conv or of any block with ``to_dense()``."""
+    """The equivalent dense (weight, bias) of a conv, a Linear or any block with ``to_dense()``."""
     to_dense = getattr(module, "to_dense", None)
     if callable(to_dense):
         weight, bias = to_dense()
         return weight, bias
     if isinstance(module, _CONV_TYPES):
         return conv_dense_kernel(module)
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().clone(), module.bias.detach().clone() if module.bias is not None else None
     raise TypeError(f"{type(module).__name__} has no equivalent dense kernel (no to_dense())")
 
 

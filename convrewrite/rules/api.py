@@ -10,6 +10,7 @@ line a rule is ``NAME[:key=value,...]``; list values (globs) are separated by ``
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import math
 import types
@@ -80,8 +81,11 @@ class Consumer:
 
 @dataclass
 class ConvSite:
-    """One conv module the engine offers to a rule, with the shapes seen on the example input.
+    """One module the engine offers to a rule, with the shapes seen on the example input.
 
+    Usually a conv; an ``nn.Linear`` for rules whose ``site_types`` include it. A Linear reads as a
+    1x1 conv over the last axis: its features are the channels, ``kernel_elements`` is 1 and every
+    leading axis of the output counts as a position.
     ``consumers``: every node of the traced graph that reads the conv's output (one entry per
     use); None when the graph cannot tell (no traced graph, the conv called inside an FX leaf, or
     the conv called more than once). Rules that rewrite beyond the conv (``fuse-bn``) need it.
@@ -104,29 +108,38 @@ class ConvSite:
     tied_to: tuple[str, ...] = ()
 
     @property
+    def is_linear(self) -> bool:
+        """True for a Linear-like site (``in_features``/``out_features``, no kernel)."""
+        return hasattr(self.module, "in_features") and not hasattr(self.module, "kernel_size")
+
+    @property
     def conv_dims(self) -> int:
-        return len(self.module.kernel_size)
+        """Spatial dimensions of the conv; 0 for a Linear."""
+        return 0 if self.is_linear else len(self.module.kernel_size)
 
     @property
     def in_channels(self) -> int:
-        return int(self.module.in_channels)
+        return int(self.module.in_features if self.is_linear else self.module.in_channels)
 
     @property
     def out_channels(self) -> int:
-        return int(self.module.out_channels)
+        return int(self.module.out_features if self.is_linear else self.module.out_channels)
 
     @property
     def kernel_elements(self) -> int:
-        return int(math.prod(self.module.kernel_size))
+        return 1 if self.is_linear else int(math.prod(self.module.kernel_size))
 
     @property
     def output_elements_per_channel(self) -> int:
-        """Batch x spatial output positions (what one output channel costs, per kernel tap).
+        """Output positions: batch x spatial for a conv, every axis but the last for a Linear.
 
-        0 for a conv that never ran on the example input (it costs no MACs there).
+        What one output channel costs, per kernel tap. 0 for a layer that never ran on the example
+        input (it costs no MACs there).
         """
         if self.output_shape is None:
             return 0
+        if self.is_linear:
+            return int(math.prod(self.output_shape[:-1]))
         return int(self.output_shape[0]) * int(math.prod(self.output_shape[2:]))
 
 
@@ -158,6 +171,11 @@ class Rule:
     #: installs is registered anyway (``convrewrite.layers.registry``); declaring them registers
     #: them before the first rewrite, for code that traces a model already holding them.
     blocks: ClassVar[tuple[type, ...]] = ()
+    #: The module types (matched with isinstance) the engine offers this rule as sites. None means
+    #: the conv types (Conv1d/2d/3d and the transposed convs); a rule that also handles Linear
+    #: layers lists them, e.g. ``(nn.Linear, nn.Conv1d, nn.Conv2d, ...)``. Kept as plain types so
+    #: this module does not import torch.
+    site_types: ClassVar[tuple[type, ...] | None] = None
 
     def __init__(self, config: RuleConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()
@@ -337,13 +355,15 @@ def load_rule_class(name: str) -> type[Rule]:
     entry = registry.get(name)
     if entry is None:
         known = ", ".join(sorted(registry)) or "none installed"
-        raise UsageError(f"unknown rule {name!r}", hint=f"valid rules: {known}")
+        close = difflib.get_close_matches(name, list(registry), n=1, cutoff=0.6)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        raise UsageError(f"unknown rule {name!r}", hint=f"{guess}valid rules: {known}")
     try:
         loaded = entry.load()
     except Exception as exc:
         raise UsageError(f"rule {name!r} could not be loaded from {entry.value}: {exc}") from exc
     if not (isinstance(loaded, type) and issubclass(loaded, Rule)):
-        raise UsageError(f"rule {name!r} ({entry.value}) is not a convrewrite.rule_api.Rule subclass")
+        raise UsageError(f"rule {name!r} ({entry.value}) is not a convrewrite.rules.api.Rule subclass")
     return loaded
 
 

@@ -10,6 +10,7 @@ every layer it rewrote keeps its output shapes on the example input.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 
 from torch import fx, nn
@@ -21,6 +22,7 @@ from convrewrite.engine.profiling import CallRecord, ModelProfile
 from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
 from convrewrite.engine.stages.profile import run_profile
 from convrewrite.engine.state import RunState
+from convrewrite.engine.threads import small_work
 from convrewrite.errors import ModelError, UsageError, describe
 from convrewrite.layers.dense import kernel_error
 from convrewrite.layers.registry import register_block, register_replacement
@@ -28,8 +30,11 @@ from convrewrite.report.log import RewriteRecord, SkipRecord
 from convrewrite.rules.api import ConvSite, Rule, is_explicit, selection_reason
 
 
-def collect_sites(model: nn.Module, current: ModelProfile) -> tuple[list[ConvSite], list[SkipRecord]]:
-    """Every conv module with the shapes of its first call on the example input.
+def collect_sites(
+    model: nn.Module, current: ModelProfile, site_types: tuple[type, ...] | None = None
+) -> tuple[list[ConvSite], list[SkipRecord]]:
+    """Every module of ``site_types`` (the rule's ``Rule.site_types``; default: the conv types) with
+    the shapes of its first call on the example input.
 
     A conv subclass whose forward computes something else than its class's stock conv is offered
     as the plain conv it really computes, or left out with the reason (``conv_subclasses.py``).
@@ -40,8 +45,9 @@ def collect_sites(model: nn.Module, current: ModelProfile) -> tuple[list[ConvSit
     for record in current.records:
         if record.called:
             calls_of.setdefault(record.name, []).append(record)
+    wanted = site_types if site_types is not None else CONV_TYPES
     for name, module in model.named_modules():
-        if not isinstance(module, CONV_TYPES):
+        if not isinstance(module, wanted):
             continue
         calls = calls_of.get(name, [])
         first = calls[0] if calls else None
@@ -76,6 +82,35 @@ def functional_conv_notes(model: nn.Module, current: ModelProfile) -> list[SkipR
     return list(notes.values())
 
 
+def weight_read_directly(model: nn.Module, name: str) -> str | None:
+    """Why ``name`` cannot be swapped when its parent's forward reads ``<name>.weight`` itself.
+
+    nn.TransformerEncoderLayer's fused fast path reads ``self.linear1.weight`` and hands it to one
+    ATen op; a user module may tie or reuse a weight the same way. A replacement block has no
+    ``weight``, so swapping such a child would break (or silently bypass) the parent's forward.
+    """
+    parent_name, _, attribute = name.rpartition(".")
+    if not attribute:
+        return None
+    parent = model.get_submodule(parent_name) if parent_name else model
+    source = _forward_source(type(parent))
+    if source is not None and f"self.{attribute}.weight" in source:
+        return f"{type(parent).__name__}.forward reads {attribute}.weight directly: replacing the module would break it"
+    return None
+
+
+_sources: dict[type, str | None] = {}
+
+
+def _forward_source(cls: type) -> str | None:
+    if cls not in _sources:
+        try:
+            _sources[cls] = inspect.getsource(cls.forward)  # type: ignore[attr-defined]
+        except (OSError, TypeError, AttributeError):
+            _sources[cls] = None
+    return _sources[cls]
+
+
 @dataclass
 class RuleOutcome:
     """What one rule did: the layers it rewrote, those it left alone, the originals it replaced."""
@@ -87,6 +122,7 @@ class RuleOutcome:
     unresolved: list[SkipRecord] = field(default_factory=list)
 
 
+@small_work()  # rule work is many small factorisations: one thread each (engine/threads.py)
 def apply_rule(
     rule: Rule,
     model: nn.Module,
@@ -104,7 +140,7 @@ def apply_rule(
         register_block(block)
     users = parameter_users(model)
     done: dict[int, nn.Module] = {}
-    sites, outcome.unresolved = collect_sites(model, current)
+    sites, outcome.unresolved = collect_sites(model, current, rule.site_types)
     # Rules replace modules in place, so the original trace's names still hold; modules are
     # looked up live (engine/consumers.py).
     consumers = conv_consumers(graph_module, model, current)
@@ -122,7 +158,7 @@ def apply_rule(
                 SkipRecord("(model)", rule.name, type(module).__name__, "the model itself is a single conv")
             )
             continue
-        reason = rule.skip_reason(site)
+        reason = weight_read_directly(model, site.name) or rule.skip_reason(site)
         # Tied weights: only rewrite when every holder is an identical conv (then one shared
         # replacement keeps the tie); otherwise rewriting would silently untie them.
         tied_with: list[nn.Module] = []

@@ -31,6 +31,7 @@ def render_markdown(report: Report, width: int = 120, color: bool = False) -> st
     ]:
         cells = [label, number(b)] + ([number(a), r] if with_rules else [])
         lines.append(_md_row(cells))
+    lines += mermaid_largest_layers(report)
     lines += ["", "<details><summary>Per-layer table</summary>", ""]
     headers = ["Layer", "Type", "Output shape"]
     headers += (
@@ -57,3 +58,59 @@ def render_markdown(report: Report, width: int = 120, color: bool = False) -> st
             lines += [f"- {line.strip()}" if line.startswith("  ") else line, ""]
     lines.append(f"_{MACS_NOTE}_")
     return "\n".join(lines) + "\n"
+
+
+#: Layers in the markdown view's Mermaid chart.
+MERMAID_LAYERS = 10
+
+
+def _mermaid_label(text: str) -> str:
+    """A category label Mermaid accepts inside double quotes."""
+    return text.replace('"', "'").replace("\n", " ")
+
+
+def _axis_end(value: int) -> int:
+    """The smallest 1, 2, 2.5 or 5 x 10^k at or above ``value``: a readable end for the y axis."""
+    if value <= 0:
+        return 1
+    scale = 10 ** max(len(str(value)) - 1, 0)
+    for step in (1, 2, 2.5, 5, 10):
+        if step * scale >= value:
+            return int(step * scale)
+    return 10 * scale
+
+
+def mermaid_largest_layers(report: Report, count: int = MERMAID_LAYERS) -> list[str]:
+    """A Mermaid ``xychart-beta`` bar chart of the ``count`` layers with the most parameters.
+
+    GitHub renders Mermaid in job summaries, pull-request comments and markdown files. With rules,
+    two bar series: before (grey) and after (blue), drawn over each other (xychart has no grouped
+    bars or legend, hence the sentence under the chart). Layers are sorted by parameters before.
+    """
+    rows = [row for row in report.layers if row.call == 0 and (row.params_before or row.params_after)]
+    if not rows:
+        return []
+    rows = sorted(rows, key=lambda row: -(row.params_before or 0))[:count]
+    with_rules = report.has_rules
+    values = [row.params_before or 0 for row in rows]
+    afters = [row.params_after or 0 for row in rows] if with_rules else []
+    top = _axis_end(max(values + afters))
+    labels = ", ".join(f'"{_mermaid_label(row.name)}"' for row in rows)
+    what = f"{len(rows)} largest layers" if len(rows) > 1 else "the largest layer"
+    lines = [
+        "",
+        "```mermaid",
+        '%%{init: {"xyChart": {"width": 900, "height": 420}, '
+        '"themeVariables": {"xyChart": {"plotColorPalette": "#9aa5b1, #2563eb"}}}}%%',
+        "xychart-beta horizontal",
+        f'    title "Parameters of the {what}"',
+        f"    x-axis [{labels}]",
+        f'    y-axis "parameters" 0 --> {top}',
+        f"    bar [{', '.join(str(v) for v in values)}]",
+    ]
+    if with_rules:
+        lines.append(f"    bar [{', '.join(str(v) for v in afters)}]")
+    lines.append("```")
+    if with_rules:
+        lines += ["", "_Parameters per layer: before (grey bars) and after the rules (blue bars, in front)._"]
+    return lines

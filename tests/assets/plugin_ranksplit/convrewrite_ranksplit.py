@@ -1,6 +1,8 @@
-"""A third-party rule: a KxK conv becomes a rank-r KxK conv followed by a 1x1 conv.
+"""A third-party rule for the plugin test: a KxK conv becomes a rank-r KxK conv followed by a 1x1 conv.
 
-The weights come from the truncated SVD of the (Cout, Cin*k*k) kernel matrix.
+The weights come from the truncated SVD of the (Cout, Cin*k*k) kernel matrix. (convrewrite has a
+built-in ``low-rank`` rule that does more; this one keeps its own name, ``rank-split``, so the two
+never clash in the registry.)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig,
 
 
 @dataclass(frozen=True)
-class LowRankConfig(RuleConfig):
+class RankSplitConfig(RuleConfig):
     rank: int = field(default=4, metadata={"help": "rank of the factorisation"})
 
     def __post_init__(self) -> None:
@@ -24,11 +26,11 @@ class LowRankConfig(RuleConfig):
             raise ValueError("rank must be >= 1")
 
 
-class LowRankRule(Rule):
-    name = "low-rank"
+class RankSplitRule(Rule):
+    name = "rank-split"
     summary = "KxK conv -> rank-r KxK conv + 1x1 conv (SVD of the kernel matrix)"
-    config_class = LowRankConfig
-    config: LowRankConfig
+    config_class = RankSplitConfig
+    config: RankSplitConfig
 
     def skip_reason(self, site: ConvSite) -> str | None:
         reason = common_skip_reason(site, self.config)
