@@ -92,10 +92,23 @@ def _job(command: str, settings: dict[str, Any], config: Path | None, verbose: b
     from convrewrite.gate.job import make_job
 
     job = make_job(command, settings, load_project_config(config))
+    check_job(job)
     if verbose:
         for line in describe_job(job):
             print(line, file=sys.stderr)
     return job
+
+
+def check_job(job: Any) -> None:
+    """What can be checked before any work: the latency backend is installed (torch-free check)."""
+    if job.get("latency") and job.get("latency-backend") == "onnxruntime":
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+            raise UsageError(
+                "--latency-backend onnxruntime needs onnx and onnxruntime",
+                hint="pip install 'convrewrite[onnx]'",
+            )
 
 
 def describe_job(job: Any) -> list[str]:

@@ -298,6 +298,11 @@ def plan(project: ProjectConfig, options: CheckOptions) -> tuple[list[PlannedTar
         if target.name is not None:
             cli["model"] = None  # a named target's model comes from its table
         job = make_job("check", cli, project, table=target.config)
+        measured = {budget.metric.name for budget in budgets}
+        if "speedup" in measured and not job.get("latency"):
+            # A speedup budget needs the latency stage: measuring it is implied, and said where.
+            names = ", ".join(b.qualified_name for b in budgets if b.metric.name == "speedup")
+            job.values["latency"] = Value(True, f"implied by the speedup budget {names}")
         model_setting = job.model
         baseline = job.values["baseline"]
         build_rules(job)  # rule names and options are configuration: fail before loading any model

@@ -36,10 +36,16 @@ class RuleConfig:
         default=(), metadata={"help": "never layers whose qualified name matches one of these globs"}
     )
     min_channels: int = field(default=0, metadata={"help": "skip convs with fewer input or output channels than this"})
+    min_speedup: float | None = field(
+        default=None,
+        metadata={"help": "skip a rewrite whose replacement, timed alone, is not this many times faster"},
+    )
 
     def __post_init__(self) -> None:
         if self.min_channels < 0:
             raise ValueError("min_channels must be >= 0")
+        if self.min_speedup is not None and not self.min_speedup > 0:
+            raise ValueError("min_speedup must be > 0")
 
     def with_defaults(self, include: Iterable[str], exclude: Iterable[str], min_channels: int) -> RuleConfig:
         """Fill options the rule spec left empty from the command-line wide selection."""

@@ -13,6 +13,7 @@ import copy
 import inspect
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx, nn
 
 from convrewrite.engine.consumers import conv_consumers
@@ -27,7 +28,7 @@ from convrewrite.errors import ModelError, UsageError, describe
 from convrewrite.layers.dense import kernel_error
 from convrewrite.layers.registry import register_block, register_replacement
 from convrewrite.report.log import RewriteRecord, SkipRecord
-from convrewrite.rules.api import ConvSite, Rule, is_explicit, selection_reason
+from convrewrite.rules.api import ConvSite, Replacement, Rule, is_explicit, selection_reason
 
 
 def collect_sites(
@@ -111,6 +112,28 @@ def _forward_source(cls: type) -> str | None:
     return _sources[cls]
 
 
+def _too_slow(
+    model: nn.Module,
+    module: nn.Module,
+    new_module: nn.Module,
+    replacement: Replacement,
+    site: ConvSite,
+    min_speedup: float,
+    threads: int,
+) -> str | None:
+    """The ``min-speedup`` option: the skip reason when the replacement, timed alone on an input
+    of the recorded shape, is not ``min_speedup`` times faster than what it replaces."""
+    from convrewrite.speed.latency import layer_inputs, min_speedup_reason
+
+    original = module
+    for other_name in replacement.also_replace:  # fuse-bn: the conv and the BatchNorm it absorbs
+        original = nn.Sequential(original, model.get_submodule(other_name))
+    assert site.input_shape is not None
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    inputs = layer_inputs([site.input_shape], dtype=dtype)
+    return min_speedup_reason(original, new_module, inputs, min_speedup, threads=threads)
+
+
 @dataclass
 class RuleOutcome:
     """What one rule did: the layers it rewrote, those it left alone, the originals it replaced."""
@@ -129,6 +152,7 @@ def apply_rule(
     current: ModelProfile,
     earlier: list[RewriteRecord],
     graph_module: fx.GraphModule | None = None,
+    threads: int = 1,
 ) -> RuleOutcome:
     """Offer every site to ``rule`` and install its replacements; returns what it did.
 
@@ -187,6 +211,11 @@ def apply_rule(
         except Exception as exc:
             raise ModelError(f"rule {rule.name!r} failed on layer {site.name}: {describe(exc)}") from exc
         new_module = finish_replacement(site, replacement.module, replacement.notes)
+        if rule.config.min_speedup is not None and site.input_shape is not None:
+            slow = _too_slow(model, module, new_module, replacement, site, rule.config.min_speedup, threads)
+            if slow is not None:
+                outcome.skipped.append(SkipRecord(site.name, rule.name, type(original_module(site)).__name__, slow))
+                continue
         for part in new_module.modules():
             register_replacement(part)  # traced as a leaf, written out as a named layer
         if site.calls == 0:
@@ -266,7 +295,8 @@ class RewriteStage(Stage):
             state.reference = _frozen_copy(state.model)
         functional = functional_conv_notes(state.model, state.current) if self.first else []
         graph_module = state.trace.graph_module if state.trace is not None else None
-        outcome = apply_rule(self.rule, state.model, state.current, state.log.rewrites, graph_module)
+        threads = int(state.setting("threads", 1))
+        outcome = apply_rule(self.rule, state.model, state.current, state.log.rewrites, graph_module, threads)
         if self.first:
             state.log.skipped.extend([*outcome.unresolved, *functional])
         for name, module in outcome.originals.items():

@@ -95,3 +95,34 @@ def _distillation(section: dict[str, Any]) -> list[str]:
 
         lines.append(f"  held out: before {text(initial)} -> distilled {text(best)}")
     return lines
+
+
+@section_lines("latency")
+def _latency(section: dict[str, Any]) -> list[str]:
+    settings, model = section.get("settings", {}), section.get("model", {})
+    before, after = model.get("before", {}), model.get("after", {})
+
+    def timing(figures: dict[str, Any]) -> str:
+        return f"{figures.get('median_ms', 0.0):.3g} ms (IQR {figures.get('iqr_ms', 0.0):.2g})"
+
+    speedup = section.get("speedup") or 0.0
+    slower = f" ({1 / speedup:.2f}x slower)" if 0 < speedup < 1 else ""
+    where = f"{settings.get('backend')}, {settings.get('threads')} thread(s), batch {settings.get('batch')}"
+    lines = [f"Latency ({where}, interleaved): {timing(before)} -> {timing(after)}, speedup {speedup:.2f}x{slower}"]
+    layers = section.get("layers", [])
+    if layers:
+        shown = ", ".join(f"{layer['name']} {layer['speedup']:.2f}x" for layer in layers if layer.get("speedup"))
+        lines.append(f"  per layer, each timed alone: {shown}")
+    lines += [f"  note: {note}" for note in section.get("notes", [])]
+    return lines
+
+
+@section_lines("export")
+def _export(section: dict[str, Any]) -> list[str]:
+    onnx = section.get("onnx")
+    if not onnx:
+        return []
+    return [
+        f"Export: {onnx.get('path')} (ONNX opset {onnx.get('opset')}, {onnx.get('exporter')} exporter), "
+        f"ONNX Runtime max abs diff {onnx.get('max_abs_diff', 0.0):.3g}"
+    ]

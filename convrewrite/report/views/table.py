@@ -25,7 +25,19 @@ def _layer_table(report: Report) -> list[str]:
     else:
         headers += ["Params", "MACs"]
     rows = [layer_cells(row, with_rules) for row in report.layers]
+    speedups = layer_speedups(report)
+    if speedups:  # measured with --latency: which rewrites pay off, each layer timed alone
+        headers.append("Speedup\n(alone)")
+        for row, cells in zip(report.layers, rows):
+            value = speedups.get(row.name) if row.status == "rewritten" and row.call == 0 else None
+            cells.append("--" if value is None else f"{value:.2f}x")
     return fixed_width_table(headers, rows, right=set(range(3, len(headers))))
+
+
+def layer_speedups(report: Report) -> dict[str, float]:
+    """Per-layer measured speedups from the latency section (empty without --latency)."""
+    section = report.sections.get("latency") or {}
+    return {layer["name"]: layer["speedup"] for layer in section.get("layers", []) if layer.get("speedup")}
 
 
 def layer_cells(row: LayerRow, with_rules: bool) -> list[str]:
