@@ -75,10 +75,13 @@ def test_a_floor_that_is_not_met_fails_with_what_was_measured(cli, tmp_path: Pat
 
 
 def test_a_metric_the_run_did_not_measure_is_a_usage_error(cli, tmp_path: Path) -> None:
-    _project(tmp_path, '\n[[tool.convrewrite.budgets]]\nmetric = "speedup"\nminimum = 1.2\n')
+    (tmp_path / "pyproject.toml").write_text(
+        f'[tool.convrewrite]\nmodel = "{ASSETS / "tiny.py"}"\nrules = ["separable"]\n'
+        '[[tool.convrewrite.budgets]]\nmetric = "agreement"\nminimum = 0.9\n'
+    )
     result = cli("check")
     assert result.code == 2
-    assert "did not measure speedup; it needs --latency" in result.err
+    assert "did not measure agreement; it needs calibration data (--data)" in result.err
 
 
 @pytest.mark.parametrize(
