@@ -124,4 +124,21 @@ def test_third_party_rule_plugs_in(tmp_path: Path) -> None:
     rewritten = {r["name"]: r for r in report["rewrites"]}
     assert set(rewritten) == {"conv1", "conv2", "proj"}
     assert rewritten["conv2"]["params_after"] == rewritten["conv2"]["analytic_params"] == 8 * 9 * 2 + 2 * 16
-    assert (out / "model.py").is_file()
+    # The plugin's own block survives as a named layer: its torch-only file is copied into model.py.
+    source = (out / "model.py").read_text()
+    assert "class RankSplitConv2d(nn.Sequential):" in source
+    assert "self.conv2 = RankSplitConv2d(8, 16, (3, 3), 2, stride=(2, 2), padding=(1, 1), bias=False)" in source
+    assert rewritten["conv2"]["type_after"] == "RankSplitConv2d"
+    assert not [line for line in source.splitlines() if line.startswith(("import ", "from ")) and "ranksplit" in line]
+    # ...and reloads exactly in a process that has neither the plugin nor convrewrite on its path.
+    reload = (
+        "import sys, torch\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "import model\n"
+        "assert 'convrewrite' not in sys.modules and 'ranksplit_layers' not in sys.modules\n"
+        "net = model.load_model()\n"
+        "print(type(net.conv2).__name__, float(net(*model.example_inputs()).abs().sum()))\n"
+    )
+    clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    reloaded = _run(sys.executable, "-I", "-c", reload, out, cwd=tmp_path, env=clean_env)
+    assert reloaded.stdout.split()[0] == "RankSplitConv2d"

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from ranksplit_layers import RankSplitConv2d
 
 from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
@@ -38,25 +38,25 @@ class RankSplitRule(Rule):
             return reason
         if site.module.groups != 1:
             return "grouped conv"
+        if site.conv_dims != 2 or site.module.dilation != (1, 1) or site.module.padding_mode != "zeros":
+            return "the plugin's block is a plain 2-D conv pair"
         if self.config.rank >= site.out_channels:
             return "rank is not below the output channels"
         return None
 
     def build(self, site: ConvSite) -> Replacement:
         conv = site.module
-        conv_class = nn.Conv1d if site.conv_dims == 1 else nn.Conv2d
         rank = self.config.rank
-        first = conv_class(
+        block = RankSplitConv2d(
             conv.in_channels,
-            rank,
+            conv.out_channels,
             conv.kernel_size,
+            rank,
             stride=conv.stride,
             padding=conv.padding,
-            dilation=conv.dilation,
-            bias=False,
-            padding_mode=conv.padding_mode,
+            bias=conv.bias is not None,
         )
-        second = conv_class(rank, conv.out_channels, 1, bias=conv.bias is not None)
+        first, second = block.reduce, block.expand
         matrix = conv.weight.detach().reshape(conv.out_channels, -1).double()
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         root = s[:rank].sqrt()
@@ -66,7 +66,7 @@ class RankSplitRule(Rule):
             if conv.bias is not None:
                 second.bias.copy_(conv.bias)
         kept = float((s[:rank] ** 2).sum() / (s**2).sum())
-        return Replacement(nn.Sequential(first, second), {"energy_retained": kept})
+        return Replacement(block, {"energy_retained": kept})
 
     def cost(self, site: ConvSite) -> Cost:
         k = math.prod(site.module.kernel_size)
