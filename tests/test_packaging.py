@@ -137,7 +137,7 @@ def test_third_party_rule_plugs_in(tmp_path: Path) -> None:
         "import model\n"
         "assert 'convrewrite' not in sys.modules and 'ranksplit_layers' not in sys.modules\n"
         "net = model.load_model()\n"
-        "print(type(net.conv2).__name__, float(net(*model.example_inputs()).abs().sum()))\n"
+        "print(type(net.conv2).__name__, float(net(model.example_inputs()).abs().sum()))\n"
     )
     clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     reloaded = _run(sys.executable, "-I", "-c", reload, out, cwd=tmp_path, env=clean_env)
