@@ -267,6 +267,7 @@ def _apply(job: Any, out: Path, force: bool, fmt: str, width: int | None, sessio
             device=session.device,
             layers=list(result.originals),
             resume_command=resume_command(job, out, steps),
+            evaluate=user_evaluate(result.loaded),
         )
         report_data = Report.from_dict(json.loads((out / "report.json").read_text()))
         if session.is_main:
@@ -276,6 +277,17 @@ def _apply(job: Any, out: Path, force: bool, fmt: str, width: int | None, sessio
         if written is not None:
             print(written.summary(), file=sys.stderr)
     return 0
+
+
+def user_evaluate(loaded: Any) -> Any:
+    """The model file's ``evaluate()`` as ``model -> dict[str, float]``, or None."""
+    from convrewrite.recovery.data import model_function
+    from convrewrite.recovery.metrics import run_evaluate
+
+    function = model_function(loaded, "evaluate")
+    if function is None:
+        return None
+    return lambda model: run_evaluate(function, model, "the distilled model")
 
 
 def resume_command(job: Any, out: Path, steps: int) -> str:
@@ -439,6 +451,7 @@ def distill(
                 device=session.device,
                 out=out,
                 force=force,
+                evaluate=user_evaluate(loaded),
                 resume_command=" ".join(["convrewrite", *sys.argv[1:]]) if sys.argv[1:2] == ["distill"] else None,
             )
             if session.is_main:

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,7 @@ def distill_output(
     layers: Sequence[str] | None = None,
     progress: str = "auto",
     resume_command: str | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> DistillJobResult:
     """Distill the apply output in ``directory`` against ``teacher`` and write the result.
 
@@ -162,6 +163,8 @@ def distill_output(
         if session.is_main:
             try:
                 refreshed = refreshed_report(report, result, student, teacher)
+                if evaluate is not None:
+                    refreshed = with_evaluation(refreshed, evaluate(student.to("cpu").eval()))
                 reload_error = _write_distilled(source, target, student, loaded.inputs, refreshed, result)
                 if not same_place:
                     shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -180,6 +183,17 @@ def distill_output(
             raise ModelError(f"could not write the distilled model: {failure}")
     student.to("cpu").eval()
     return DistillJobResult(source, target, resumed_from, result, session.is_main, reload_error, student)
+
+
+def with_evaluation(report: dict[str, Any], result: dict[str, float]) -> dict[str, Any]:
+    """``report`` with the user's ``evaluate()`` measured again on the distilled model."""
+    updated = json.loads(json.dumps(report))
+    section = updated.setdefault("evaluation", {"original": {}, "result": {}})
+    section["result"] = dict(result)
+    metrics = (updated.get("after") or {}).setdefault("metrics", {})
+    for name, value in result.items():
+        metrics[f"eval:{name}"] = value
+    return updated
 
 
 def refreshed_report(
