@@ -11,7 +11,7 @@ that describes the model being run (see ``gate/job.py``), then the default.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -445,6 +445,24 @@ def toml_value(setting: Setting, value: Any) -> Any:
     return value
 
 
-def describe(settings: Sequence[Setting]) -> list[tuple[str, str, str]]:
-    """(flag, default, help) rows, for documentation."""
-    return [(s.option, "" if s.default is None else str(s.default), s.help) for s in settings]
+def markdown_table() -> str:
+    """The README's settings table, generated from the schema (a test keeps the README in step)."""
+    lines = [
+        "| option | config key | default | commands | applies to | what it does |",
+        "|---|---|---|---|---|---|",
+    ]
+    for setting in SCHEMA:
+        if setting.argument:
+            continue
+        flag = setting.option
+        if setting.kind == "bool":
+            flag += f"/{setting.negative_flag or '--no-' + setting.name}"
+        default = setting.default
+        shown = "--" if default in (None, []) else str(default).lower() if isinstance(default, bool) else str(default)
+        key = f"`{setting.name}`" if setting.toml else "--"
+        if setting.toml and setting.toml_commands:
+            key += f" ({', '.join(setting.toml_commands)} only)"
+        scope = "the model's table" if setting.per_model else "any model"
+        help_text = setting.help.replace("|", "\\|")
+        lines.append(f"| `{flag}` | {key} | {shown} | {', '.join(setting.commands)} | {scope} | {help_text} |")
+    return "\n".join(lines) + "\n"
