@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from convrewrite.engine.threads import torch_threads
 from convrewrite.errors import ModelError, describe
 from convrewrite.recovery.batches import Batch, BatchSource, Split
 
@@ -186,20 +187,6 @@ def _all_reduce_floats(values: list[float], world: int, device: torch.device) ->
         return values
     reduced = _all_reduce(torch.tensor(values, dtype=torch.float64, device=device), world)
     return [float(v) for v in reduced.cpu()]
-
-
-@contextlib.contextmanager
-def _threads(count: int | None) -> Iterator[None]:
-    """Run the enclosed work on ``count`` threads (None: leave torch's setting alone)."""
-    if count is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------- stopping at a layer
@@ -450,7 +437,8 @@ class _Terminal:
         scale = gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-30)
         eye = torch.eye(self.unknowns, dtype=gram.dtype, device=gram.device)
         regularised = gram + (ridge * scale).view(-1, 1, 1) * eye
-        with _threads(1 if self.unknowns <= 512 else None):
+        # Small solves on one thread (many threads only fight over them); large ones as torch likes.
+        with torch_threads(1) if self.unknowns <= 512 else contextlib.nullcontext():
             factor, info = torch.linalg.cholesky_ex(regularised)
             if bool((info != 0).any()):
                 return torch.linalg.lstsq(regularised.cpu(), self.cross.cpu()).solution.to(gram.device)

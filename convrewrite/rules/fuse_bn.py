@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from convrewrite.layers.dense import conv_dense_kernel
+from convrewrite.rules._shared import geometry
 from convrewrite.rules.api import Consumer, ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
 _BATCH_NORMS: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
@@ -111,15 +112,7 @@ class FuseBatchNormRule(Rule):
         assert consumer is not None
         folded = fold(conv, consumer.module)
         fused = type(conv)(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=True,
-            padding_mode=conv.padding_mode,
+            conv.in_channels, conv.out_channels, conv.kernel_size, groups=conv.groups, bias=True, **geometry(conv)
         ).to(device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             fused.weight.copy_(folded.weight)

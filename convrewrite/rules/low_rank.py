@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from convrewrite.engine.modules import CONV_TYPES
 from convrewrite.layers import LowRankConv1d, LowRankConv2d, LowRankLinear
 from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
@@ -151,15 +152,7 @@ class LowRankRule(Rule):
     summary = "Linear or dense conv -> two factors through rank r (truncated SVD; KxK conv to r, then 1x1)"
     config_class = LowRankConfig
     config: LowRankConfig
-    site_types = (
-        nn.Linear,
-        nn.Conv1d,
-        nn.Conv2d,
-        nn.Conv3d,
-        nn.ConvTranspose1d,
-        nn.ConvTranspose2d,
-        nn.ConvTranspose3d,
-    )
+    site_types = (nn.Linear, *CONV_TYPES)
 
     def __init__(self, config: RuleConfig | None = None) -> None:
         super().__init__(config)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from convrewrite.layers import SeparableConv1d, SeparableConv2d, SeparableConv3d
+from convrewrite.rules._shared import geometry
 from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
 
@@ -114,10 +115,7 @@ class SeparableRule(Rule):
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            padding_mode=conv.padding_mode,
+            **geometry(conv),
             multiplier=m,
             depthwise_bias=depthwise_bias,
             pointwise_bias=pointwise_bias,

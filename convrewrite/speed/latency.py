@@ -27,7 +27,7 @@ import contextlib
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.benchmark.utils.common import Measurement, TaskSpec
 
 from convrewrite.engine.loading import ExampleInputs
+from convrewrite.engine.threads import torch_threads
 from convrewrite.errors import UsageError
 
 BACKENDS = ("torch", "onnxruntime")
@@ -205,17 +206,11 @@ class LayerCase:
 # --------------------------------------------------------------------------- settings helpers
 
 
-@contextlib.contextmanager
-def fixed_threads(threads: int) -> Iterator[None]:
+def fixed_threads(threads: int) -> torch_threads:
     """``torch.set_num_threads(threads)`` for the duration, then the previous count again."""
     if threads < 1:
         raise UsageError(f"--threads must be a positive integer, got {threads}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    return torch_threads(threads)
 
 
 def with_batch(inputs: ExampleInputs, batch: int) -> ExampleInputs:
