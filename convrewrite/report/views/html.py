@@ -23,6 +23,7 @@ from typing import Any
 from convrewrite import __version__
 from convrewrite.report.model import MIB, LayerRow, Report
 from convrewrite.report.views.registry import register_view
+from convrewrite.report.views.text import weights_text
 
 #: At most this many bars per per-layer chart (the largest layers); the table lists every layer.
 MAX_BARS = 30
@@ -337,6 +338,7 @@ def _facts(report: Report) -> list[tuple[str, str]]:
     inputs = ", ".join(f"{i['name']} {_shape(i['shape'])} {i['dtype']}" for i in model.get("inputs", []))
     facts = [("Model", f"{model.get('name')} ({model.get('origin')})")]
     facts.append(("Input", f"{inputs} (from {model.get('input_source')})"))
+    facts.append(("Weights", weights_text(report)))
     facts.append(("Trace", str(report.trace.get("description", report.trace.get("mode", "")))))
     if report.rules:
         facts.append(("Rules", " then ".join(r["spec"] for r in report.rules)))
@@ -497,7 +499,9 @@ def render_html(report: Report, width: int = 120, color: bool = False, charts: S
         f"<h1>convrewrite report: <code>{esc(name)}</code></h1>",
         '<p class="sub">'
         + (
-            "Before and after the rewrite, measured on the example input."
+            "Before and after the rewrite: counted on the example input; fidelity on "
+            + (report.fidelity.measured_on if report.fidelity is not None else "the example input")
+            + "."
             if report.has_rules
             else "The model as it is, measured on the example input."
         )
@@ -524,3 +528,67 @@ def render_html(report: Report, width: int = 120, color: bool = False, charts: S
 
 
 __all__ = ["MAX_BARS", "SECTION_CHARTS", "Bar", "Chart", "chart_svg", "layer_chart", "render_html", "report_charts"]
+
+
+def _latency_charts(section: dict[str, Any]) -> list[Chart]:
+    model = section.get("model", {})
+    charts = [
+        Chart(
+            "latency",
+            f"Latency of the whole model (median, {section.get('settings', {}).get('backend', 'torch')})",
+            "ms",
+            [Bar("model", model.get("before", {}).get("median_ms"), model.get("after", {}).get("median_ms"))],
+            integer=False,
+            note=f"speedup {section.get('speedup', 0.0):.2f}x, measured interleaved in one run",
+        )
+    ]
+    layers = section.get("layers", [])
+    if layers:
+        bars = [Bar(l["name"], l["before"]["median_ms"], l["after"]["median_ms"]) for l in layers]  # noqa: E741
+        charts.append(
+            Chart("layer_latency", "Latency per rewritten layer, each timed alone", "ms", bars, integer=False)
+        )
+    return charts
+
+
+def _fitting_charts(section: dict[str, Any]) -> list[Chart]:
+    layers = section.get("layers", {}).get("layers", [])
+    bars = [
+        Bar(layer["name"], layer.get("holdout_error_before"), layer.get("holdout_error_after"))
+        for layer in layers
+        if layer.get("holdout_error_before") is not None
+    ]
+    if not bars:
+        return []
+    return [
+        Chart(
+            "fitting",
+            "Held-out reconstruction error per layer: transferred, then fitted",
+            "relative error",
+            bars,
+            integer=False,
+            series=("transferred", "fitted"),
+        )
+    ]
+
+
+def _distillation_charts(section: dict[str, Any]) -> list[Chart]:
+    initial, best = section.get("initial"), section.get("best")
+    if not initial or not best:
+        return []
+    bars = [Bar("output error", initial["output_relative_error"], best["output_relative_error"])]
+    if initial.get("top1_agreement") is not None and best.get("top1_agreement") is not None:
+        bars.append(Bar("top-1 agreement", initial["top1_agreement"], best["top1_agreement"]))
+    return [
+        Chart(
+            "distillation",
+            "Held out, before and after distillation",
+            "",
+            bars,
+            integer=False,
+            series=("before", "after"),
+        )
+    ]
+
+
+SECTION_CHARTS.update(latency=_latency_charts, fitting=_fitting_charts, distillation=_distillation_charts)
