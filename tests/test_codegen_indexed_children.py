@@ -38,4 +38,52 @@ def test_apply_rewrites_convs_inside_a_sequential(tmp_path, monkeypatch, capsys)
     code = run(["apply", "model.py", "--rule", "separable", "--out", "out", "--format", "json"])
     assert code == 0, capsys.readouterr().err
     source = (tmp_path / "out" / "model.py").read_text()
-    assert 'setattr(self.features, "0", SeparableConv2d(3, 8, (3, 3), padding=(1, 1)))' in source
+    # Nested containers are written as nested constructor calls (issue 12), not setattr chains.
+    assert (
+        "        self.features = nn.Sequential(\n"
+        "            SeparableConv2d(3, 8, (3, 3), padding=(1, 1)),\n"
+        "            nn.ReLU(),\n"
+        "            SeparableConv2d(8, 8, (3, 3), padding=(1, 1)),\n"
+        "        )\n"
+    ) in source
+    assert "setattr(" not in source
+
+
+NESTED = textwrap.dedent(
+    """
+    from collections import OrderedDict
+
+    import torch
+    from torch import nn
+
+    INPUT_SHAPE = (1, 3, 10, 10)
+
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            shared = nn.Conv2d(8, 8, 3, padding=1)
+            self.stem = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 8, 3, padding=1), act=nn.ReLU()))
+            self.blocks = nn.ModuleList([nn.Sequential(shared, nn.ReLU()), nn.Sequential(shared, nn.ReLU())])
+            self.heads = nn.ModuleDict({"a-b": nn.Conv2d(8, 4, 1), "c": nn.Sequential(nn.Conv2d(8, 4, 3))})
+
+        def forward(self, x):
+            x = self.stem(x)
+            for block in self.blocks:
+                x = block(x)
+            return self.heads["a-b"](x).sum() + self.heads["c"](x).sum()
+    """
+)
+
+
+def test_named_and_shared_children_in_nested_containers(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.py").write_text(NESTED)
+    code = run(["apply", "model.py", "--rule", "separable", "--out", "out", "--format", "json"])
+    assert code == 0, capsys.readouterr().err  # apply reloads model.py + weights and compares
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "self.stem = nn.Sequential(OrderedDict([" in source
+    assert '("conv", SeparableConv2d(3, 8, (3, 3), padding=(1, 1))),' in source
+    assert 'self.heads = nn.ModuleDict({\n            "a-b": nn.Conv2d(8, 4, (1, 1)),' in source
+    # A module shared by two containers cannot be written twice: the second is an alias.
+    assert source.count("SeparableConv2d(8, 8, (3, 3), padding=(1, 1))") == 1

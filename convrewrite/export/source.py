@@ -95,6 +95,9 @@ def _module_signature(module: nn.Module) -> tuple[Any, ...]:
     return (type(module), module.extra_repr(), tuple(own), tuple(none_slots), tuple(module._modules))
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
 class SourceWriter:
     """Builds the generated file for one rewritten model."""
 
@@ -223,11 +226,13 @@ class SourceWriter:
                 self.lines.append(_assignment(target, expression))
                 self._emit_children_diff(target, name, module, fresh)
                 return
-        if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and type(module) in (
-            nn.Sequential,
-            nn.ModuleList,
-            nn.ModuleDict,
-        ):
+        if type(module) in _CONTAINERS:
+            inline = self._inline(module, root=True)
+            if inline is not None:
+                # Nested containers as nested constructor calls, the way a person writes them.
+                self.lines.extend(_assignment(target, "\n".join(inline)).split("\n"))
+                self._register_tree(target, module)
+                return
             self.lines.append(_assignment(target, f"nn.{type(module).__name__}()"))
             self._emit_own_tensors(target, module)
             for child_name, child in module._modules.items():
@@ -241,6 +246,51 @@ class SourceWriter:
         self._emit_own_tensors(target, module)
         for child_name, grandchild in module._modules.items():
             self._emit_child(target, name, child_name, grandchild)
+
+    def _inline(self, module: nn.Module, seen: set[int] | None = None, root: bool = False) -> list[str] | None:
+        """``module`` as one constructor expression (lines, nested calls indented), or None when
+        it cannot be one: a shared module, own tensors on a container, a child a constructor does
+        not rebuild exactly."""
+        seen = set() if seen is None else seen
+        if (id(module) in self.emitted and not root) or id(module) in seen:
+            return None
+        seen.add(id(module))
+        if type(module) not in _CONTAINERS:
+            expression = self.constructor(module)
+            fresh = self._fresh(expression) if expression is not None else None
+            if expression is None or fresh is None or _module_signature(fresh) != _module_signature(module):
+                return None
+            for key, child in module._modules.items():
+                built = fresh._modules.get(key)
+                if child is None or built is None or not _same_tree(built, child):
+                    return None
+            return [expression]
+        if module._parameters or module._buffers:
+            return None
+        items: list[tuple[str, list[str]]] = []
+        for key, child in module._modules.items():
+            if child is None:
+                return None
+            lines = self._inline(child, seen)
+            if lines is None:
+                return None
+            items.append((key, lines))
+        kind = type(module).__name__
+        if not items:
+            return [f"nn.{kind}()"]
+        if kind == "Sequential" and [key for key, _ in items] != [str(i) for i in range(len(items))]:
+            self.imports.add("from collections import OrderedDict")
+            opening, closing = "nn.Sequential(OrderedDict([", "]))"
+            entries = [[f'("{key}", {lines[0]}', *lines[1:]] for key, lines in items]
+            entries = [[*entry[:-1], entry[-1] + ")"] for entry in entries]
+        elif kind == "ModuleDict":
+            opening, closing = "nn.ModuleDict({", "})"
+            entries = [[f'"{key}": {lines[0]}', *lines[1:]] for key, lines in items]
+        else:
+            opening, closing = (f"nn.{kind}([", "])") if kind == "ModuleList" else ("nn.Sequential(", ")")
+            entries = [lines for _, lines in items]
+        body = [f"    {line}" for entry in entries for line in [*entry[:-1], entry[-1] + ","]]
+        return [opening, *body, closing]
 
     def _emit_child(self, parent_target: str, parent_name: str, child_name: str, child: nn.Module | None) -> None:
         qualified = f"{parent_name}.{child_name}" if parent_name else child_name
