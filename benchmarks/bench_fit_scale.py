@@ -1,26 +1,39 @@
 """Time and peak memory of fitting a ResNet-50 (sample_models/zoo/resnet.py) at 224x224, and how
 both grow with the number of calibration images.
 
-Random weights and random images: the figures are about cost, not accuracy. Each image count runs
-in its own process so that its peak resident memory (``ru_maxrss``) is its own; the resident
-memory before fitting (model, rewritten copy, data) is printed too, so the difference is what
-fitting itself costs. ``--cache-mb`` bounds the per-layer cache of (input, target) pairs.
+Through the real pipeline: ``convrewrite.rewrite(resnet50(), ["separable"], data=images, fit=True)``
+(what ``convrewrite apply ... --rule separable --data images.pt`` does), in a fresh process per
+measurement so that the peak resident memory (``ru_maxrss`` from ``os.wait4``) and the CPU time
+are that run's own. Random weights and random images: the figures are about cost, not accuracy.
 
-    python benchmarks/bench_fit_scale.py [--images 64 128 256] [--rule separable] [--steps 500]
+Each run prints: the fit stage's wall time (``report.stages``) and the whole call's; the process's
+CPU time; the resident memory right before the call (interpreter, torch, the model and the images,
+which the user holds anyway) and the peak, whose difference is what the pipeline added (the frozen
+reference copy of the model, the rewritten model, activations, the per-layer cache of at most
+512 MiB of (input, target) pairs, the normal equations).
+
+``--layers N`` fits only the first N rewritable layers in call order (``include=`` their names,
+the ``--include`` of the command line) for a prefix study on a slow machine; the per-layer times
+in the report then say what the prefix cost. ``--fit-steps`` sets the gradient steps per layer.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_fit_scale.py [--images 64 128 256] [--layers 0]
+        [--fit-steps 500] [--batch-size 32] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import resource
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "sample_models" / "zoo" / "resnet.py"
 
 
 def rss_mib() -> float:
@@ -31,43 +44,71 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def one_run(images: int, rule: str, steps: int, batch_size: int, cache_mb: float, threads: int, layers: int) -> dict:
+def build_resnet50() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("zoo_resnet", MODEL)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["zoo_resnet"] = module
+    spec.loader.exec_module(module)
+    return module.resnet50().eval()
+
+
+def rewritable_layers(rule: str) -> list[str]:
+    """The layers ``rule`` rewrites in ResNet-50, in the order the model calls them (no data: cheap)."""
     import torch
 
-    from convrewrite.engine.loading import load_model
-    from convrewrite.engine.pipeline import analyse
-    from convrewrite.recovery.data import calibration_data_from
-    from convrewrite.recovery.fit import fit_layers, reestimate_batchnorm
-    from convrewrite.rules.api import make_rule
+    import convrewrite
 
-    torch.set_num_threads(threads)
-    loaded = load_model(f"{ROOT / 'sample_models' / 'zoo' / 'resnet.py'}:resnet50")
-    original = copy.deepcopy(loaded.model)
-    result = analyse(loaded, [make_rule(rule)])
-    names = [record.name for record in result.rewrites]
-    if layers:
-        names = names[:layers]  # a growth study on the first layers only (cheaper prefixes)
+    model = build_resnet50()
+    result = convrewrite.rewrite(model, [rule], example_inputs=torch.randn(1, 3, 224, 224), copy_module=False)
+    return [record.name for record in result.report.rewrites]
+
+
+def one_run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import convrewrite
+
+    torch.set_num_threads(args.threads)
+    model = build_resnet50()
+    include = [name for name in args.names.split(",") if name]
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(images, 3, 224, 224, generator=generator)
-    data = calibration_data_from(pixels, example=loaded, batch_size=batch_size, holdout=0.1)
+    images = torch.randn(args.child, 3, 224, 224, generator=generator)
     before = rss_mib()
-    start = time.perf_counter()
-    fit = fit_layers(original, result.model, names, data, steps=steps, cache_mb=cache_mb)
-    fitted = time.perf_counter() - start
-    start = time.perf_counter()
-    reestimate_batchnorm(result.model, data)
-    batchnorm = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start, start_cpu = time.perf_counter(), time.process_time()
+    result = convrewrite.rewrite(
+        model,
+        [args.rule],
+        example_inputs=images[:1],
+        data=images,
+        fit=True,
+        fit_steps=args.fit_steps,
+        batch_size=args.batch_size,
+        include=include,
+        device="cpu",
+        copy_module=False,  # the user's model is the one being rewritten: no third copy
+    )
+    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    stages = {stage["name"]: stage["seconds"] for stage in result.report.stages}
+    fitting = result.report.sections["fitting"]
+    layers = fitting["layers"]["layers"]
     return {
-        "images": images,
-        "layers": len(fit.layers),
-        "fit_s": fitted,
-        "bn_s": batchnorm,
-        "rss_before_fit_mib": before,
-        "peak_rss_mib": peak,
-        "images_bytes_mib": pixels.numel() * 4 / (1 << 20),
-        "cached": [layer.cached for layer in fit.layers],
-        "slowest": sorted(((round(layer.seconds, 1), layer.name) for layer in fit.layers), reverse=True)[:3],
+        "images": args.child,
+        "layers": len(layers),
+        "fit_s": stages.get("fit"),
+        "call_s": wall,
+        "call_cpu_s": cpu,
+        "rss_before_mib": before,
+        "images_mib": images.numel() * 4 / (1 << 20),
+        "params": sum(p.numel() for p in model.parameters()),
+        "per_layer_s": [(layer["name"], round(layer["seconds"], 1), layer["cached"]) for layer in layers],
+        "batchnorm_s": fitting["batchnorm"]["seconds"],
+        "held_out_error": (
+            fitting["fidelity"]["transfer"]["output_relative_error"],
+            fitting["fidelity"]["fitted"]["output_relative_error"],
+        ),
     }
 
 
@@ -75,47 +116,57 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--rule", default="separable")
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--fit-steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--cache-mb", type=float, default=512.0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--layers", type=int, default=0, help="fit only the first N rewritten layers (0: all)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=0, help="fit only the first N rewritable layers (0: all)")
+    parser.add_argument("--per-layer", action="store_true", help="print each layer's fitting time")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--names", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(
-            json.dumps(
-                one_run(args.child, args.rule, args.steps, args.batch_size, args.cache_mb, args.threads, args.layers)
-            )
-        )
+        print(json.dumps(one_run(args)))
         return
     print(
-        f"ResNet-50 at 224x224, rule {args.rule}, {args.steps} gradient steps per layer, batch {args.batch_size}, "
-        f"cache {args.cache_mb:.0f} MiB, {args.threads} threads, layers fitted: {args.layers or 'all'}"
+        f"ResNet-50 at 224x224 through convrewrite.rewrite(..., data=images, fit=True): rule {args.rule}, "
+        f"{args.fit_steps} gradient steps per layer, batch {args.batch_size}, {args.threads} thread(s), "
+        f"layers fitted: {args.layers or 'all'}; load average {os.getloadavg()[0]:.2f}"
     )
     header = (
-        f"{'images':>6} {'layers':>6} {'fit s':>8} {'BN s':>6} {'RSS before MiB':>14} {'peak RSS MiB':>12} "
-        f"{'images MiB':>10}"
+        f"{'images':>6} {'layers':>6} {'fit s':>8} {'call s':>8} {'process CPU s':>13} {'RSS before MiB':>14} "
+        f"{'peak RSS MiB':>12} {'added MiB':>9} {'images MiB':>10} {'held-out error':>15}"
     )
+    # The layer names are found here, not in the measured processes (one more ResNet-50 there
+    # would count in their peak memory).
+    names = rewritable_layers(args.rule)[: args.layers] if args.layers else []
+    if names:
+        print(f"fitted layers: {', '.join(names)}")
     print(header)
     print("-" * len(header))
     for images in args.images:
-        command = [sys.executable, __file__, "--child", str(images), "--rule", args.rule, "--steps", str(args.steps)]
-        command += [
-            "--batch-size",
-            str(args.batch_size),
-            "--cache-mb",
-            str(args.cache_mb),
-            "--threads",
-            str(args.threads),
-        ]
-        completed = subprocess.run(command, capture_output=True, text=True, check=True)
-        row = json.loads(completed.stdout.strip().splitlines()[-1])
+        command = [sys.executable, __file__, "--child", str(images), "--rule", args.rule]
+        command += ["--fit-steps", str(args.fit_steps), "--batch-size", str(args.batch_size)]
+        command += ["--threads", str(args.threads), "--names", ",".join(names)]
+        with tempfile.TemporaryFile(mode="w+") as errors:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
+            assert process.stdout is not None
+            stdout = process.stdout.read()
+            _, status, usage = os.wait4(process.pid, 0)  # this child's own peak memory and CPU time
+            process.returncode = os.waitstatus_to_exitcode(status)
+            if process.returncode != 0:
+                errors.seek(0)
+                raise SystemExit(f"run with {images} images failed:\n{errors.read()[-3000:]}")
+        row = json.loads(stdout.strip().splitlines()[-1])
+        peak, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+        error = row["held_out_error"]
         print(
-            f"{row['images']:>6} {row['layers']:>6} {row['fit_s']:>8.1f} {row['bn_s']:>6.1f} "
-            f"{row['rss_before_fit_mib']:>14.0f} {row['peak_rss_mib']:>12.0f} {row['images_bytes_mib']:>10.0f}"
+            f"{row['images']:>6} {row['layers']:>6} {row['fit_s']:>8.1f} {row['call_s']:>8.1f} {cpu:>13.1f} "
+            f"{row['rss_before_mib']:>14,.0f} {peak:>12,.0f} {peak - row['rss_before_mib']:>9,.0f} "
+            f"{row['images_mib']:>10,.0f} {error[0]:>7.3f}->{error[1]:.3f}",
+            flush=True,
         )
-        print(f"       slowest layers: {row['slowest']}; caches: {sorted(set(row['cached']))}", flush=True)
+        if args.per_layer:
+            print(f"       per layer (name, s, cache): {row['per_layer_s']}", flush=True)
 
 
 if __name__ == "__main__":

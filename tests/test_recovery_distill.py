@@ -233,6 +233,52 @@ def test_layer_hints_pull_the_named_layer_towards_the_teachers() -> None:
         distill(teacher, student, data, config, device="cpu", progress="none")
 
 
+def test_a_hint_for_a_folded_layer_compares_with_the_module_it_absorbed() -> None:
+    from torch.nn.utils.fusion import fuse_conv_bn_eval  # torch's own fold: the reference
+
+    data = TensorBatches((inputs(),), batch_size=16, holdout=0.25)
+    held = torch.cat([b.args[0] for b in data.batches("holdout")])
+    teacher, _ = teacher_and_student()
+    with torch.no_grad():  # statistics far from the identity, so conv and conv+BN differ
+        teacher[1].running_mean.copy_(torch.linspace(-2, 2, 8))
+        teacher[1].running_var.copy_(torch.linspace(0.1, 4, 8))
+    errors = {}
+    for mapping in ({}, {"0": "1"}):
+        student = copy.deepcopy(teacher)
+        student[0] = fuse_conv_bn_eval(student[0], student[1])
+        student[1] = nn.Identity()
+        with torch.no_grad():
+            student[0].weight.add_(0.3 * torch.randn_like(student[0].weight))
+        config = DistillConfig(steps=60, lr=2e-2, layer_weight=10.0)
+        distill(teacher, student, data, config, device="cpu", progress="none", layers=["0"], teacher_layers=mapping)
+        with torch.no_grad():
+            errors[bool(mapping)] = agreement_of(teacher[1](teacher[0](held)), student[0](held)).relative_error
+    # Matched with the BatchNorm's output the folded conv approaches it; matched with the bare
+    # conv's output it is pulled away from what it has to compute.
+    assert errors[True] < 0.5 * errors[False]
+    with pytest.raises(UsageError, match="'9' for the hint loss is not a module of the teacher"):
+        distill(teacher, student, data, config, device="cpu", progress="none", layers=["0"], teacher_layers={"0": "9"})
+
+
+def test_the_distill_stage_gives_a_folded_layer_the_batchnorm_as_its_hint() -> None:
+    from convrewrite.engine.loading import ExampleInputs, LoadedModel
+    from convrewrite.engine.pipeline import analyse
+    from convrewrite.rules.api import make_rule
+
+    teacher, _ = teacher_and_student()
+    with torch.no_grad():
+        teacher[1].running_mean.copy_(torch.linspace(-2, 2, 8))
+        teacher[1].running_var.copy_(torch.linspace(0.1, 4, 8))
+    x = inputs()
+    loaded = LoadedModel(teacher, ExampleInputs((x[:1],), {}, "test", ("input",)), "t", "t", "t")
+    settings = {"fit": False, "distill": 2, "layer-weight": 1.0, "distill-lr": 1e-9, "quiet": True}
+    state = analyse(loaded, [make_rule("fuse-bn")], data=TensorBatches((x,), batch_size=16), settings=settings)
+    history = state.sections["distillation"].history
+    # The fold is exact: output and hint both match from the first step (a hint against the bare
+    # conv's output would be the BatchNorm's whole effect, a normalised error of order 1).
+    assert history[1]["loss"] < 1e-6
+
+
 def test_bad_pairs_are_usage_errors_before_any_training() -> None:
     teacher, student = teacher_and_student()
     data = TensorBatches((inputs(),), batch_size=16, holdout=0.25)

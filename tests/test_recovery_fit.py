@@ -208,6 +208,59 @@ def test_conv3d_blocks_fit_exactly() -> None:
     assert result.layers[0].holdout_error_after < 1e-4
 
 
+def _trained_batchnorm(model: Net2d) -> Net2d:
+    """Net2d with BatchNorm statistics and affine parameters far from the identity (as after
+    training), so a conv folded with its BatchNorm and the conv alone have different outputs."""
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        model.bn1.running_mean.copy_(torch.randn(8, generator=generator))
+        model.bn1.running_var.copy_(0.2 + 3 * torch.rand(8, generator=generator))
+        model.bn1.weight.copy_(0.5 + torch.rand(8, generator=generator))
+        model.bn1.bias.copy_(torch.randn(8, generator=generator))
+    return model.eval()
+
+
+@pytest.mark.parametrize("specs", [["fuse-bn"], ["fuse-bn", "separable"]], ids=lambda s: "+".join(s))
+def test_a_conv_with_its_batchnorm_folded_in_is_fitted_to_the_batchnorm_output(specs: list[str]) -> None:
+    # fuse-bn's conv computes conv1 and bn1 together: its target is bn1's output in the original.
+    torch.manual_seed(13)
+    x = smooth_images(64, 4, 8)
+    model = _trained_batchnorm(Net2d())
+    original = copy.deepcopy(model)
+    loaded = LoadedModel(model, ExampleInputs((x[:1],), {}, "test", ("x",)), "t", "t", "t")
+    data = TensorBatches((x,), batch_size=16, holdout=0.25)
+    state = analyse(loaded, [make_rule(spec) for spec in specs], data=data, settings={"fit-steps": 20})
+    assert state.output_of == {"conv1": "bn1"}
+    fitting = state.sections["fitting"]
+    layers = {layer.name: layer for layer in fitting.fit.layers}
+    with torch.no_grad():
+        expected, actual = original.bn1(original.conv1(x)), state.model.conv1(x)
+    error = float((actual - expected).norm() / expected.norm())
+    if specs == ["fuse-bn"]:
+        # An exact fold stays exact: the layer reproduces conv1 then bn1 of the original model.
+        with torch.no_grad():
+            assert torch.allclose(state.model(x), original(x), atol=1e-4)
+        assert error < 1e-5
+        assert layers["conv1"].holdout_error_before < 1e-5 and layers["conv1"].holdout_error_after < 1e-5
+    else:
+        assert error == pytest.approx(layers["conv1"].fit_error_after, rel=0.5)  # measured on bn1's output
+        assert layers["conv1"].holdout_error_after < 0.97 * layers["conv1"].holdout_error_before
+    assert layers["conv1"].target == "bn1"
+    assert all(layer.target is None for name, layer in layers.items() if name != "conv1")
+
+
+def test_an_ambiguous_target_is_left_as_transferred() -> None:
+    torch.manual_seed(14)
+    x = smooth_images(32, 4, 8)
+    original, rewritten, names = rewrite(Net2d(), x, ["separable"])
+    before = copy.deepcopy(rewritten.conv1.state_dict())
+    result = fit_layers(original, rewritten, names, TensorBatches((x,), batch_size=8), steps=2, targets={"conv1": None})
+    layers = {layer.name: layer for layer in result.layers}
+    assert "not fitted" in (layers["conv1"].note or "") and layers["conv2"].kept != "transfer"
+    for key, value in before.items():
+        assert torch.equal(rewritten.conv1.state_dict()[key], value), key
+
+
 def test_holdout_samples_never_reach_the_optimiser_or_batchnorm() -> None:
     torch.manual_seed(6)
     x = smooth_images(40, 4, 8)

@@ -55,6 +55,11 @@ class RunState:
     rewritten_trace: TraceResult | None = None
     log: RewriteLog = field(default_factory=RewriteLog)
     originals: dict[str, nn.Module] = field(default_factory=dict)
+    #: Rewritten layers whose replacement also computes modules that now run as ``nn.Identity``
+    #: (``fuse-bn``: the conv's replacement computes its BatchNorm too): the original module
+    #: whose output the replacement reproduces, or None when that is ambiguous (several were
+    #: absorbed). Fitting and layer hints compare against that module, not the layer's own output.
+    output_of: dict[str, str | None] = field(default_factory=dict)
     reference: nn.Module | None = None
     fidelity: Fidelity | None = None
     sections: dict[str, Any] = field(default_factory=dict)

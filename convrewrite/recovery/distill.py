@@ -2,7 +2,8 @@
 
 Hinton, Vinyals and Dean (2015) for the output loss (softened logits, KL scaled by T²); FitNets
 (Romero et al. 2015) for the optional hints, which match the rewritten layers' outputs against the
-teacher's layers of the same qualified name. Only unlabeled inputs are needed: the teacher's
+teacher's layers of the same qualified name (or the module a rewrite absorbed: ``teacher_layers``).
+Only unlabeled inputs are needed: the teacher's
 outputs are the targets.
 
 The loop:
@@ -38,7 +39,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -412,14 +413,19 @@ class _Cursor:
 class _Hints:
     """Forward hooks that record the outputs of the named layers in the teacher and the student."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, names: Sequence[str]) -> None:
+    def __init__(
+        self, teacher: nn.Module, student: nn.Module, names: Sequence[str], teacher_names: Mapping[str, str]
+    ) -> None:
         self.names = list(names)
         self.teacher: dict[str, torch.Tensor] = {}
         self.student: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
         for name in self.names:
-            for model, store in ((teacher, self.teacher), (student, self.student)):
-                self._handles.append(model.get_submodule(name).register_forward_hook(self._recorder(store, name)))
+            for model, store, module in (
+                (teacher, self.teacher, teacher_names.get(name, name)),
+                (student, self.student, name),
+            ):
+                self._handles.append(model.get_submodule(module).register_forward_hook(self._recorder(store, name)))
 
     @staticmethod
     def _recorder(store: dict[str, torch.Tensor], name: str) -> Callable[..., None]:
@@ -506,7 +512,9 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _check_models(teacher: nn.Module, student: nn.Module, layers: Sequence[str]) -> None:
+def _check_models(
+    teacher: nn.Module, student: nn.Module, layers: Sequence[str], teacher_layers: Mapping[str, str]
+) -> None:
     if teacher is student:
         raise UsageError("the student is the teacher itself; distill a rewritten copy")
     teacher_ids = {id(p) for p in teacher.parameters()} | {id(b) for b in teacher.buffers()}
@@ -516,11 +524,11 @@ def _check_models(teacher: nn.Module, student: nn.Module, layers: Sequence[str])
     if not any(p.requires_grad for p in student.parameters()):
         raise UsageError("the student has no trainable parameters")
     for name in layers:
-        for role, model in (("student", student), ("teacher", teacher)):
+        for role, model, module in (("student", student, name), ("teacher", teacher, teacher_layers.get(name, name))):
             try:
-                model.get_submodule(name)
+                model.get_submodule(module)
             except AttributeError:
-                raise UsageError(f"layer {name!r} for the hint loss is not a module of the {role}") from None
+                raise UsageError(f"layer {module!r} for the hint loss is not a module of the {role}") from None
 
 
 def _probe(teacher: nn.Module, student: nn.Module, batch: Batch, loss: str) -> list[str]:
@@ -607,6 +615,7 @@ def distill(
     *,
     device: torch.device | str,
     layers: Sequence[str] = (),
+    teacher_layers: Mapping[str, str] | None = None,
     checkpoint_dir: Path | str | None = None,
     resume: Path | str | None = None,
     progress: str = "auto",
@@ -616,7 +625,9 @@ def distill(
     holding its best state by held-out loss (see the module docstring).
 
     Both models are moved to ``device``. ``layers`` names modules (qualified names, present in
-    both models) whose outputs are matched with weight ``config.layer_weight``. ``resume`` is a
+    both models) whose outputs are matched with weight ``config.layer_weight``; ``teacher_layers``
+    maps a student layer to the teacher module whose output it stands for where that is another
+    name (``RunState.output_of``: fuse-bn's conv is matched with the folded BatchNorm). ``resume`` is a
     checkpoint directory to continue from (its step count, optimizer, data position, RNG and best
     state); new checkpoints go to ``checkpoint_dir``, by default the ``resume`` directory.
     ``resume_command`` is the command printed after Ctrl-C or a crash. Under an initialised
@@ -634,7 +645,8 @@ def distill(
         raise UsageError("layer_weight > 0 needs the names of the layers to match (layers=...)")
     if resume_dir is not None and not has_checkpoint(resume_dir):
         raise UsageError(f"nothing to resume: {resume_dir} holds no distillation checkpoint")
-    _check_models(teacher, student, layers)
+    teacher_names = dict(teacher_layers or {})
+    _check_models(teacher, student, layers, teacher_names)
     fit_count = data.count("fit")
     if fit_count == 0:
         raise UsageError("the fit split of the calibration data is empty")
@@ -693,7 +705,7 @@ def distill(
             training_model = DistributedDataParallel(
                 student, device_ids=[device.index] if device.type == "cuda" else None
             )
-        hints = _Hints(teacher, student, layers) if layers and config.layer_weight > 0 else None
+        hints = _Hints(teacher, student, layers, teacher_names) if layers and config.layer_weight > 0 else None
         display = DistillProgress(progress, config.steps, step, is_main=is_main)
         cursor = _Cursor(data, rank, world_size, epoch, position, config.min_batch_size)
         initial = HeldOutFidelity.from_dict(history[0].get("fidelity")) if history else None

@@ -56,7 +56,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -92,6 +92,8 @@ class LayerFit:
 
     name: str
     block: str
+    #: The original module whose output was the target, when not the layer of the same name.
+    target: str | None = None
     calls: int = 0
     closed_form: list[str] = field(default_factory=list)
     gradient_steps: int = 0
@@ -929,11 +931,16 @@ def fit_layers(
     cache_mb: float = 512.0,
     max_closed_form_dim: int = 4096,
     progress: Callable[[FitProgress], None] | None = None,
+    targets: Mapping[str, str | None] | None = None,
 ) -> FitResult:
     """Fit every rewritten block to reproduce the original layer's output; see the module docstring.
 
     ``layer_names``: qualified names in ``rewritten`` of the outermost replacement blocks (nested
-    names are dropped); ``original`` holds the dense layer under the same name. ``rewritten`` is
+    names are dropped); ``original`` holds the dense layer under the same name, or, for a name in
+    ``targets``, the module named there is the one whose output the block must reproduce (a
+    replacement that also absorbed the modules after it: ``fuse-bn``'s conv computes its
+    BatchNorm too, so its target is the BatchNorm's output); a target of None (unknown) leaves
+    that block as transferred. ``rewritten`` is
     changed in place and keeps the best weights found; ``original`` is only read. Both models are
     moved to ``device`` for the work and back afterwards. ``lr`` is relative to each parameter's
     RMS. Only the fit split is fitted on; errors are measured on the holdout split.
@@ -952,14 +959,30 @@ def fit_layers(
     )
     if not names:
         return result
+    targets = dict(targets or {})
+    unknown = [n for n in names if n in targets and targets[n] is None]
+    names = [n for n in names if n not in unknown]
+    for name in unknown:
+        result.layers.append(
+            LayerFit(
+                name=name,
+                block=type(rewritten.get_submodule(name)).__name__,
+                note="not fitted: its replacement absorbed several modules; which output it stands for is unknown",
+            )
+        )
+    if not names:
+        return result
     blocks: dict[str, nn.Module] = {}
     layers: dict[str, nn.Module] = {}
     for name in names:
+        target = targets.get(name) or name
         try:
             blocks[name] = rewritten.get_submodule(name)
-            layers[name] = original.get_submodule(name)
+            layers[name] = original.get_submodule(target)
         except AttributeError as exc:
-            raise ValueError(f"fit_layers: no layer {name!r} in both models ({exc})") from None
+            raise ValueError(
+                f"fit_layers: no layer {name!r} in the rewritten model or {target!r} in the original ({exc})"
+            ) from None
     homes = (_device_of(original), _device_of(rewritten))
     modes = {id(m): m.training for model in (original, rewritten) for m in model.modules()}
     original.to(device).eval()
@@ -983,7 +1006,7 @@ def fit_layers(
                 progress(FitProgress(name, index, total, "start"))
             began = time.perf_counter()
             block, layer = blocks[name], layers[name]
-            record = LayerFit(name=name, block=type(block).__name__, calls=calls[name])
+            record = LayerFit(name=name, block=type(block).__name__, target=targets.get(name), calls=calls[name])
             if original_calls.get(name) != calls[name]:
                 # A replacement shared by tied convs is called once per original conv: its target
                 # is not one original layer's output, so the transfer is kept as it is.

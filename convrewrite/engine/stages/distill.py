@@ -55,7 +55,10 @@ class DistillStage(Stage):
         if not state.originals:
             return StageOutcome(False, "nothing was rewritten: nothing to distill")
         config = distill_config(state.settings, int(state.setting("distill")))
-        layers = list(state.originals) if config.layer_weight > 0 else []
+        # Hints compare each rewritten layer with the original module it stands for (fuse-bn: the
+        # folded BatchNorm); a layer whose counterpart is ambiguous gets no hint.
+        targets = state.output_of
+        layers = [n for n in state.originals if targets.get(n, n)] if config.layer_weight > 0 else []
         result = distill(
             state.reference,
             state.model,
@@ -63,6 +66,7 @@ class DistillStage(Stage):
             config,
             device=resolve_device(state.setting("device")),
             layers=layers,
+            teacher_layers={n: t for n, t in targets.items() if t and n in layers},
             progress="none" if state.settings.get("quiet") else "auto",
         )
         state.model.to("cpu").eval()

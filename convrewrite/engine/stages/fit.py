@@ -81,6 +81,7 @@ class FitStage(Stage):
             device=device,
             steps=int(state.setting("fit-steps", 500)),
             progress=_progress(state),
+            targets=state.output_of,
         )
         batchnorm = reestimate_batchnorm(model, data, device=device, reference=reference)
         fitted = measure_fidelity(reference, model, data, device=device)

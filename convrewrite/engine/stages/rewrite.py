@@ -141,6 +141,8 @@ class RuleOutcome:
     rewrites: list[RewriteRecord] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
     originals: dict[str, nn.Module] = field(default_factory=dict)
+    #: Site name -> the module whose output its replacement now produces (see RunState.output_of).
+    output_of: dict[str, str | None] = field(default_factory=dict)
     #: Convs no rule may touch (conv subclasses that compute something else), reported once.
     unresolved: list[SkipRecord] = field(default_factory=list)
 
@@ -249,6 +251,10 @@ def apply_rule(
             replacement.notes.setdefault("also_replaced", {})[other_name] = (
                 f"{type(other).__name__} -> {type(other_module).__name__}"
             )
+        # Modules the replacement absorbed (they now run as Identity): its output is theirs.
+        absorbed = [n for n, m in replacement.also_replace.items() if isinstance(m, nn.Identity)]
+        if absorbed:
+            outcome.output_of[site.name] = absorbed[0] if len(absorbed) == 1 else None
         done[id(module)] = new_module
         outcome.rewrites.append(
             RewriteRecord(
@@ -301,6 +307,8 @@ class RewriteStage(Stage):
             state.log.skipped.extend([*outcome.unresolved, *functional])
         for name, module in outcome.originals.items():
             state.originals.setdefault(name, module)
+        for name, target in outcome.output_of.items():
+            state.output_of.setdefault(name, target)
         state.log.skipped.extend(outcome.skipped)
         current = run_profile(state.model, state.loaded.inputs, "the rewritten model")
         for record in outcome.rewrites:
