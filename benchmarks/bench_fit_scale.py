@@ -66,6 +66,58 @@ def rewritable_layers(rule: str) -> list[str]:
     return [record.name for record in result.report.rewrites]
 
 
+def step_times(args: argparse.Namespace) -> None:
+    """Seconds of one gradient step of each rewritten block at the batch size, on inputs of its
+    real shape at 224x224: what fitting spends per step on each layer whatever the number of
+    images (for extrapolating a prefix measurement to the whole model; the pipeline's own step
+    is the same computation: the block's relative squared error, backward, an Adam update)."""
+    import torch
+
+    import convrewrite
+
+    torch.set_num_threads(args.threads)
+    model = build_resnet50()
+    result = convrewrite.rewrite(model, [args.rule], example_inputs=torch.randn(1, 3, 224, 224), copy_module=False)
+    names = [record.name for record in result.report.rewrites]
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str) -> Any:
+        def record(module: Any, inputs: tuple) -> None:  # returns None: the inputs stay as they are
+            shapes.setdefault(name, tuple(inputs[0].shape))
+
+        return record
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(recorder(name)) for name in names]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    for handle in handles:
+        handle.remove()
+    total = 0.0
+    print(f"{'layer':<18} {'input':>18} {'s per step':>10}")
+    for name in names:
+        block = model.get_submodule(name).train()
+        x = torch.randn(args.batch_size, *shapes[name][1:])
+        with torch.no_grad():
+            target = block(x) + 0.1 * torch.randn(block(x[:1]).shape[1:])
+        optimizer = torch.optim.Adam(block.parameters(), lr=1e-3)
+        timings = []
+        for step in range(args.steps_timed + 1):
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss = (block(x) - target).pow(2).sum() / target.numel()
+            loss.backward()
+            optimizer.step()
+            if step:  # the first step allocates Adam's state
+                timings.append(time.perf_counter() - start)
+        per_step = sorted(timings)[len(timings) // 2]
+        total += per_step
+        print(f"{name:<18} {'x'.join(map(str, shapes[name][1:])):>18} {per_step:>10.3f}", flush=True)
+    print(
+        f"all {len(names)} layers: {total:.2f} s per step of each; {args.fit_steps} steps per layer: "
+        f"{total * args.fit_steps:.0f} s"
+    )
+
+
 def one_run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -121,11 +173,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layers", type=int, default=0, help="fit only the first N rewritable layers (0: all)")
     parser.add_argument("--per-layer", action="store_true", help="print each layer's fitting time")
+    parser.add_argument(
+        "--step-times", action="store_true", help="time one gradient step of every rewritten layer instead"
+    )
+    parser.add_argument("--steps-timed", type=int, default=5, help="steps timed per layer with --step-times")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--names", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         print(json.dumps(one_run(args)))
+        return
+    if args.step_times:
+        step_times(args)
         return
     print(
         f"ResNet-50 at 224x224 through convrewrite.rewrite(..., data=images, fit=True): rule {args.rule}, "

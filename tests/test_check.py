@@ -133,6 +133,18 @@ def test_pass_prints_every_budget_and_its_headroom(project: Path, capsys: pytest
     assert "Result: all 3 budgets hold (1 model)" in out
 
 
+def test_one_budget_is_spoken_of_in_the_singular(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_config(
+        project,
+        '[tool.convrewrite]\nmodel = "tiny.py"\nrules = ["separable"]\n\n'
+        '[[tool.convrewrite.budgets]]\nmetric = "params"\nlimit = "1.5k"\n',
+    )
+    code, out, err = check(capsys, "--width", "120")
+    assert code == 0, err
+    assert "Result: the 1 budget holds (1 model)" in out
+    assert "all 1 budget" not in out
+
+
 def test_exceeded_budget_exits_1_and_says_why(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_config(project, tiny_budgets(params="1.4k"))
     code, out, err = check(capsys, "--width", "120")

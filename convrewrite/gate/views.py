@@ -139,6 +139,8 @@ def verdict(result: CheckResult) -> str:
     skip_text = f", {skipped} skipped (relative, no baseline)" if skipped else ""
     if not failures and not warnings:
         if not skipped:
+            if total == 1:
+                return f"the 1 budget holds ({models})"
             return f"all {plural(total, 'budget')} hold ({models})"
         return f"{plural(total, 'budget')} ({models}): {held} within limits{skip_text}"
     parts = []
