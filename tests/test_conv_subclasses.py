@@ -189,3 +189,30 @@ def test_an_exact_rewrite_computes_what_the_subclasses_computed_at_every_size(ru
         sample = torch.randn(2, 3, size, size)
         with torch.no_grad():
             torch.testing.assert_close(model(sample), original(sample), rtol=1e-4, atol=1e-5)
+
+
+class Doubled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.plain = nn.Conv2d(3, 8, 3, padding=1)
+        self.scaled = Conv2d(8, 8, 3, padding=1)  # computes 2 x the conv: no rule may touch it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scaled(torch.relu(self.plain(x)))
+
+
+def _analyse_doubled(rule: str) -> Any:
+    x = torch.randn(1, 3, 16, 16)
+    loaded = LoadedModel(Doubled().eval(), ExampleInputs((x,), {}, arg_names=("x",)), "doubled", "doubled", "test")
+    return analyse(loaded, [make_rule(rule)])
+
+
+def test_a_subclass_no_rule_may_touch_is_a_usage_error_when_named_in_include() -> None:
+    from convrewrite.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"cannot rewrite scaled, which you named explicitly: .*runs mul"):
+        _analyse_doubled("separable:include=scaled")
+    # A pattern that merely matches it still skips it with the reason, and rewrites the rest.
+    result = _analyse_doubled("separable:include=*")
+    assert [r.name for r in result.rewrites] == ["plain"]
+    assert any(s.name == "scaled" and "runs mul" in s.reason for s in result.skipped)

@@ -167,6 +167,12 @@ def apply_rule(
     users = parameter_users(model)
     done: dict[int, nn.Module] = {}
     sites, outcome.unresolved = collect_sites(model, current, rule.site_types)
+    for record in outcome.unresolved:  # a conv subclass no rule may touch, named in include
+        if is_explicit(record.name, rule.config.include):
+            raise UsageError(
+                f"rule {rule.name!r} cannot rewrite {record.name}, which you named explicitly: {record.reason}",
+                hint="leave that layer out of include",
+            )
     # Rules replace modules in place, so the original trace's names still hold; modules are
     # looked up live (engine/consumers.py).
     consumers = conv_consumers(graph_module, model, current)
