@@ -230,3 +230,39 @@ def test_mermaid_labels_never_break_the_chart() -> None:
     report.layers[0].name = 'odd "name"'
     (axis,) = [line for line in mermaid_largest_layers(report) if "x-axis" in line]
     assert axis == "    x-axis [\"odd 'name'\"]"
+
+
+def test_the_users_metric_and_every_section_line_are_on_the_page() -> None:
+    """evaluate()'s figures get a card each, and the page lists what the table view prints for
+    the fitting, evaluation and distillation sections (built here from hand-written sections)."""
+    report = _synthetic(2)
+    report.sections["evaluation"] = {"original": {"accuracy": 0.9944, "f1": 0.99}, "result": {"accuracy": 0.9889}}
+    report.sections["distillation"] = {
+        "device": "cpu",
+        "completed_steps": 1000,
+        "best_step": 900,
+        "loss": "kl",
+        "total_seconds": 25.6,
+        "initial": {"output_relative_error": 0.381, "top1_agreement": 0.9583},
+        "best": {"output_relative_error": 0.273, "top1_agreement": 0.9931},
+    }
+    page = Page(render_html(report))
+    cards = {a["data-total"]: a["data-value"] for a in page.all("div") if "data-total" in a}
+    assert float(cards["eval:accuracy"]) == pytest.approx(0.9889)
+    assert "eval:f1" not in cards  # no figure for the result: no card
+    items = [" ".join(page.text[i].split()) for i in range(len(page.text))]
+    text = " ".join(items)
+    assert "Your metric: accuracy" in text and "original 0.9944" in text
+    assert "evaluate() (your metric): accuracy 0.9944 -> 0.9889, f1 0.99 -> nan" in text
+    assert "Distillation: 1,000 steps (kept step 900) of kl loss in 25.6 s on cpu" in text
+    assert (
+        "held out: before output error 0.381, agreement 0.9583 -> distilled output error 0.273, agreement 0.9931"
+        in text
+    )
+    assert len(page.all("ul", **{"class": "measurements"})) == 1
+
+
+def test_a_page_without_sections_has_no_measurements_list() -> None:
+    page = Page(render_html(_synthetic(2)))
+    assert not page.all("ul", **{"class": "measurements"})
+    assert not [a for a in page.all("div") if a.get("data-total", "").startswith("eval:")]

@@ -23,6 +23,7 @@ from typing import Any
 from convrewrite import __version__
 from convrewrite.report.model import MIB, LayerRow, Report
 from convrewrite.report.views.registry import register_view
+from convrewrite.report.views.sections import report_section_lines
 from convrewrite.report.views.text import weights_text
 
 #: At most this many bars per per-layer chart (the largest layers); the table lists every layer.
@@ -325,6 +326,8 @@ tbody tr:hover { background: var(--panel); }
 .pill { display: inline-block; padding: 0 7px; border-radius: 9px; font-size: 11.5px; background: #e0e7ff;
   color: #1e3a8a; }
 ul.skips { padding-left: 18px; font-size: 13px; }
+ul.measurements { padding-left: 18px; font-size: 13px; }
+ul.measurements li.detail { list-style: none; color: var(--muted); margin-left: 14px; }
 footer { margin-top: 40px; color: var(--muted); font-size: 12px; border-top: 1px solid var(--line); padding-top: 10px; }
 """
 
@@ -393,6 +396,19 @@ def _cards(report: Report) -> str:
                 after.param_bytes,
             )
         )
+        evaluation = report.sections.get("evaluation") or {}
+        original, result = evaluation.get("original") or {}, evaluation.get("result") or {}
+        for name, value in original.items():  # the user's own metric first: it is what they care about
+            if name in result:
+                cards.append(
+                    _card(
+                        f"eval:{name}",
+                        f"Your metric: {name}",
+                        f"{result[name]:.4g}",
+                        f"original {value:.4g} (evaluate() in the model file)",
+                        result[name],
+                    )
+                )
         fidelity = report.fidelity
         if fidelity:
             cards.append(
@@ -482,6 +498,21 @@ def _skipped(report: Report) -> str:
     return f'<h2>Skipped layers ({len(report.skipped)})</h2><ul class="skips">{"".join(items)}</ul>'
 
 
+def _measurements(report: Report) -> str:
+    """The lines the table view prints for the optional sections (fitting, evaluation,
+    distillation, latency, export), so the page says everything the terminal says."""
+    lines = report_section_lines(report)
+    if not lines:
+        return ""
+    items = []
+    for line in lines:
+        if line.startswith("  "):  # a detail of the line above
+            items.append(f'<li class="detail">{html.escape(line.strip())}</li>')
+        else:
+            items.append(f"<li>{html.escape(line)}</li>")
+    return f'<h2>Measurements</h2><ul class="measurements">{"".join(items)}</ul>'
+
+
 @register_view("report", "html", "one self-contained page with charts (inline CSS and SVG, no script)")
 def render_html(report: Report, width: int = 120, color: bool = False, charts: Sequence[Chart] | None = None) -> str:
     """The whole page. ``charts`` replaces the default charts (``report_charts(report)``);
@@ -518,6 +549,7 @@ def render_html(report: Report, width: int = 120, color: bool = False, charts: S
         if chart.note:
             parts.append(f'<p class="note">{esc(chart.note)}</p>')
         parts.append("</section>")
+    parts.append(_measurements(report))
     parts += [f"<h2>Layers ({len(report.layers)} rows)</h2>", _layer_table(report), _skipped(report)]
     parts.append(
         "<footer>MACs are multiply-accumulates (FLOPs = 2 x MACs); shared or tied parameters are counted once. "
