@@ -249,6 +249,21 @@ def test_a_conv_with_its_batchnorm_folded_in_is_fitted_to_the_batchnorm_output(s
     assert all(layer.target is None for name, layer in layers.items() if name != "conv1")
 
 
+def test_a_block_whose_last_conv_absorbed_the_batchnorm_is_fitted_to_the_batchnorm_output() -> None:
+    # separable then fuse-bn: bn1 is folded into conv1.pointwise, so the block conv1 now computes
+    # conv1 then bn1 of the original; fitting must target bn1's output, not conv1's.
+    torch.manual_seed(13)
+    x = smooth_images(64, 4, 8)
+    model = _trained_batchnorm(Net2d())
+    loaded = LoadedModel(model, ExampleInputs((x[:1],), {}, "test", ("x",)), "t", "t", "t")
+    data = TensorBatches((x,), batch_size=16, holdout=0.25)
+    state = analyse(loaded, [make_rule("separable"), make_rule("fuse-bn")], data=data, settings={"fit-steps": 20})
+    assert state.output_of == {"conv1.pointwise": "bn1", "conv1": "bn1"}
+    layers = {layer.name: layer for layer in state.sections["fitting"].fit.layers}
+    assert layers["conv1"].target == "bn1"
+    assert layers["conv1"].holdout_error_after < 0.97 * layers["conv1"].holdout_error_before
+
+
 def test_an_ambiguous_target_is_left_as_transferred() -> None:
     torch.manual_seed(14)
     x = smooth_images(32, 4, 8)

@@ -237,6 +237,25 @@ def test_fuse_bn_then_exact_separable_keeps_the_output_and_sees_the_scale() -> N
     assert errors["conv2"] < 1e-5  # measured against the fold, not against the unscaled conv
 
 
+def test_separable_then_fuse_bn_folds_each_norm_into_the_blocks_pointwise_conv() -> None:
+    """The pointwise conv is the last module of the separable block, so it produces the block's
+    output and the BatchNorm after the block is folded into it, exactly."""
+    torch.manual_seed(0)
+    model = _randomize_norms(SeparableNet())
+    x = torch.randn(2, 3, 9, 11)
+    separable_only = _analyse(model, x, ["separable:multiplier=9"])[1].after.output
+    torch.manual_seed(0)
+    model = _randomize_norms(SeparableNet())
+    expected, result = _analyse(model, x, ["separable:multiplier=9", "fuse-bn"])
+    folded = [(r.name, r.notes["batchnorm"]) for r in result.rewrites if r.rule == "fuse-bn"]
+    assert folded == [("conv1.pointwise", "norm1"), ("conv2.pointwise", "norm2")]
+    assert type(result.model.norm1) is nn.Identity and type(result.model.norm2) is nn.Identity
+    assert relative(result.after.output, separable_only) < 1e-5
+    assert relative(result.after.output, expected) < 1e-5  # multiplier=9 is full rank: exact
+    skipped = {s.name: s.reason for s in result.skipped if s.rule == "fuse-bn"}
+    assert "does not show what reads its output" in skipped["conv1.depthwise"]
+
+
 class Conv1dNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -5,7 +5,10 @@ consumes the conv's output, and whether anything else does. The traced graph tel
 the conv's ``call_module`` node. Modules are looked up by name in the live model, so after earlier
 rules replaced some modules in place (the graph keeps their names), a consumer shows its current
 type. A conv the graph does not call exactly once (called inside an FX leaf, inside a block an
-earlier rule installed, or several times) gets None: its consumers are not known.
+earlier rule installed, or several times) gets None: its consumers are not known, with one
+exception: the last module of an ``nn.Sequential`` the graph calls as one node (a separable or
+low-rank block an earlier rule installed) produces that node's output, so it has the node's
+consumers. ``separable then fuse-bn`` folds a BatchNorm into the block's pointwise conv that way.
 """
 
 from __future__ import annotations
@@ -64,7 +67,28 @@ def conv_consumers(
             continue
         producer = found[0]
         result[name] = tuple(_consumer(user, producer, model, calls) for user in producer.users)
+        last = last_of_sequential(model, name)
+        if last is not None and calls.get(last, 0) == 1:
+            result[last] = result[name]
     return result
 
 
-__all__ = ["conv_consumers"]
+def last_of_sequential(model: nn.Module, name: str) -> str | None:
+    """The qualified name of the module whose output is the output of the ``nn.Sequential`` at
+    ``name`` (its last child, through nested Sequentials), or None."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    found = None
+    while isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward and len(module):
+        child_name = list(module._modules)[-1]
+        child = module._modules[child_name]
+        if child is None:
+            return None
+        name, module = f"{name}.{child_name}", child
+        found = name
+    return found
+
+
+__all__ = ["conv_consumers", "last_of_sequential"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from convrewrite.engine.consumers import conv_consumers
+from convrewrite.engine.consumers import conv_consumers, last_of_sequential
 from convrewrite.engine.conv_subclasses import finish_replacement, original_module, resolve_conv_subclasses
 from convrewrite.engine.modules import CONV_TYPES, install, module_aliases, parameter_users, tie_mismatch
 from convrewrite.engine.profiling import CallRecord, ModelProfile
@@ -315,6 +315,11 @@ class RewriteStage(Stage):
             state.originals.setdefault(name, module)
         for name, target in outcome.output_of.items():
             state.output_of.setdefault(name, target)
+            # The last conv of an earlier rule's block absorbed a module (separable then fuse-bn):
+            # the block's output is now that module's output too.
+            for outer in state.originals:
+                if name.startswith(outer + ".") and last_of_sequential(state.model, outer) == name:
+                    state.output_of.setdefault(outer, target)
         state.log.skipped.extend(outcome.skipped)
         current = run_profile(state.model, state.loaded.inputs, "the rewritten model")
         for record in outcome.rewrites:
