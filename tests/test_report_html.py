@@ -250,8 +250,7 @@ def test_the_users_metric_and_every_section_line_are_on_the_page() -> None:
     cards = {a["data-total"]: a["data-value"] for a in page.all("div") if "data-total" in a}
     assert float(cards["eval:accuracy"]) == pytest.approx(0.9889)
     assert "eval:f1" not in cards  # no figure for the result: no card
-    items = [" ".join(page.text[i].split()) for i in range(len(page.text))]
-    text = " ".join(items)
+    text = " ".join(" ".join(chunk.split()) for chunk in page.text)
     assert "Your metric: accuracy" in text and "original 0.9944" in text
     assert "evaluate() (your metric): accuracy 0.9944 -> 0.9889, f1 0.99 -> nan" in text
     assert "Distillation: 1,000 steps (kept step 900) of kl loss in 25.6 s on cpu" in text

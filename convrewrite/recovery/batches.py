@@ -84,6 +84,13 @@ def shard(indices: list[int], rank: int, world_size: int) -> list[int]:
     return padded[rank::world_size]
 
 
+def epoch_order(indices: list[int], seed: int, epoch: int) -> list[int]:
+    """``indices`` in the seeded order of one epoch over the fit split (the same on every rank,
+    so that ``shard`` splits one permutation)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
+    return [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+
+
 class TensorBatches:
     """Samples held as tensors along dim 0: one per positional input, or named keyword inputs.
 
@@ -125,8 +132,7 @@ class TensorBatches:
     def batches(self, split: Split, *, rank: int = 0, world_size: int = 1, epoch: int = 0) -> Iterator[Batch]:
         indices = self.indices[split]
         if split == "fit" and self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1)
-            indices = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+            indices = epoch_order(indices, self.seed, epoch)
         mine = shard(indices, rank, world_size)
         for start in range(0, len(mine), self.batch_size):
             chosen = torch.tensor(mine[start : start + self.batch_size], dtype=torch.long)

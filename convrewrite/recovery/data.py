@@ -85,7 +85,15 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from convrewrite.engine.loading import ExampleInputs, LoadedModel
 from convrewrite.errors import ModelError, UsageError, describe, first_line
-from convrewrite.recovery.batches import Batch, BatchSource, Split, TensorBatches, holdout_indices, shard
+from convrewrite.recovery.batches import (
+    Batch,
+    BatchSource,
+    Split,
+    TensorBatches,
+    epoch_order,
+    holdout_indices,
+    shard,
+)
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors", ".npy", ".npz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -637,8 +645,7 @@ class DatasetBatches:
     def batches(self, split: Split, *, rank: int = 0, world_size: int = 1, epoch: int = 0) -> Iterator[Batch]:
         indices = self.indices[split]
         if split == "fit" and self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1)
-            indices = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+            indices = epoch_order(indices, self.seed, epoch)
         yield from self._batches(shard(indices, rank, world_size) if split == "fit" else indices)
 
 

@@ -212,14 +212,7 @@ def _inputs_at(model: nn.Module, block: nn.Module, calls: int, batch: Batch) -> 
         # Earlier calls: the forward goes on and may change these tensors in place.
         recorded.append((_clone(args), _clone(kwargs)))
 
-    handle = block.register_forward_pre_hook(before, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            batch.call(model)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
+    _run_until_stopped(model, batch, block.register_forward_pre_hook(before, with_kwargs=True))
     return recorded
 
 
@@ -235,7 +228,13 @@ def _outputs_at(model: nn.Module, layer: nn.Module, calls: int, batch: Batch) ->
             raise _StopForward
         recorded.append(output.clone())
 
-    handle = layer.register_forward_hook(after)
+    _run_until_stopped(model, batch, layer.register_forward_hook(after))
+    return recorded
+
+
+def _run_until_stopped(model: nn.Module, batch: Batch, handle: Any) -> None:
+    """Run ``batch`` through ``model`` without gradients until the hook behind ``handle``
+    raises ``_StopForward`` (or the forward ends), then remove the hook."""
     try:
         with torch.no_grad():
             batch.call(model)
@@ -243,7 +242,6 @@ def _outputs_at(model: nn.Module, layer: nn.Module, calls: int, batch: Batch) ->
         pass
     finally:
         handle.remove()
-    return recorded
 
 
 def _call_order(model: nn.Module, blocks: dict[str, nn.Module], batch: Batch) -> tuple[list[str], dict[str, int]]:

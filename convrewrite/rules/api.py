@@ -94,7 +94,9 @@ class ConvSite:
     leading axis of the output counts as a position.
     ``consumers``: every node of the traced graph that reads the conv's output (one entry per
     use); None when the graph cannot tell (no traced graph, the conv called inside an FX leaf, or
-    the conv called more than once). Rules that rewrite beyond the conv (``fuse-bn``) need it.
+    the conv called more than once), except for the last module of an ``nn.Sequential`` leaf (a
+    separable block's pointwise conv), which has the leaf's consumers. Rules that rewrite beyond
+    the conv (``fuse-bn``) need it.
     ``tied_to``: the other modules that hold this conv's weight (tied weights).
     """
 

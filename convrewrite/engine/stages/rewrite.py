@@ -147,6 +147,13 @@ class RuleOutcome:
     unresolved: list[SkipRecord] = field(default_factory=list)
 
 
+def _refuse_if_named(rule: Rule, name: str, reason: str, hint: str) -> None:
+    """A layer the rule cannot rewrite is a usage error when the user named it exactly in the
+    rule's include (and did not exclude it); otherwise the caller skips it with ``reason``."""
+    if is_explicit(name, rule.config.include) and selection_reason(name, rule.config) is None:
+        raise UsageError(f"rule {rule.name!r} cannot rewrite {name}, which you named explicitly: {reason}", hint=hint)
+
+
 @small_work()  # rule work is many small factorisations: one thread each (engine/threads.py)
 def apply_rule(
     rule: Rule,
@@ -167,12 +174,8 @@ def apply_rule(
     users = parameter_users(model)
     done: dict[int, nn.Module] = {}
     sites, outcome.unresolved = collect_sites(model, current, rule.site_types)
-    for record in outcome.unresolved:  # a conv subclass no rule may touch, named in include
-        if is_explicit(record.name, rule.config.include):
-            raise UsageError(
-                f"rule {rule.name!r} cannot rewrite {record.name}, which you named explicitly: {record.reason}",
-                hint="leave that layer out of include",
-            )
+    for record in outcome.unresolved:  # conv subclasses no rule may touch
+        _refuse_if_named(rule, record.name, record.reason, hint="leave that layer out of include")
     # Rules replace modules in place, so the original trace's names still hold; modules are
     # looked up live (engine/consumers.py).
     consumers = conv_consumers(graph_module, model, current)
@@ -204,11 +207,9 @@ def apply_rule(
                 else:
                     tied_with = [m for _, m in others]
         if reason is not None:
-            if site.explicit and selection_reason(site.name, rule.config) is None:
-                raise UsageError(
-                    f"rule {rule.name!r} cannot rewrite {site.name}, which you named explicitly: {reason}",
-                    hint="change the rule's options or leave that layer out of include",
-                )
+            _refuse_if_named(
+                rule, site.name, reason, hint="change the rule's options or leave that layer out of include"
+            )
             outcome.skipped.append(SkipRecord(site.name, rule.name, type(original_module(site)).__name__, reason))
             continue
         try:
