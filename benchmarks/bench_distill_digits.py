@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench_trained_digits import MODEL_SOURCE as DIGITS_SOURCE
-from bench_trained_digits import digits
+from bench_trained_digits import accuracy, digits, train
 from common import machine
 from safetensors.torch import load_file, save_file
 
@@ -122,26 +122,6 @@ def tones(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     batch = torch.stack(signals).float()
     spectrum = torch.stft(batch, n_fft=64, hop_length=16, window=torch.hann_window(64), return_complex=True)
     return torch.log1p(spectrum.abs())[:, :, :48], labels
-
-
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        return float((model(x).argmax(dim=1) == y).float().mean())
-
-
-def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float) -> None:
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(1)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=generator)
-        for start in range(0, len(y), 64):
-            batch = order[start : start + 64]
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimizer.step()
-    model.eval()
 
 
 def supervised_finetune(

@@ -51,10 +51,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_distill_digits import TDNN_SOURCE, tones
+from bench_distill_digits import TDNN_SOURCE, params, tones
 from bench_fit_digits import chirps
 from bench_trained_digits import MODEL_SOURCE as DIGITS_SOURCE
-from bench_trained_digits import digits
+from bench_trained_digits import accuracy, digits, train
 from common import CONVREWRITE, machine, run_process
 from safetensors.torch import load_file, save_file
 
@@ -118,21 +118,6 @@ def tasks(names: set[str], work: Path) -> list[Task]:
     return found
 
 
-def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float) -> None:
-    """The training loop of the existing digits benchmarks (Adam, batch 64, seeded order)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(1)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=generator)
-        for start in range(0, len(y), 64):
-            batch = order[start : start + 64]
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimizer.step()
-    model.eval()
-
-
 def weights_file(task: Task, epochs: int, cache: Path) -> Path:
     return cache / f"{task.name}-{epochs}-epochs.safetensors"
 
@@ -151,16 +136,6 @@ def trained_model(task: Task, epochs: int, cache: Path) -> tuple[torch.nn.Module
     cache.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     return model.eval(), f"trained for {epochs} epochs in {time.perf_counter() - start:.1f} s, cached in {weights}"
-
-
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        return float((model(x).argmax(dim=1) == y).float().mean())
-
-
-def params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- the pipeline, timed
