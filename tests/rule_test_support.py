@@ -67,11 +67,3 @@ def rule(spec: str) -> Rule:
 
 measured = measured_cost
 relative = relative_difference
-
-
-def single_thread() -> Any:
-    """Fixture body: this 2-core machine is shared, and BLAS threads fight each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

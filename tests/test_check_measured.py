@@ -8,20 +8,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from convrewrite.errors import UsageError
 from convrewrite.gate.budgets import parse_budget
 
 from .conftest import ASSETS
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _project(tmp_path: Path, budgets: str) -> None:

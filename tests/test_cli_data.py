@@ -14,14 +14,6 @@ from .conftest import ASSETS
 TINY = ASSETS / "tiny.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _calibration(tmp_path: Path, count: int = 60, shape: tuple[int, ...] = (3, 16, 16)) -> Path:
     path = tmp_path / "calib.pt"
     torch.save(torch.randn(count, *shape, generator=torch.Generator().manual_seed(0)), path)

@@ -8,20 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from .conftest import ASSETS
 
 TINY = ASSETS / "tiny.py"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _calibration(tmp_path: Path) -> Path:

@@ -16,14 +16,6 @@ from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, rule_regist
 from convrewrite.testing import CONV_GEOMETRIES, check_rule_on_geometry, check_rule_round_trip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("name", sorted(rule_registry()))
 def test_every_registered_rule_keeps_the_contract(name: str) -> None:
     # A rule that needs graph context (fuse-bn: the BatchNorm after the conv) skips a lone conv with

@@ -31,11 +31,8 @@ from .rule_test_support import (
     measured,
     relative,
     rule,
-    single_thread,
     site_of,
 )
-
-_threads = pytest.fixture(autouse=True)(single_thread)
 
 
 def diagonal_means(weight: torch.Tensor, taps: int, stride: int) -> torch.Tensor:

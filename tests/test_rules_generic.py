@@ -25,11 +25,8 @@ from .rule_test_support import (
     measured,
     relative,
     rule,
-    single_thread,
     site_of,
 )
-
-_threads = pytest.fixture(autouse=True)(single_thread)
 
 #: (dims, in, out, kernel, conv kwargs, spatial size): the contract's geometries (convrewrite.testing).
 CONFIGURATIONS: list[tuple[int, int, int, Any, dict[str, Any], Any]] = [

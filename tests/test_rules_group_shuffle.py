@@ -20,9 +20,7 @@ from convrewrite.layers import (
 from convrewrite.layers.dense import dense_kernel, kernel_error
 from convrewrite.rules.group_shuffle import balanced_assignment, group_energy, masked_grouped_weight
 
-from .rule_test_support import equivalent_conv, example_input, make_conv, relative, rule, single_thread, site_of
-
-_threads = pytest.fixture(autouse=True)(single_thread)
+from .rule_test_support import equivalent_conv, example_input, make_conv, relative, rule, site_of
 
 
 def block_mask(out_channels: int, in_channels: int, assignment: list[int], groups: int) -> torch.Tensor:

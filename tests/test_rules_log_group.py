@@ -14,10 +14,8 @@ from convrewrite.gate.job import make_job, run_job
 from convrewrite.layers import LogGroupConv1d, LogGroupConv2d, LogGroupConv3d, log_group_sizes
 from convrewrite.layers.dense import dense_kernel, kernel_error
 
-from .rule_test_support import REPO_SAMPLES, equivalent_conv, example_input, make_conv, relative, rule, single_thread
+from .rule_test_support import REPO_SAMPLES, equivalent_conv, example_input, make_conv, relative, rule
 from .rule_test_support import site_of as make_site
-
-_threads = pytest.fixture(autouse=True)(single_thread)
 
 
 @pytest.mark.parametrize(

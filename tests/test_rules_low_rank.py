@@ -20,9 +20,7 @@ from convrewrite.layers import LowRankConv2d, LowRankLinear
 from convrewrite.layers.dense import kernel_error
 from convrewrite.rules.api import ConvSite
 
-from .rule_test_support import measured, relative, rule, single_thread
-
-_threads = pytest.fixture(autouse=True)(single_thread)
+from .rule_test_support import measured, relative, rule
 
 
 def linear_site(in_features: int, out_features: int, leading: tuple[int, ...] = (3,), bias: bool = True, seed: int = 0):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 import torch
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
@@ -18,9 +17,7 @@ from torch import nn
 from convrewrite.engine.loading import ExampleInputs, LoadedModel
 from convrewrite.engine.pipeline import analyse
 
-from .rule_test_support import RULE_SPECS, conv_class, equivalent_conv, measured, relative, rule, single_thread, site_of
-
-_threads = pytest.fixture(autouse=True)(single_thread)
+from .rule_test_support import RULE_SPECS, conv_class, equivalent_conv, measured, relative, rule, site_of
 
 PAIR_SPECS = (
     "separable",

@@ -22,9 +22,7 @@ from convrewrite.engine.profiling import profile
 from convrewrite.layers import WinogradConv2d
 from convrewrite.layers.dense import kernel_error
 
-from .rule_test_support import relative, rule, single_thread, site_of
-
-_threads = pytest.fixture(autouse=True)(single_thread)
+from .rule_test_support import relative, rule, site_of
 
 
 def _block_like(conv: nn.Conv2d, tile: int) -> WinogradConv2d:
