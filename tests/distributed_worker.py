@@ -1,7 +1,9 @@
 """One rank of the 2-process distillation test (started by torchrun from test_recovery_distributed.py).
 
 argv: APPLY_DIR MODEL_FILE OUT_DIR RESULTS_DIR. Every rank distills APPLY_DIR into OUT_DIR (rank 0
-alone writes it) and saves its own final student weights as RESULTS_DIR/rank<N>.safetensors.
+alone writes it) and saves its own final student weights as RESULTS_DIR/rank<N>.safetensors, and
+the names of the threads it still runs once the distillation (and its process group) is over as
+RESULTS_DIR/threads<N>.txt (Linux: /proc/self/task).
 """
 
 import os
@@ -27,6 +29,10 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     state = {k: v.contiguous() for k, v in job.model.state_dict().items()}
     save_file(state, str(results / f"rank{rank}.safetensors"))
+    tasks = Path("/proc/self/task")
+    if tasks.is_dir():
+        names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+        (results / f"threads{rank}.txt").write_text("\n".join(names))
 
 
 if __name__ == "__main__":

@@ -198,6 +198,12 @@ def test_two_processes_on_cpu_train_the_same_weights_and_write_one_output(
         assert torch.equal(rank0[key], rank1[key]), key
     written = load_file(str(out / "weights.safetensors"))
     assert all(torch.equal(written[k], rank0[k]) for k in written)
+    # The process group really went with the session: no gloo thread is left to race the
+    # interpreter's shutdown (a rank that lost that race aborted with SIGABRT after its work).
+    for rank in (0, 1):
+        threads = results / f"threads{rank}.txt"
+        if threads.exists():
+            assert not [name for name in threads.read_text().split("\n") if "gloo" in name], rank
 
 
 def math_finite(value: float) -> bool:

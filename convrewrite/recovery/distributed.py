@@ -111,6 +111,20 @@ def device_for_rank(spec: str | torch.device | None, local_rank: int, world_size
     return device
 
 
+def _import_group_default_modules() -> None:
+    """Import, while no process group exists, the torch modules that capture one at import time.
+
+    ``torch.distributed.nn.functional`` gives ten functions the default argument
+    ``group=group.WORLD``, evaluated when the module is first imported. DistributedDataParallel
+    imports it lazily, inside its constructor, so with the group already up those defaults keep a
+    reference to it for the life of the process: ``destroy_process_group`` then cannot free the
+    group, its gloo threads outlive ``main`` and race the interpreter's shutdown, and a rank that
+    loses the race aborts ("terminate called without an active exception", SIGABRT) after its work
+    is done, which fails the whole torchrun job. Imported first, the defaults are None.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 @contextlib.contextmanager
 def distributed_session(
     device: str | torch.device | None = "auto",
@@ -138,6 +152,7 @@ def distributed_session(
         if environ is not None:
             # init_method env:// reads os.environ; a mapping given explicitly (tests) must land there.
             os.environ.update({k: environ[k] for k in TORCHRUN_VARIABLES})
+        _import_group_default_modules()
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
     else:
         backend = str(dist.get_backend())
