@@ -303,6 +303,29 @@ def test_missing_function_and_failing_function(net, tmp_path: Path) -> None:
         open_calibration_data(f"{path}:broken", net)
 
 
+def test_an_error_while_producing_or_loading_names_the_batch(net) -> None:
+    def stream():
+        yield torch.randn(4, 3, 8, 8)
+        yield torch.randn(4, 3, 8, 8)
+        raise OSError("stream cut")
+
+    with pytest.raises(ModelError, match=r"producing batch 2 raised OSError: stream cut"):
+        calibration_data_from(stream, example=net)
+
+    class Flaky(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 20
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            if index == 13:
+                raise KeyError("sample 13 is missing")
+            return torch.zeros(3, 8, 8)
+
+    loader = torch.utils.data.DataLoader(Flaky(), batch_size=4)
+    with pytest.raises(ModelError, match=r"loading batch 3 raised KeyError"):  # checked on opening
+        list(calibration_data_from(loader, example=net, holdout=0.0).batches("fit"))  # in order: 13 is in batch 3
+
+
 # --------------------------------------------------------------------------- the labelled rule
 
 

@@ -424,6 +424,23 @@ def _checksum(batch: Batch) -> float:
     return total
 
 
+def _guarded(items: Iterator[Any], where: str, verb: str) -> Iterator[tuple[int, Any]]:
+    """``(index, item)`` for each item of the user's iterator; an error raised while producing an
+    item becomes a ModelError that names the batch (``{where}: {verb} batch {index} raised ...``)."""
+    index = 0
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"{where}: {verb} batch {index} raised {describe(exc)}") from exc
+        yield index, item
+        index += 1
+
+
 class StreamBatches:
     """Batches streamed from an iterable that ``opener`` returns anew for every pass.
 
@@ -481,16 +498,8 @@ class StreamBatches:
             raise UsageError(
                 f"{self.where}: expected an iterable of batches, found {type(iterable).__name__}"
             ) from None
-        index = 0
-        while True:
-            try:
-                item = next(iterator)
-            except StopIteration:
-                return
-            except Exception as exc:
-                raise ModelError(f"{self.where}: producing batch {index} raised {describe(exc)}") from exc
+        for _, item in _guarded(iterator, self.where, "producing"):
             yield item
-            index += 1
 
     def _read(self, item: Any, index: int) -> Batch:
         where = f"{self.where}, batch {index}"
@@ -623,21 +632,10 @@ class DatasetBatches:
         )
 
     def _batches(self, indices: list[int]) -> Iterator[Batch]:
-        iterator = iter(self._loader(indices))
-        index = 0
-        while True:
-            try:
-                item = next(iterator)
-            except StopIteration:
-                return
-            except UsageError:
-                raise
-            except Exception as exc:
-                raise ModelError(f"{self.where}: loading batch {index} raised {describe(exc)}") from exc
+        for index, item in _guarded(iter(self._loader(indices)), self.where, "loading"):
             where = f"{self.where}, batch {index}"
             batch, self.reading = read_item(item, self.form, self.reading, where)
             yield check_batch(batch, self.form, where)
-            index += 1
 
     def count(self, split: Split) -> int | None:
         return len(self.indices[split])
