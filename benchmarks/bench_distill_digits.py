@@ -27,6 +27,7 @@ import math
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -124,13 +125,21 @@ def tones(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.log1p(spectrum.abs())[:, :, :48], labels
 
 
-def supervised_finetune(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cpu_seconds: float, config: DistillConfig, batch_size: int
+def finetune_with_labels(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seconds: float,
+    batch_size: int,
+    config: DistillConfig | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[float, float, int]:
-    """The baseline: cross-entropy on labels with the distiller's optimiser, schedule and clipping,
-    as many steps as fit in ``cpu_seconds`` of process CPU time (the rate is measured on the first
-    20 steps; CPU time, not wall time, because neighbours' load on a shared machine inflates wall
-    time unevenly). Returns (wall seconds, CPU seconds, steps)."""
+    """The labelled baseline: cross-entropy on the labels with the distiller's optimiser, schedule
+    and clipping (``config``, the distiller's defaults when None), as many steps as fit in
+    ``seconds`` of ``clock`` (wall time by default; ``time.process_time`` counts this process's CPU
+    time, which neighbours' load on a shared machine does not inflate). The step count for the
+    schedule comes from the rate of the first 20 steps. Returns (wall seconds, CPU seconds, steps)."""
+    config = config or DistillConfig()
     decay = [p for p in model.parameters() if p.dim() > 1]
     rest = [p for p in model.parameters() if p.dim() <= 1]
     optimizer = torch.optim.AdamW(
@@ -138,7 +147,7 @@ def supervised_finetune(
     )
     generator = torch.Generator().manual_seed(2)
     model.train()
-    start, start_cpu = time.perf_counter(), time.process_time()
+    start, start_cpu, start_clock = time.perf_counter(), time.process_time(), clock()
     steps = probe = 20
     step = position = 0
     order = torch.randperm(len(y), generator=generator)
@@ -157,8 +166,8 @@ def supervised_finetune(
         optimizer.step()
         step += 1
         if step == probe:
-            per_step = (time.process_time() - start_cpu) / probe
-            steps = max(probe + 1, int(cpu_seconds / per_step))
+            per_step = (clock() - start_clock) / probe
+            steps = max(probe + 1, int(seconds / per_step))
             schedule = DistillConfig(**{**config.to_dict(), "steps": steps})
     model.eval()
     return time.perf_counter() - start, time.process_time() - start_cpu, steps
@@ -230,8 +239,8 @@ def run_model(name: str, source: str, data: tuple[torch.Tensor, ...], rules: lis
                 print(f"    {mode}: kept step {distilled.best_step}")
         tuned = copy.deepcopy(rewritten)
         fit = torch.tensor(calibration.indices["fit"])  # the labelled twin of what the distiller saw
-        tuned_seconds, tuned_cpu, tuned_steps = supervised_finetune(
-            tuned, train_x[fit], train_y[fit], budget, config, args.batch
+        tuned_seconds, tuned_cpu, tuned_steps = finetune_with_labels(
+            tuned, train_x[fit], train_y[fit], budget, args.batch, config, clock=time.process_time
         )
         print(
             f"{' then '.join(specs):<40} {report.after.params:>8,} {base_params / report.after.params:>5.2f}x "

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -50,8 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from bench_distill_digits import TDNN_SOURCE, params, tones
+from bench_distill_digits import TDNN_SOURCE, finetune_with_labels, params, tones
 from bench_fit_digits import chirps
 from bench_trained_digits import MODEL_SOURCE as DIGITS_SOURCE
 from bench_trained_digits import accuracy, digits, train
@@ -61,7 +59,6 @@ from safetensors.torch import load_file, save_file
 import convrewrite
 from convrewrite.engine.loading import load_model
 from convrewrite.recovery.batches import holdout_indices
-from convrewrite.recovery.distill import DistillConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 HOLDOUT = 0.1  # convrewrite's default: the fraction of the calibration data never fitted on
@@ -199,48 +196,6 @@ def rewrite(original: torch.nn.Module, specs: list[str], task: Task, **options: 
     return Call(result.model, result.report, wall, cpu, stages)
 
 
-# --------------------------------------------------------------------------- the labelled baseline
-
-
-def finetune_with_labels(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, wall_seconds: float, batch_size: int
-) -> tuple[float, int]:
-    """Cross-entropy on the labels for ``wall_seconds`` of wall time: AdamW with the distiller's
-    defaults (peak lr, weight decay, warm-up + cosine, clipping). The step count for the schedule
-    comes from the wall time of the first 20 steps. Returns (wall seconds, steps)."""
-    config = DistillConfig()
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    rest = [p for p in model.parameters() if p.dim() <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=config.lr
-    )
-    generator = torch.Generator().manual_seed(2)
-    model.train()
-    start = time.perf_counter()
-    probe = 20
-    steps, step, position = probe * 10, 0, 0
-    schedule = DistillConfig(steps=steps)
-    order = torch.randperm(len(y), generator=generator)
-    while step < steps:
-        if position + batch_size > len(y):
-            order, position = torch.randperm(len(y), generator=generator), 0
-        batch = order[position : position + batch_size]
-        position += batch_size
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.learning_rate(step)
-        optimizer.zero_grad()
-        F.cross_entropy(model(x[batch]), y[batch]).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm or math.inf)
-        optimizer.step()
-        step += 1
-        if step == probe:
-            per_step = (time.perf_counter() - start) / probe
-            steps = max(probe + 1, int(wall_seconds / per_step))
-            schedule = DistillConfig(steps=steps)
-    model.eval()
-    return time.perf_counter() - start, steps
-
-
 # --------------------------------------------------------------------------- one model
 
 
@@ -275,7 +230,7 @@ def run_task(task: Task, args: argparse.Namespace, rows: list[dict[str, Any]]) -
         both = rewrite(original, specs, task, fit=True, distill=args.distill, **common)
         alone = None if args.skip_extra else rewrite(original, specs, task, fit=False, distill=args.distill, **common)
         tuned = copy.deepcopy(plain.model)
-        tuned_wall, tuned_steps = finetune_with_labels(
+        tuned_wall, _, tuned_steps = finetune_with_labels(
             tuned, task.train_x[fit_index], task.train_y[fit_index], both.wall, args.batch_size
         )
         # Fitting is deterministic: the fit inside the fit+distill call must be the fit-only call's.
