@@ -157,9 +157,9 @@ def main() -> None:
         report = build_report(result)
         assert report.after is not None and report.fidelity is not None
         errors = [
-            layer["kernel_relative_error"]
-            for layer in report.fidelity["layers"]
-            if layer["kernel_relative_error"] is not None
+            layer.kernel_relative_error
+            for layer in report.fidelity.layers
+            if layer.kernel_relative_error is not None
         ]
         mean_error = sum(errors) / len(errors) if errors else float("nan")
         rewritten = result.model
