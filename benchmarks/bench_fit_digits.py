@@ -158,45 +158,44 @@ def main() -> None:
         model_file = work / "digits_cnn.py"
         model_file.write_text(MODEL_SOURCE)
         train_x, train_y, test_x, test_y = digits()
-        torch.manual_seed(0)
-        model = load_model(str(model_file)).model
-        start = time.perf_counter()
-        train(model, train_x, train_y, args.epochs, 1e-3)
-        weights = work / "digits.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-        print(f"trained DigitsCNN for {args.epochs} epochs in {time.perf_counter() - start:.1f} s")
-        run_table(
-            "DigitsCNN (Conv2d)",
-            model_file,
-            weights,
-            [r.split("+") for r in args.rule] if args.rule else RULES,
-            train_x,
-            (train_x, train_y),
-            (test_x, test_y),
-            args,
+        train_and_run_table(
+            "DigitsCNN", "DigitsCNN (Conv2d)", model_file, RULES, (train_x, train_y), (test_x, test_y), args, work
         )
 
     if args.only in (None, "tdnn"):
-        model_file = ROOT / "sample_models" / "tdnn.py"
-        train_x, train_y = chirps(2000, seed=1)
-        test_x, test_y = chirps(500, seed=2)
-        torch.manual_seed(0)
-        model = load_model(str(model_file)).model
-        start = time.perf_counter()
-        train(model, train_x, train_y, args.epochs, 1e-3)
-        weights = work / "tdnn.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-        print(f"\ntrained TDNN for {args.epochs} epochs in {time.perf_counter() - start:.1f} s")
-        run_table(
+        print()
+        train_and_run_table(
+            "TDNN",
             "TDNN (Conv1d) on generated tones and chirps",
-            model_file,
-            weights,
-            [r.split("+") for r in args.rule] if args.rule else TDNN_RULES,
-            train_x,
-            (train_x, train_y),
-            (test_x, test_y),
+            ROOT / "sample_models" / "tdnn.py",
+            TDNN_RULES,
+            chirps(2000, seed=1),
+            chirps(500, seed=2),
             args,
+            work,
         )
+
+
+def train_and_run_table(
+    name: str,
+    title: str,
+    model_file: Path,
+    rules: list[list[str]],
+    train_xy: tuple[torch.Tensor, torch.Tensor],
+    test_xy: tuple[torch.Tensor, torch.Tensor],
+    args: argparse.Namespace,
+    work: Path,
+) -> None:
+    """Train the model of ``model_file`` on the labelled training set, save its weights, and run its table."""
+    torch.manual_seed(0)
+    model = load_model(str(model_file)).model
+    start = time.perf_counter()
+    train(model, *train_xy, args.epochs, 1e-3)
+    weights = work / f"{name.lower()}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    print(f"trained {name} for {args.epochs} epochs in {time.perf_counter() - start:.1f} s")
+    specs = [r.split("+") for r in args.rule] if args.rule else rules
+    run_table(title, model_file, weights, specs, train_xy[0], train_xy, test_xy, args)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import DigitsCNN, digits_split, evaluate  # noqa: E402
 
 
+def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float = 1e-3) -> None:
+    """Cross-entropy with Adam, batches of 64 in a seeded order; leaves the model in eval mode."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(1)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for first in range(0, len(y), 64):
+            batch = order[first : first + 64]
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+    model.eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="directory to write into (created)")
@@ -32,18 +47,8 @@ def main() -> None:
     torch.set_num_threads(1)
     train_x, train_y, _, _ = digits_split()
     model = DigitsCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(1)
     start = time.perf_counter()
-    model.train()
-    for _ in range(args.epochs):
-        order = torch.randperm(len(train_y), generator=generator)
-        for first in range(0, len(train_y), 64):
-            batch = order[first : first + 64]
-            optimizer.zero_grad()
-            F.cross_entropy(model(train_x[batch]), train_y[batch]).backward()
-            optimizer.step()
-    model.eval()
+    train(model, train_x, train_y, args.epochs)
     args.out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.out / "digits.safetensors"))
     np.savez(args.out / "train-images.npz", x=train_x.numpy())
