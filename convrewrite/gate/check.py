@@ -303,7 +303,7 @@ def plan(project: ProjectConfig, options: CheckOptions) -> tuple[list[PlannedTar
             # A speedup budget needs the latency stage: measuring it is implied, and said where.
             names = ", ".join(b.qualified_name for b in budgets if b.metric.name == "speedup")
             job.values["latency"] = Value(True, f"implied by the speedup budget {names}")
-        model_setting = job.model
+        model_setting = job.values["model"]
         baseline = job.values["baseline"]
         build_rules(job)  # rule names and options are configuration: fail before loading any model
         planned.append(PlannedTarget(target, job, str(model_setting.value), baseline, budgets))

@@ -54,35 +54,6 @@ class Job:
         """Every setting's value by name (what the pipeline's stages read)."""
         return {name: value.value for name, value in self.values.items()}
 
-    # The settings every command reads, by their old names.
-    @property
-    def model(self) -> Value:
-        return self.values["model"]
-
-    @property
-    def rules(self) -> Value:
-        return self.values["rules"]
-
-    @property
-    def input_shapes(self) -> Value:
-        return self.values["input-shape"]
-
-    @property
-    def weights(self) -> Value:
-        return self.values["weights"]
-
-    @property
-    def include(self) -> Value:
-        return self.values["include"]
-
-    @property
-    def exclude(self) -> Value:
-        return self.values["exclude"]
-
-    @property
-    def min_channels(self) -> Value:
-        return self.values["min-channels"]
-
 
 def split_model_spec(text: str) -> tuple[str, str | None]:
     """``path/file.py:NAME`` -> (``path/file.py``, ``NAME``); a Windows drive is not a NAME."""
