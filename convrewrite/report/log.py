@@ -73,10 +73,6 @@ class RewriteLog:
     def rewrite_of(self, name: str) -> RewriteRecord | None:
         return next((r for r in self.rewrites if r.name == name), None)
 
-    def inside_earlier_rewrite(self, name: str) -> bool:
-        """True when ``name`` lives inside a block an earlier rule installed (composition)."""
-        return any(name.startswith(previous.name + ".") for previous in self.rewrites)
-
 
 @dataclass
 class LayerFidelity:
