@@ -46,7 +46,7 @@ def engine_seconds(factory: str, runs: int) -> dict[str, float]:
     """In this process (torch already imported): best time of each engine phase, and in all."""
     import time
 
-    from convrewrite.engine.loading import load_model
+    from convrewrite.core.loading import load_model
     from convrewrite.engine.pipeline import analyse
     from convrewrite.report.builder import build_report
     from convrewrite.rules.api import make_rule

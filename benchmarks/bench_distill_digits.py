@@ -37,7 +37,7 @@ from bench_trained_digits import accuracy, digits, train
 from common import machine
 from safetensors.torch import load_file, save_file
 
-from convrewrite.engine.loading import load_model
+from convrewrite.core.loading import load_model
 from convrewrite.engine.pipeline import analyse
 from convrewrite.recovery.batches import TensorBatches
 from convrewrite.recovery.distill import DistillConfig, distill

@@ -36,7 +36,7 @@ import torch
 from bench_trained_digits import MODEL_SOURCE, RULES, accuracy, digits, train
 from safetensors.torch import save_file
 
-from convrewrite.engine.loading import load_model
+from convrewrite.core.loading import load_model
 from convrewrite.engine.pipeline import analyse
 from convrewrite.recovery.data import calibration_data_from
 from convrewrite.recovery.fit import fit_layers, reestimate_batchnorm

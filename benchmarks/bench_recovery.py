@@ -57,7 +57,7 @@ from common import CONVREWRITE, machine, run_process
 from safetensors.torch import load_file, save_file
 
 import convrewrite
-from convrewrite.engine.loading import load_model
+from convrewrite.core.loading import load_model
 from convrewrite.recovery.batches import holdout_indices
 
 ROOT = Path(__file__).resolve().parent.parent

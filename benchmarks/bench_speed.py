@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from convrewrite.engine.loading import ExampleInputs, load_model
+from convrewrite.core.loading import ExampleInputs, load_model
 from convrewrite.engine.pipeline import analyse
 from convrewrite.rules.api import make_rule
 from convrewrite.speed.latency import Timing, fixed_threads, interleaved, with_batch

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from convrewrite.engine.loading import load_model
+from convrewrite.core.loading import load_model
 from convrewrite.engine.pipeline import analyse
 from convrewrite.report.builder import build_report
 from convrewrite.rules.api import make_rule

@@ -17,8 +17,8 @@ import os
 import torch
 from torch import nn
 
-from convrewrite.engine.loading import ExampleInputs
-from convrewrite.engine.profiling import profile
+from convrewrite.core.loading import ExampleInputs
+from convrewrite.core.profiling import profile
 from convrewrite.layers import WinogradConv2d
 from convrewrite.speed.latency import LayerCase, measure_layers
 

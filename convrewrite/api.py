@@ -60,7 +60,7 @@ class RewriteResult:
 
 
 def _example_inputs(value: Any) -> Any:
-    from convrewrite.engine.loading import ExampleInputs
+    from convrewrite.core.loading import ExampleInputs
 
     if isinstance(value, ExampleInputs):
         return value
@@ -120,7 +120,7 @@ def rewrite(
     module is deep-copied first and never changed. Errors are ``convrewrite.errors`` exceptions
     with one-line messages.
     """
-    from convrewrite.engine.loading import LoadedModel, forward_argument_names
+    from convrewrite.core.loading import LoadedModel, forward_argument_names
     from convrewrite.engine.pipeline import analyse
     from convrewrite.report.builder import build_report
 

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from convrewrite.engine.loading import ExampleInputs, LoadedModel
-from convrewrite.engine.profiling import profile
+from convrewrite.core.loading import ExampleInputs, LoadedModel
+from convrewrite.core.profiling import profile
 from convrewrite.layers.dense import dense_kernel
 from convrewrite.rules.api import ConvSite, Rule, make_rule
 

@@ -19,7 +19,7 @@ def _one_torch_thread():
     """Every test runs on one torch thread, set again before each test so that no test can leave
     another count behind. The tests run tiny models, where a second thread only adds waits at
     every op's barrier, and on a shared 2-core machine those waits grow without bound
-    (engine/threads.py). The engine's own choice is tested in test_threads.py."""
+    (core/threads.py). The engine's own choice is tested in test_threads.py."""
     import torch
 
     previous = torch.get_num_threads()

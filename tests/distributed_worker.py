@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from convrewrite.engine.loading import load_model
+from convrewrite.core.loading import load_model
 from convrewrite.recovery.batches import TensorBatches
 from convrewrite.recovery.distill import DistillConfig
 from convrewrite.recovery.distill_job import distill_output

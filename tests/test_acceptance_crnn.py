@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torchsummary import summary
 
-from convrewrite.engine.loading import load_model
+from convrewrite.core.loading import load_model
 from convrewrite.engine.pipeline import analyse
 from convrewrite.report.builder import build_report
 from convrewrite.report.views import render_torchsummary_block

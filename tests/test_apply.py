@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from convrewrite.engine.loading import load_model
+from convrewrite.core.loading import load_model
 
 from .conftest import ASSETS, SAMPLES
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+from convrewrite.core.loading import ExampleInputs, LoadedModel
 from convrewrite.engine.conv_subclasses import resolve_conv_subclasses, suspect_reason
-from convrewrite.engine.loading import ExampleInputs, LoadedModel
 from convrewrite.engine.pipeline import analyse
 from convrewrite.layers import PaddedConv
 from convrewrite.rules.api import ConvSite, make_rule

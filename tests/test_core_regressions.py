@@ -13,7 +13,7 @@ import torch
 
 from convrewrite.api import report
 from convrewrite.cli import run
-from convrewrite.engine.loading import load_model
+from convrewrite.core.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "sample_models" / "zoo"

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convrewrite.engine.loading import ExampleInputs
-from convrewrite.engine.profiling import profile
+from convrewrite.core.loading import ExampleInputs
+from convrewrite.core.profiling import profile
 
 from .oracles import flop_counter_macs, unique_params
 

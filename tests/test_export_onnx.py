@@ -124,7 +124,7 @@ def test_without_the_extra_export_is_a_usage_error_naming_it(tmp_path: Path, mon
 def test_apply_output_can_carry_a_verified_model_onnx(tmp_path: Path, monkeypatch) -> None:
     import json
 
-    from convrewrite.engine.loading import load_model
+    from convrewrite.core.loading import load_model
     from convrewrite.engine.pipeline import analyse
     from convrewrite.export.writer import write_apply_output
     from convrewrite.report.builder import build_report

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from convrewrite.engine.loading import ExampleInputs
+from convrewrite.core.loading import ExampleInputs
 from convrewrite.errors import UsageError
 from convrewrite.speed import latency
 from convrewrite.speed.latency import (

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from convrewrite.engine.loading import load_model, parse_input_shape
+from convrewrite.core.loading import load_model, parse_input_shape
 from convrewrite.errors import ModelError, UsageError
 
 from .conftest import ASSETS, SAMPLES

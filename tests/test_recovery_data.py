@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from convrewrite.engine.loading import ExampleInputs, load_model
+from convrewrite.core.loading import ExampleInputs, load_model
 from convrewrite.errors import ModelError, UsageError
 from convrewrite.recovery.data import calibration_data_from, open_calibration_data, stream_is_held_out
 

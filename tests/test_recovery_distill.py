@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from convrewrite.engine.compare import agreement_of
+from convrewrite.core.compare import agreement_of
 from convrewrite.errors import ModelError, UsageError
 from convrewrite.recovery.batches import Batch, TensorBatches
 from convrewrite.recovery.checkpoint import INDEX_NAME
@@ -261,7 +261,7 @@ def test_a_hint_for_a_folded_layer_compares_with_the_module_it_absorbed() -> Non
 
 
 def test_the_distill_stage_gives_a_folded_layer_the_batchnorm_as_its_hint() -> None:
-    from convrewrite.engine.loading import ExampleInputs, LoadedModel
+    from convrewrite.core.loading import ExampleInputs, LoadedModel
     from convrewrite.engine.pipeline import analyse
     from convrewrite.rules.api import make_rule
 

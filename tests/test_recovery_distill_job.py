@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from convrewrite.engine.loading import load_model
+from convrewrite.core.loading import load_model
 from convrewrite.engine.pipeline import analyse
 from convrewrite.errors import UsageError
 from convrewrite.export.writer import CHECKPOINT_DIR, check_destination, write_apply_output

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from convrewrite.engine.loading import ExampleInputs, LoadedModel
+from convrewrite.core.loading import ExampleInputs, LoadedModel
 from convrewrite.engine.pipeline import analyse
 from convrewrite.errors import ModelError
 from convrewrite.recovery.batches import TensorBatches, holdout_indices
@@ -384,8 +384,8 @@ def test_measure_fidelity_against_whole_tensor_formulas() -> None:
     a, b = reference(x[held]).detach().double(), candidate(x[held]).detach().double()
     measured = measure_fidelity(reference, candidate, data)
     assert measured is not None and measured.samples == 20
-    assert measured.output_relative_error == pytest.approx(float((b - a).norm() / a.norm()), rel=1e-9)
-    assert measured.cosine_similarity == pytest.approx(float((a * b).sum() / (a.norm() * b.norm())), rel=1e-9)
+    assert measured.output_relative_error == pytest.approx(float((b - a).norm() / a.norm()), rel=1e-6)
+    assert measured.cosine_similarity == pytest.approx(float((a * b).sum() / (a.norm() * b.norm())), rel=1e-6)
     assert measured.agreement == pytest.approx(float((a.argmax(1) == b.argmax(1)).double().mean()))
     spatial = measure_fidelity(nn.Conv1d(6, 4, 1), nn.Conv1d(6, 4, 1), TensorBatches((torch.randn(10, 6, 3),)))
     assert spatial is not None and spatial.agreement is None

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from convrewrite.cli import run
-from convrewrite.engine.loading import ExampleInputs, LoadedModel
+from convrewrite.core.loading import ExampleInputs, LoadedModel
 from convrewrite.engine.pipeline import analyse
 from convrewrite.layers import is_block
 from convrewrite.layers.dense import kernel_error

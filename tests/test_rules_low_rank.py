@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convrewrite.engine.loading import ExampleInputs, LoadedModel
+from convrewrite.core.loading import ExampleInputs, LoadedModel
 from convrewrite.engine.pipeline import analyse
 from convrewrite.errors import UsageError
 from convrewrite.layers import LowRankConv2d, LowRankLinear
@@ -197,7 +197,7 @@ def test_the_engine_offers_linear_layers_to_low_rank_only() -> None:
 
 def test_apply_writes_a_standalone_model_with_low_rank_linears(tmp_path, monkeypatch, capsys) -> None:
     from convrewrite.cli import run
-    from convrewrite.engine.loading import load_model
+    from convrewrite.core.loading import load_model
 
     from .rule_test_support import REPO_SAMPLES
 

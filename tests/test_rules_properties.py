@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from convrewrite.engine.loading import ExampleInputs, LoadedModel
+from convrewrite.core.loading import ExampleInputs, LoadedModel
 from convrewrite.engine.pipeline import analyse
 
 from .rule_test_support import RULE_SPECS, conv_class, equivalent_conv, measured, relative, rule, site_of

@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import convrewrite.layers.winograd as winograd_module
-from convrewrite.engine.loading import ExampleInputs, LoadedModel
+from convrewrite.core.loading import ExampleInputs, LoadedModel
+from convrewrite.core.profiling import profile
 from convrewrite.engine.pipeline import analyse
-from convrewrite.engine.profiling import profile
 from convrewrite.layers import WinogradConv2d
 from convrewrite.layers.dense import kernel_error
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from convrewrite.engine.loading import ExampleInputs
-from convrewrite.engine.profiling import profile
+from convrewrite.core.loading import ExampleInputs
+from convrewrite.core.profiling import profile
 from convrewrite.layers.dense import dense_kernel, relative_error
 from convrewrite.rules.api import ConvSite, build_config
 from convrewrite.rules.separable import SeparableConfig, SeparableRule

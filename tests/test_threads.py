@@ -1,4 +1,4 @@
-"""Thread counts per kind of work (engine/threads.py): rules on one thread, forward passes on the
+"""Thread counts per kind of work (core/threads.py): rules on one thread, forward passes on the
 idle cores, the caller's setting restored afterwards."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from convrewrite.engine import threads
-from convrewrite.engine.threads import forward_thread_count, idle_cores, torch_threads
+from convrewrite.core import threads
+from convrewrite.core.threads import forward_thread_count, idle_cores, torch_threads
 from convrewrite.errors import UsageError
 
 
@@ -56,7 +56,7 @@ def test_the_setting_is_restored_nested_and_as_a_decorator() -> None:
 
 def test_the_engine_runs_rules_on_one_thread(monkeypatch) -> None:
     """Rules see one thread; forward passes see the idle-core count."""
-    from convrewrite.engine.loading import ExampleInputs, LoadedModel
+    from convrewrite.core.loading import ExampleInputs, LoadedModel
     from convrewrite.engine.pipeline import analyse
     from convrewrite.rules.separable import SeparableRule
 

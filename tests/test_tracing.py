@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from convrewrite.engine.loading import ExampleInputs
-from convrewrite.engine.tracing import default_arguments, trace
+from convrewrite.core.loading import ExampleInputs
+from convrewrite.core.tracing import default_arguments, trace
 
 
 class CachingAttentionBias(nn.Module):

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from convrewrite.engine.loading import ExampleInputs, load_model
-from convrewrite.engine.modules import CONV_TYPES
+from convrewrite.core.loading import ExampleInputs, load_model
+from convrewrite.core.modules import CONV_TYPES
 from convrewrite.engine.pipeline import EngineResult, analyse
 from convrewrite.errors import NothingRewritten
 from convrewrite.export.writer import write_apply_output

@@ -1,6 +1,7 @@
-"""The engine: load a model, trace it, and run the stages that profile, rewrite and verify it.
+"""The engine: the pipeline that runs the stages (profile, trace, rewrite, verify, fit, ...) over one state.
 
-``loading`` finds the user's module and its inputs, ``tracing`` builds the torch.fx graph (with
-the leaf fallback), ``profiling`` counts shapes, parameters and MACs per module call, and
-``pipeline`` runs the stages over one state. Everything here imports torch.
+``pipeline`` plans and runs the registered stages over one ``state.RunState``; ``stages/`` holds
+one file per stage; ``consumers`` and ``conv_subclasses`` turn the traced graph into the
+``ConvSite`` objects rules see. The tools it stands on (loading, tracing, profiling, compare,
+threads) live one floor down, in ``convrewrite.core``.
 """

@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import fx, nn
 
-from convrewrite.engine.profiling import ModelProfile
-from convrewrite.engine.tracing import torch_function_name
+from convrewrite.core.profiling import ModelProfile
+from convrewrite.core.tracing import torch_function_name
 from convrewrite.rules.api import Consumer
 
 

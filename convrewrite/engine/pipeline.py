@@ -23,10 +23,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from convrewrite.engine.loading import LoadedModel
+from convrewrite.core.loading import LoadedModel
+from convrewrite.core.threads import forward_work
 from convrewrite.engine.stages import Stage, discover_stages
 from convrewrite.engine.state import EngineResult, RunState, StageRecord
-from convrewrite.engine.threads import forward_work
 from convrewrite.errors import ConvRewriteError, ModelError, describe
 from convrewrite.recovery.batches import BatchSource
 from convrewrite.rules.api import Rule
@@ -65,7 +65,7 @@ def run_stages(state: RunState, stages: Sequence[Stage]) -> RunState:
     return state
 
 
-@forward_work()  # forward passes on the idle cores; rules inside on one (engine/threads.py)
+@forward_work()  # forward passes on the idle cores; rules inside on one (core/threads.py)
 def analyse(
     loaded: LoadedModel,
     rules: Sequence[Rule] = (),

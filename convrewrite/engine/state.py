@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from convrewrite.engine.loading import LoadedModel
-from convrewrite.engine.profiling import ModelProfile
-from convrewrite.engine.tracing import TraceResult
+from convrewrite.core.loading import LoadedModel
+from convrewrite.core.profiling import ModelProfile
+from convrewrite.core.tracing import TraceResult
 from convrewrite.recovery.batches import BatchSource
 from convrewrite.report.log import Fidelity, RewriteLog, RewriteRecord, SkipRecord
 from convrewrite.rules.api import Rule

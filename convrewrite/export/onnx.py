@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from convrewrite.engine.loading import ExampleInputs
+from convrewrite.core.loading import ExampleInputs
 from convrewrite.errors import ModelError, UsageError, describe, first_line
 from convrewrite.export.base import ExportContext, Exporter, register_exporter
 

@@ -23,7 +23,7 @@ from convrewrite.export.writer import file_mode, write_file_atomic
 
 
 def import_generated(path: Path, tag: str) -> Any:
-    from convrewrite.engine.loading import import_file, isolated_import
+    from convrewrite.core.loading import import_file, isolated_import
 
     with isolated_import(path.parent):
         try:
@@ -66,7 +66,7 @@ def transplant(generated: nn.Module, source: dict[str, torch.Tensor], prefix: st
 
 def compare_outputs(expected: Any, actual: Any) -> float:
     """The reload check: the written files must reproduce the rewritten model (max abs diff)."""
-    from convrewrite.engine.compare import max_abs_difference, outputs_close, same_structure
+    from convrewrite.core.compare import max_abs_difference, outputs_close, same_structure
 
     if not same_structure(expected, actual):
         raise ModelError("the reloaded model's outputs have different shapes from the rewritten model's")

@@ -198,7 +198,7 @@ def run_job(job: Job, *, distill_after_write: bool = False) -> Any:
 
 def load_job_model(job: Job, spec: str) -> Any:
     """Load ``spec`` with the job's weights and input shapes."""
-    from convrewrite.engine.loading import load_model
+    from convrewrite.core.loading import load_model
 
     weights = job.get("weights")
     return load_model(

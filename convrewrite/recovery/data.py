@@ -83,7 +83,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from convrewrite.engine.loading import ExampleInputs, LoadedModel
+from convrewrite.core.loading import ExampleInputs, LoadedModel
 from convrewrite.errors import ModelError, UsageError, describe, first_line
 from convrewrite.recovery.batches import (
     Batch,
@@ -981,7 +981,7 @@ def _import_data_file(path: Path, where: str) -> ModuleType:
 
 def resolve_function(spec: str) -> tuple[Callable[[], Any], Path | None]:
     """``file.py:function`` or ``package.module:function`` to the function and its directory."""
-    from convrewrite.engine.loading import split_spec
+    from convrewrite.core.loading import split_spec
 
     where = f"--data {spec}"
     target, name = split_spec(spec)

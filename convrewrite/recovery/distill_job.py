@@ -126,7 +126,7 @@ def distill_output(
     ``config.layer_weight`` > 0. Bad input (not an apply output, a destination holding someone
     else's files, data that does not fit) is a usage error raised before any training.
     """
-    from convrewrite.engine.loading import load_model
+    from convrewrite.core.loading import load_model
 
     source = Path(directory)
     check_source(source)

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from convrewrite.engine.threads import torch_threads
+from convrewrite.core.threads import torch_threads
 from convrewrite.errors import ModelError, describe
 from convrewrite.recovery.batches import Batch, BatchSource, Split
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convrewrite.engine.compare import OutputAgreement, output_shapes, same_structure
+from convrewrite.core.compare import OutputAgreement, output_shapes, same_structure
 from convrewrite.errors import ModelError, describe
 from convrewrite.recovery.batches import BatchSource, Split
 

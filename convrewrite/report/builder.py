@@ -10,7 +10,7 @@ from convrewrite.report.model import MIB, LayerRow, Report, SummaryRow, TorchSum
 from convrewrite.rules.api import config_as_dict
 
 if TYPE_CHECKING:  # the builder reads engine records; importing it must not import torch
-    from convrewrite.engine.profiling import CallRecord, ModelProfile
+    from convrewrite.core.profiling import CallRecord, ModelProfile
     from convrewrite.engine.state import RunState as EngineResult
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convrewrite.engine.modules import CONV_TYPES
+from convrewrite.core.modules import CONV_TYPES
 from convrewrite.layers import LowRankConv1d, LowRankConv2d, LowRankLinear
 from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 

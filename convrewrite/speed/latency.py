@@ -36,8 +36,8 @@ import torch
 from torch import nn
 from torch.utils.benchmark.utils.common import Measurement, TaskSpec
 
-from convrewrite.engine.loading import ExampleInputs
-from convrewrite.engine.threads import torch_threads
+from convrewrite.core.loading import ExampleInputs
+from convrewrite.core.threads import torch_threads
 from convrewrite.errors import UsageError
 
 BACKENDS = ("torch", "onnxruntime")

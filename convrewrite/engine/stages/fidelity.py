@@ -7,7 +7,7 @@ has data (never on samples anything was fitted on), otherwise on the example inp
 
 from __future__ import annotations
 
-from convrewrite.engine.compare import agreement_of
+from convrewrite.core.compare import agreement_of
 from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
 from convrewrite.engine.state import RunState
 from convrewrite.layers.dense import kernel_error

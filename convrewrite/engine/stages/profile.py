@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from convrewrite.engine.loading import ExampleInputs
-from convrewrite.engine.profiling import ModelProfile, profile
+from convrewrite.core.loading import ExampleInputs
+from convrewrite.core.profiling import ModelProfile, profile
 from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
 from convrewrite.engine.state import RunState
 from convrewrite.errors import ModelError, describe

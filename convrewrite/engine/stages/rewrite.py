@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from convrewrite.core.modules import CONV_TYPES, install, module_aliases, parameter_users, tie_mismatch
+from convrewrite.core.profiling import CallRecord, ModelProfile
+from convrewrite.core.threads import small_work
 from convrewrite.engine.consumers import conv_consumers, last_of_sequential
 from convrewrite.engine.conv_subclasses import finish_replacement, original_module, resolve_conv_subclasses
-from convrewrite.engine.modules import CONV_TYPES, install, module_aliases, parameter_users, tie_mismatch
-from convrewrite.engine.profiling import CallRecord, ModelProfile
 from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
 from convrewrite.engine.stages.profile import run_profile
 from convrewrite.engine.state import RunState
-from convrewrite.engine.threads import small_work
 from convrewrite.errors import ModelError, UsageError, describe
 from convrewrite.layers.dense import kernel_error
 from convrewrite.layers.registry import register_block, register_replacement
@@ -154,7 +154,7 @@ def _refuse_if_named(rule: Rule, name: str, reason: str, hint: str) -> None:
         raise UsageError(f"rule {rule.name!r} cannot rewrite {name}, which you named explicitly: {reason}", hint=hint)
 
 
-@small_work()  # rule work is many small factorisations: one thread each (engine/threads.py)
+@small_work()  # rule work is many small factorisations: one thread each (core/threads.py)
 def apply_rule(
     rule: Rule,
     model: nn.Module,

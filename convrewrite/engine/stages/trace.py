@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from convrewrite.engine.compare import output_shapes, outputs_close
-from convrewrite.engine.loading import ExampleInputs
-from convrewrite.engine.profiling import ModelProfile
+from convrewrite.core.compare import output_shapes, outputs_close
+from convrewrite.core.loading import ExampleInputs
+from convrewrite.core.profiling import ModelProfile
+from convrewrite.core.tracing import LeafAwareTracer, TraceResult, default_arguments, placeholder_values, trace
 from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
 from convrewrite.engine.state import RunState
-from convrewrite.engine.tracing import LeafAwareTracer, TraceResult, default_arguments, placeholder_values, trace
 from convrewrite.errors import first_line
 
 

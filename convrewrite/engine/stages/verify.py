@@ -7,11 +7,11 @@ node keeps the output shapes it had before the rewrite.
 
 from __future__ import annotations
 
-from convrewrite.engine.compare import output_shapes, outputs_close
+from convrewrite.core.compare import output_shapes, outputs_close
+from convrewrite.core.tracing import TraceResult, trace
 from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
 from convrewrite.engine.stages.trace import propagate_shapes
 from convrewrite.engine.state import RunState
-from convrewrite.engine.tracing import TraceResult, trace
 from convrewrite.errors import ModelError
 
 

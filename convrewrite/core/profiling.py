@@ -36,8 +36,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from convrewrite.engine.compare import output_shapes
-from convrewrite.engine.loading import ExampleInputs
+from convrewrite.core.compare import output_shapes
+from convrewrite.core.loading import ExampleInputs
 
 aten = torch.ops.aten
 
