@@ -165,3 +165,63 @@ def test_a_model_with_recurrent_heads_and_a_private_flag_writes_and_reloads(tmp_
     assert "nn.LSTM(input_size=64, hidden_size=6, num_layers=2" in text
     assert "bidirectional=True" in text and "proj_size=4" in text
     assert "'_fast_norm': False" in text and "'_limit': 50.0" in text
+
+
+# ------------------------------------------------------------------ 2. torch.fx.wrap-ped functions
+
+WRAPPED_MODEL = """
+    import torch
+    import torch.fx
+    from torch import nn
+
+
+    def stochastic_depth(x, p: float, training: bool = True):
+        '''torchvision.ops.stochastic_depth's shape: identity in eval, wrapped so fx keeps it one call.'''
+        if not training or p == 0.0:
+            return x
+        keep = torch.empty(x.shape[0], 1, 1, 1, dtype=x.dtype).bernoulli_(1.0 - p)
+        return x * keep / (1.0 - p)
+
+
+    torch.fx.wrap("stochastic_depth")
+
+    INPUT_SHAPE = (1, 3, 16, 16)
+
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return x + stochastic_depth(self.conv(x), 0.25, self.training)
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.block = Block()
+
+        def forward(self, x):
+            return self.block(self.stem(x))
+
+
+    def build_model():
+        return Net().eval()
+"""
+
+
+def test_a_model_calling_an_fx_wrapped_function_writes_a_model_py_that_imports(tmp_path: Path) -> None:
+    model_file = _write(tmp_path, "wrapped.py", WRAPPED_MODEL)
+    expected, actual, _ = _apply_and_reload(model_file, tmp_path / "out")
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    text = (tmp_path / "out" / "model.py").read_text()
+    lines = text.splitlines()
+    wraps = [line for line in lines if "wrap(" in line]
+    assert wraps and all(line.startswith("torch.fx.wrap(") for line in wraps), wraps  # module level
+    # Traced again, model.py still calls the function as one node (the wrap took effect).
+    fresh = load_model(str(tmp_path / "out")).model
+    graph = torch.fx.symbolic_trace(fresh).graph
+    called = [n for n in graph.nodes if n.op == "call_function" and "stochastic_depth" in str(n.target)]
+    assert len(called) == 1

@@ -97,6 +97,9 @@ def _module_signature(module: nn.Module) -> tuple[Any, ...]:
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
+#: The statement fx puts before ``def forward`` for each function wrapped with ``torch.fx.wrap``.
+_WRAP_STATEMENT = re.compile(r'^torch\.fx\._symbolic_trace\.wrap\("([A-Za-z_][A-Za-z0-9_]*)"\)\n', re.MULTILINE)
+
 #: What every ``nn.Module`` keeps in its ``__dict__`` itself (hooks, parameter tables): never a
 #: plain attribute of the class.
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
@@ -186,6 +189,8 @@ class SourceWriter:
         stem = user_source.stem if user_source is not None else "model"
         self.original_copy_name = f"original_{re.sub(r'[^A-Za-z0-9_]', '_', stem)}.py"
         self.forward_targets: set[str] = set()
+        #: Names the traced code calls through ``torch.fx.wrap`` (wrapped again at module level).
+        self.wrapped_functions: list[str] = []
         if graph_module is not None:
             self.forward_targets = {str(n.target) for n in graph_module.graph.nodes if n.op == "call_module"}
 
@@ -492,6 +497,13 @@ class SourceWriter:
         source = re.sub(r";  (?:[A-Za-z_][A-Za-z0-9_]* = )+None$", "", code.src, flags=re.MULTILINE)
         source = re.sub(r"(\w) : ", r"\1: ", source)
         source = "\n".join(line.rstrip() for line in source.splitlines())
+        # A function wrapped with ``torch.fx.wrap`` (torchvision's ``stochastic_depth``) makes the
+        # code begin with a ``wrap("name")`` call, which torch allows only at module level.
+        wrapped = _WRAP_STATEMENT.findall(source)
+        source = _WRAP_STATEMENT.sub("", source)
+        self.wrapped_functions += [name for name in wrapped if name not in self.wrapped_functions]
+        if wrapped:
+            self.imports.add("import torch.fx")
         from torch.fx.graph import _custom_builtins
 
         for global_name, value in code.globals.items():
@@ -561,6 +573,10 @@ class SourceWriter:
         out += sorted(set(standard) | set(layer_imports) | self.imports, key=_import_order)
         if needs_original:
             out += ["", f'ORIGINAL_SOURCE = "{self.original_copy_name}"', *_ORIGINAL_LOADER, *self.original_aliases]
+        if self.wrapped_functions:
+            # Called at module level, as torch requires: the function stays one call when
+            # model.py is traced again (by convrewrite, or by the user's own fx passes).
+            out += ["", *(f'torch.fx.wrap("{name}")' for name in self.wrapped_functions)]
         if needs_rebuild:
             out += _REBUILD_HELPER
         if layer_source:
