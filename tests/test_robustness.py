@@ -225,3 +225,72 @@ def test_a_model_calling_an_fx_wrapped_function_writes_a_model_py_that_imports(t
     graph = torch.fx.symbolic_trace(fresh).graph
     called = [n for n in graph.nodes if n.op == "call_function" and "stochastic_depth" in str(n.target)]
     assert len(called) == 1
+
+
+# ------------------------------------------------------------------ 3. the reload tolerance
+
+
+def _standardized(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    flat = weight.flatten(1)
+    mean = flat.mean(dim=1, keepdim=True)
+    variance = flat.var(dim=1, unbiased=False, keepdim=True)
+    return ((flat - mean) / torch.sqrt(variance + eps)).view_as(weight)
+
+
+def _weight_standardized_outputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight-standardized conv (standardizing in every call) and its rewrite to the effective
+    weight (standardized once, in float64): the same function on two float paths. Third: the
+    rewrite with one weight of the effective kernel changed, a genuinely wrong reload."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(128, 128, 3, 3, generator=generator) * 0.05
+    x = torch.randn(2, 128, 20, 20, generator=generator) * 3
+    expected = torch.nn.functional.conv2d(x, _standardized(weight), padding=1)
+    effective = _standardized(weight.double()).float()
+    exact = torch.nn.functional.conv2d(x, effective, padding=1)
+    wrong_weight = effective.clone()
+    wrong_weight[5, 7, 1, 1] += 0.05  # the kernel's entries have unit variance
+    wrong = torch.nn.functional.conv2d(x, wrong_weight, padding=1)
+    return expected, exact, wrong
+
+
+def test_the_reload_check_accepts_an_exact_rewrite_on_another_float_path() -> None:
+    from convrewrite.export.pytorch import compare_outputs
+
+    expected, exact, _ = _weight_standardized_outputs()
+    # The element-wise check the issue reports rejects it: outputs near zero are sums of large terms.
+    assert not torch.allclose(exact, expected, rtol=1e-5, atol=1e-6)
+    worst = compare_outputs(expected, exact)
+    assert worst == float((exact - expected).abs().max())
+    # Scaled per tensor: a second output a thousand times smaller is judged on its own scale.
+    compare_outputs((expected, expected / 1000), (exact, exact / 1000))
+
+
+def test_the_reload_check_still_rejects_one_changed_weight() -> None:
+    from convrewrite.errors import ModelError
+    from convrewrite.export.pytorch import compare_outputs
+
+    expected, exact, wrong = _weight_standardized_outputs()
+    with pytest.raises(ModelError, match="do not reproduce the rewritten model"):
+        compare_outputs(expected, wrong)
+    # Wrong in a small output next to a large one: the small one's own scale catches it.
+    with pytest.raises(ModelError, match="do not reproduce"):
+        compare_outputs((expected * 1000, expected), (exact * 1000, wrong))
+    with pytest.raises(ModelError, match="do not reproduce"):
+        compare_outputs(torch.zeros(3), torch.full((3,), 1e-30))
+    with pytest.raises(ModelError, match="do not reproduce"):
+        compare_outputs(torch.arange(4), torch.arange(4) + torch.tensor([0, 0, 0, 1]))
+
+
+def test_inception_with_separable_writes_and_reloads_within_the_scaled_tolerance(tmp_path: Path) -> None:
+    from convrewrite.core.compare import RELOAD_TOLERANCE
+
+    zoo_file = Path(__file__).resolve().parent.parent / "sample_models" / "zoo" / "inception.py"
+    loaded = load_model(str(zoo_file), input_shapes=[(2, 3, 75, 75)])
+    result = analyse(loaded, [make_rule("separable")])
+    written = write_apply_output(result, build_report(result), tmp_path / "out")
+    fresh = load_model(str(tmp_path / "out"), input_shapes=[(2, 3, 75, 75)])
+    with torch.no_grad():
+        expected = loaded.inputs.call(result.model.eval())
+        actual = loaded.inputs.call(fresh.model.eval())
+    assert written.reload_max_abs_error == pytest.approx(float((actual - expected).abs().max()), abs=1e-7)
+    assert float((actual - expected).abs().max()) <= RELOAD_TOLERANCE * float(expected.abs().max())

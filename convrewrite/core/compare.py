@@ -52,6 +52,43 @@ def outputs_close(a: Any, b: Any, rtol: float = 1e-4, atol: float = 1e-5) -> boo
     return True
 
 
+#: The reload check's tolerance: each floating output tensor may differ by at most this fraction
+#: of its own largest magnitude (see ``scaled_difference``).
+RELOAD_TOLERANCE = 1e-5
+
+
+def scaled_difference(expected: Any, actual: Any) -> float:
+    """The worst, over the floating output tensors, of ``max|actual - expected| / max|expected|``.
+
+    Two float paths that compute the same function (a standardized weight folded once instead of
+    in every call, a 3x3 split into depthwise and pointwise) round differently; where an output
+    element is a sum of large terms that nearly cancel, its error is set by those terms, not by
+    its own small value, so an element-wise ``rtol`` rejects exact rewrites. Scaling by the
+    tensor's largest magnitude measures the error against what the tensor holds. An all-zero
+    expected tensor must be matched exactly; non-floating tensors must be equal (else inf).
+    """
+    worst = 0.0
+    for x, y in zip(tensor_leaves(expected), tensor_leaves(actual)):
+        if not x.numel():
+            continue
+        if not (x.is_floating_point() or x.is_complex()):
+            if not torch.equal(x, y):
+                return float("inf")
+            continue
+        x64, y64 = x.detach().to(torch.float64), y.detach().to(torch.float64)
+        difference = float((y64 - x64).abs().max())
+        if difference != difference:  # NaN where the other is not
+            if not torch.equal(torch.isnan(x64), torch.isnan(y64)):
+                return float("inf")
+            finite = ~torch.isnan(x64)
+            difference = float((y64[finite] - x64[finite]).abs().max()) if finite.any() else 0.0
+        scale = float(x64[torch.isfinite(x64)].abs().max()) if torch.isfinite(x64).any() else 0.0
+        if difference == 0.0:
+            continue
+        worst = max(worst, difference / scale if scale > 0 else float("inf"))
+    return worst
+
+
 def max_abs_difference(a: Any, b: Any) -> float:
     """The largest absolute difference over every floating tensor (0.0 when there are none)."""
     worst = 0.0
