@@ -294,3 +294,55 @@ def test_inception_with_separable_writes_and_reloads_within_the_scaled_tolerance
         actual = loaded.inputs.call(fresh.model.eval())
     assert written.reload_max_abs_error == pytest.approx(float((actual - expected).abs().max()), abs=1e-7)
     assert float((actual - expected).abs().max()) <= RELOAD_TOLERANCE * float(expected.abs().max())
+
+
+# ------------------------------------------------------------------ 5. the plugin API's old import path
+
+
+def test_the_pre_restructure_plugin_imports_work_with_a_deprecation_warning() -> None:
+    import convrewrite.rules.api as api
+
+    with pytest.warns(DeprecationWarning, match=r"import it from convrewrite\.rules\.api") as caught:
+        from convrewrite.rules import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
+    assert (ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason) == (
+        api.ConvSite,
+        api.Cost,
+        api.Replacement,
+        api.Rule,
+        api.RuleConfig,
+        api.common_skip_reason,
+    )
+    assert {str(w.message).split()[1] for w in caught} >= {"ConvSite", "Rule", "common_skip_reason"}
+    with pytest.warns(DeprecationWarning, match=r"convrewrite\.rule_api is deprecated.*convrewrite\.rules\.api"):
+        from convrewrite.rule_api import make_rule as old_make_rule
+    assert old_make_rule is api.make_rule
+
+
+def test_a_plugin_written_against_the_old_path_still_defines_a_working_rule() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from convrewrite.rules import ConvSite, Rule, RuleConfig
+
+    class Keep(Rule):
+        name = "keep-old-path"
+        summary = "never rewrites (a plugin from before the restructure)"
+        config_class = RuleConfig
+
+        def skip_reason(self, site: ConvSite) -> str | None:
+            return "keeps every layer"
+
+    assert Keep().skip_reason(None) == "keeps every layer"  # type: ignore[arg-type]
+
+
+def test_rule_submodules_and_unknown_names_are_not_deprecated_api() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        from convrewrite.rules import separable  # a rule module, imported as before
+
+    assert separable.__name__ == "convrewrite.rules.separable"
+    with pytest.raises(ImportError):
+        from convrewrite.rules import NoSuchName  # noqa: F401
