@@ -144,9 +144,9 @@ def _transformer_layer_arguments(module: nn.Module) -> dict[str, Any]:
         "d_model": attention.embed_dim,
         "nhead": attention.num_heads,
         "dim_feedforward": linear1.out_features,
-        "dropout": module.dropout.p,  # type: ignore[union-attr]
+        "dropout": module.dropout.p,
         "activation": module.activation,
-        "layer_norm_eps": module.norm1.eps,  # type: ignore[union-attr]
+        "layer_norm_eps": module.norm1.eps,
         "batch_first": attention.batch_first,
         "norm_first": module.norm_first,
         "bias": linear1.bias is not None,
