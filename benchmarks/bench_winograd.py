@@ -3,8 +3,10 @@
 One 3x3 stride-1 conv at a time (dense and depthwise, a few channel counts and feature-map sizes,
 batch 1 and 8), the plain ``nn.Conv2d`` against ``WinogradConv2d`` with tile 2 and tile 4, timed
 side by side with convrewrite.speed's interleaved measurement in torch eager, 1 thread. Beside each
-speedup: the MAC ratio the block really has (direct conv MACs / the block's products + transforms,
-as convrewrite counts them) and the products-only ratio (the textbook 2.25x and 4x).
+speedup: the MAC ratio the block really has (direct conv MACs / the block's MACs as convrewrite
+counts them: F(2x2,3x3)'s products alone, its transforms being additions; F(4x4,3x3)'s products
+plus its transform matmuls) and the products-only ratio (the textbook 2.25x and 4x); for F(2x2),
+the transform additions per direct-conv MAC.
 
     python benchmarks/bench_winograd.py [--threads 1] [--min-run-time 0.3]
 """
@@ -49,8 +51,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.2f}")
     print("| conv | batch | input | direct ms | F(2x2) speedup | F(2x2) MAC ratio (products only) |", end="")
-    print(" F(4x4) speedup | F(4x4) MAC ratio (products only) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    print(" F(2x2) additions per direct MAC | F(4x4) speedup | F(4x4) MAC ratio (products only) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for label, cin, cout, groups, size in SHAPES:
         for batch in (1, 8):
             torch.manual_seed(0)
@@ -70,8 +72,12 @@ def main() -> None:
                     f"{result.speedup:.2f}x | {direct / sum(kinds.values()):.2f}x "
                     f"({direct / kinds['winograd_product']:.2f}x)"
                 )
+                if tile == 2:
+                    additions = sum(block.additions_breakdown(batch, size, size).values())
+                    cells.append(f"{additions / direct:.3f}")
                 direct_ms = result.before.median_ms
             print(f"| {label} {cin}->{cout} | {batch} | {size}x{size} | {direct_ms:.2f} | " + " | ".join(cells) + " |")
+    print(f"load average at the end {os.getloadavg()[0]:.2f} (2 cores shared with other work: speedups are noisy)")
 
 
 if __name__ == "__main__":

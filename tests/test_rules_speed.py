@@ -96,13 +96,13 @@ def test_winograd_counts_what_it_multiplies_by_hand_formula() -> None:
     of 2x2 per image, 40 tiles; a = 4 transform points per side."""
     block = WinogradConv2d(4, 6, padding=1, groups=2, tile=2)
     result = profile(block, ExampleInputs((torch.randn(2, 4, 7, 9),)))
-    expected = {
-        "winograd_product": 40 * 16 * 2 * 6,  # tiles x a^2 x (Cin/groups) x Cout = 7,680
-        "winograd_input_transform": 40 * 4 * 256,  # tiles x Cin x a^4 = 40,960
-        "winograd_output_transform": 40 * 6 * 4 * 16,  # tiles x Cout x m^2 x a^2 = 15,360
+    # F(2x2,3x3)'s transforms are additions: the MACs are the products alone.
+    assert result.records[0].macs_by_kind == {"winograd_product": 40 * 16 * 2 * 6}  # tiles x a^2 x Cin/g x Cout
+    assert result.macs == 7_680
+    assert block.additions_breakdown(2, 7, 9) == {
+        "winograd_input_transform": 40 * 4 * 32,  # tiles x Cin x (16 row + 16 column additions) = 5,120
+        "winograd_output_transform": 40 * 6 * 24,  # tiles x Cout x (16 row + 8 column additions) = 5,760
     }
-    assert result.records[0].macs_by_kind == expected
-    assert result.macs == 7_680 + 40_960 + 15_360
     # F(4x4,3x3) on 1 x 3 x 10 x 10, no padding, depthwise: 8x8 outputs -> 2 x 2 tiles of 4x4, a = 6.
     depthwise = WinogradConv2d(3, 3, padding=0, groups=3, tile=4)
     counted = profile(depthwise, ExampleInputs((torch.randn(1, 3, 10, 10),))).records[0].macs_by_kind
@@ -113,11 +113,13 @@ def test_winograd_counts_what_it_multiplies_by_hand_formula() -> None:
     }
 
 
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("groups,depthwise", [(1, False), (2, False), (4, True)])
-def test_winograd_declared_count_agrees_with_flop_counter_mode(groups: int, depthwise: bool) -> None:
-    """FlopCounterMode sees the matmuls (transforms, grouped products) but not elementwise
-    products: for a depthwise block it must see exactly the declared transforms."""
-    block = WinogradConv2d(4, 8, padding=1, groups=groups)
+def test_winograd_declared_count_agrees_with_flop_counter_mode(groups: int, depthwise: bool, tile: int) -> None:
+    """FlopCounterMode sees the matmuls (F(4x4)'s transforms, grouped products) but not elementwise
+    products nor additions: F(2x2)'s transforms are additions, so it must see the products of a
+    dense or grouped block and nothing of a depthwise one; F(4x4)'s transforms are matmuls."""
+    block = WinogradConv2d(4, 8, padding=1, groups=groups, tile=tile)
     x = torch.randn(3, 4, 9, 10)
     with torch.no_grad():
         block(x)  # compute and cache the transformed kernel, as in steady-state inference
@@ -126,8 +128,27 @@ def test_winograd_declared_count_agrees_with_flop_counter_mode(groups: int, dept
             block(x)
     declared = profile(block, ExampleInputs((x,))).records[0].macs_by_kind
     seen = counter.get_total_flops() // 2
+    if tile == 2:
+        assert set(declared) == {"winograd_product"}
+        assert seen == (0 if depthwise else declared["winograd_product"])
+        return
     transforms = declared["winograd_input_transform"] + declared["winograd_output_transform"]
     assert seen == (transforms if depthwise else transforms + declared["winograd_product"])
+
+
+def test_winograd_2x2_transforms_by_additions_are_lavin_and_grays_matrices() -> None:
+    """Oracle: B^T d B and A^T M A as matrix products with the paper's matrices, in float64."""
+    from convrewrite.layers.winograd import _input_transform_2x2, _output_transform_2x2
+
+    b_t = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64)
+    a_t = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
+    d = torch.randn(4, 4, 3, 5, dtype=torch.float64)
+    expected = torch.einsum("ik,klcn,jl->ijcn", b_t, d, b_t)
+    assert torch.equal(_input_transform_2x2(d), expected)  # sums of two +-1 terms: exact
+    products = torch.randn(4, 4, 7, dtype=torch.float64)
+    torch.testing.assert_close(
+        _output_transform_2x2(products), torch.einsum("ik,klc,jl->ijc", a_t, products, a_t), rtol=1e-15, atol=1e-15
+    )
 
 
 def test_winograd_layer_file_is_standalone() -> None:

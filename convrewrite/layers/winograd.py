@@ -6,13 +6,17 @@ transform domain where the convolution is an elementwise product, summed over in
 For m = 2 that is 16 products per tile and channel pair instead of 36; for m = 4 (``tile=4``), 36
 instead of 144. The transforms are not free, and this block says what it really does:
 
-* input transform: the tiles of every input channel, gathered into a (a*a, C*N*T) matrix
-  (a = m + 2, T tiles per image), times the (a*a, a*a) matrix ``kron(B^T, B^T)``: a^4 MACs per
-  tile and input channel;
+* F(2x2,3x3) (``tile=2``, the default): B^T and A^T hold only 0 and +-1, so both transforms are
+  additions of tensor slices (no multiplication at all): B^T d B is 32 additions per tile and
+  input channel (16 for the rows, 16 for the columns), A^T M A 24 per tile and output channel
+  (16 + 8). Its MACs are the products alone; the additions are reported apart
+  (``additions_breakdown``).
+* F(4x4,3x3) (``tile=4``): B^T and A^T hold 2, 4, 5 and 8, so the transforms stay matrix products,
+  counted as MACs: ``kron(B^T, B^T)`` (a*a, a*a) times the tiles, a^4 MACs per tile and input
+  channel (a = m + 2), and ``kron(A^T, A^T)`` (m*m, a*a) times the products, m^2 a^2 per tile and
+  output channel.
 * products: one batched matmul per transform position (grouped: per group; depthwise: an
   elementwise product): a^2 x (Cin / groups) x Cout MACs per tile;
-* output transform: ``kron(A^T, A^T)`` (m*m, a*a) times the products: m^2 a^2 MACs per tile and
-  output channel;
 * filter transform ``G g G^T``: once per weight value (cached while the weight does not change and
   no gradient is wanted), not per call.
 
@@ -197,10 +201,23 @@ class WinogradConv2d(nn.Module):
         m, a = self.tile, self.tile + 2
         _, _, rows, columns = self.tiles_for(height, width)
         tiles = batch * rows * columns
+        macs = {"winograd_product": tiles * a * a * (self.in_channels // self.groups) * self.out_channels}
+        if m != 2:  # F(2x2,3x3)'s transforms are additions (additions_breakdown)
+            macs["winograd_input_transform"] = tiles * self.in_channels * a**4
+            macs["winograd_output_transform"] = tiles * self.out_channels * m * m * a * a
+        return macs
+
+    def additions_breakdown(self, batch: int, height: int, width: int) -> dict[str, int]:
+        """Additions (and subtractions) of one call that are not part of a MAC, by kind: the
+        F(2x2,3x3) transforms (32 per tile and input channel, 24 per tile and output channel).
+        Summing the products over input channels is counted in the MACs; the bias is not counted."""
+        if self.tile != 2:
+            return {}
+        _, _, rows, columns = self.tiles_for(height, width)
+        tiles = batch * rows * columns
         return {
-            "winograd_product": tiles * a * a * (self.in_channels // self.groups) * self.out_channels,
-            "winograd_input_transform": tiles * self.in_channels * a**4,
-            "winograd_output_transform": tiles * self.out_channels * m * m * a * a,
+            "winograd_input_transform": tiles * self.in_channels * 32,
+            "winograd_output_transform": tiles * self.out_channels * 24,
         }
 
     def count_macs(self, inputs: tuple, output: torch.Tensor) -> dict[str, int]:
@@ -234,7 +251,10 @@ class WinogradConv2d(nn.Module):
             tiles = x.unfold(2, a, m).unfold(3, a, m).permute(4, 5, 1, 0, 2, 3)
         positions = batch * rows * columns
         input_transform, _, output_transform = winograd_transforms(m, x.dtype, x.device)
-        transformed = torch.mm(input_transform, tiles.reshape(a * a, -1))
+        if m == 2:
+            transformed = _input_transform_2x2(tiles).reshape(a * a, -1)
+        else:
+            transformed = torch.mm(input_transform, tiles.reshape(a * a, -1))
         weight = self._weight_in_transform_domain()
         per_group_in = channels // self.groups
         per_group_out = self.out_channels // self.groups
@@ -248,9 +268,36 @@ class WinogradConv2d(nn.Module):
                 weight.reshape(a * a, self.groups, per_group_out, per_group_in),
                 transformed.reshape(a * a, self.groups, per_group_in, positions),
             )
-        y = torch.mm(output_transform, products.reshape(a * a, -1))
+        if m == 2:
+            y = _output_transform_2x2(products.reshape(a, a, -1))
+        else:
+            y = torch.mm(output_transform, products.reshape(a * a, -1))
         y = y.reshape(m, m, self.out_channels, batch, rows, columns).permute(3, 2, 4, 0, 5, 1)
         y = y.reshape(batch, self.out_channels, rows * m, columns * m)[:, :, :out_h, :out_w]
         if self.bias is not None:
             y = y + self.bias.reshape(1, -1, 1, 1)
         return y
+
+
+def _input_transform_2x2(tiles: torch.Tensor) -> torch.Tensor:
+    """``B^T d B`` for F(2x2,3x3) on tiles laid out (4, 4, ...): rows, then columns, by additions.
+
+    B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]: each output row is one
+    difference or sum of two input rows (16 additions per tile for the rows, 16 for the columns).
+    """
+    d0, d1, d2, d3 = tiles[0], tiles[1], tiles[2], tiles[3]
+    rows = torch.stack([d0 - d2, d1 + d2, d2 - d1, d1 - d3])
+    e0, e1, e2, e3 = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+    return torch.stack([e0 - e2, e1 + e2, e2 - e1, e1 - e3], dim=1)
+
+
+def _output_transform_2x2(products: torch.Tensor) -> torch.Tensor:
+    """``A^T M A`` for F(2x2,3x3) on products laid out (4, 4, ...), giving (2, 2, ...).
+
+    A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]: two additions per output row entry (16 per tile for the
+    rows), then the same on the columns of the two rows (8 per tile).
+    """
+    m0, m1, m2, m3 = products[0], products[1], products[2], products[3]
+    rows = torch.stack([m0 + m1 + m2, m1 - m2 - m3])
+    r0, r1, r2, r3 = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+    return torch.stack([r0 + r1 + r2, r1 - r2 - r3], dim=1)

@@ -7,10 +7,11 @@ rewrite is exact up to float rounding: the block keeps the trained kernel and bi
 ``--rule separable --rule winograd:include=*.depthwise`` applies it to the depthwise half of a
 separable block.
 
-The cost is counted honestly: the MACs of the block are the transform-domain products plus the
-input and output transforms it computes (see layers/winograd.py), not the direct conv's MACs, so
-the report can show fewer *products* and still more MACs in all (depthwise convs: the transforms
-dominate). Whether it is faster is a question for ``--latency``.
+The cost is counted honestly (see layers/winograd.py): with F(2x2,3x3) the input and output
+transforms are additions of tensor slices, so the MACs are the transform-domain products alone
+and the additions are reported beside them (``additions_by_kind`` in the rewrite's notes); with
+F(4x4,3x3) the transforms multiply by 2, 4, 5 and 8 and are counted as MACs. Whether it is
+faster is a question for ``--latency``.
 """
 
 from __future__ import annotations
@@ -81,10 +82,22 @@ class WinogradRule(Rule):
         m, a = self.config.tile, self.config.tile + 2
         tiles = batch * -(-out_h // m) * -(-out_w // m)
         per_group_in = site.in_channels // int(site.module.groups)
+        macs = {"winograd_product": tiles * a * a * per_group_in * site.out_channels}
+        if m != 2:  # F(2x2,3x3) transforms by additions (see _additions)
+            macs["winograd_input_transform"] = tiles * site.in_channels * a**4
+            macs["winograd_output_transform"] = tiles * site.out_channels * m * m * a * a
+        return macs
+
+    def _additions(self, site: ConvSite) -> dict[str, int]:
+        """F(2x2,3x3)'s transform additions per call: 32 per tile and input channel, 24 per tile
+        and output channel (not MACs; reported beside them)."""
+        if self.config.tile != 2 or site.output_shape is None or len(site.output_shape) != 4:
+            return {}
+        batch, _, out_h, out_w = site.output_shape
+        tiles = batch * -(-out_h // 2) * -(-out_w // 2)
         return {
-            "winograd_product": tiles * a * a * per_group_in * site.out_channels,
-            "winograd_input_transform": tiles * site.in_channels * a**4,
-            "winograd_output_transform": tiles * site.out_channels * m * m * a * a,
+            "winograd_input_transform": tiles * site.in_channels * 32,
+            "winograd_output_transform": tiles * site.out_channels * 24,
         }
 
     def build(self, site: ConvSite) -> Replacement:
@@ -101,6 +114,7 @@ class WinogradRule(Rule):
             "algorithm": f"F({m}x{m},3x3)",
             # Per call on the example input; the filter transform is computed once per weight value.
             "macs_by_kind": breakdown,
+            "additions_by_kind": self._additions(site),
             "filter_transform_macs_once": site.out_channels * (site.in_channels // conv.groups) * (a * 9 + 3 * a * a),
         }
         if site.output_shape is not None:
