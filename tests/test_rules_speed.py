@@ -99,9 +99,12 @@ def test_winograd_counts_what_it_multiplies_by_hand_formula() -> None:
     # F(2x2,3x3)'s transforms are additions: the MACs are the products alone.
     assert result.records[0].macs_by_kind == {"winograd_product": 40 * 16 * 2 * 6}  # tiles x a^2 x Cin/g x Cout
     assert result.macs == 7_680
+    # Input: per image and channel, the row step is 4 additions per tile row (4) and padded column
+    # (2 x 5 + 2 = 12), the column step 16 per tile (20 per image): 192 + 320 = 512; x 2 x 4 = 4,096.
+    # Output: 24 per tile (16 on the rows, 8 on the columns) and output channel: 40 x 6 x 24 = 5,760.
     assert block.additions_breakdown(2, 7, 9) == {
-        "winograd_input_transform": 40 * 4 * 32,  # tiles x Cin x (16 row + 16 column additions) = 5,120
-        "winograd_output_transform": 40 * 6 * 24,  # tiles x Cout x (16 row + 8 column additions) = 5,760
+        "winograd_input_transform": 2 * 4 * (4 * 4 * 12 + 16 * 20),
+        "winograd_output_transform": 40 * 6 * 24,
     }
     # F(4x4,3x3) on 1 x 3 x 10 x 10, no padding, depthwise: 8x8 outputs -> 2 x 2 tiles of 4x4, a = 6.
     depthwise = WinogradConv2d(3, 3, padding=0, groups=3, tile=4)
@@ -137,14 +140,21 @@ def test_winograd_declared_count_agrees_with_flop_counter_mode(groups: int, dept
 
 
 def test_winograd_2x2_transforms_by_additions_are_lavin_and_grays_matrices() -> None:
-    """Oracle: B^T d B and A^T M A as matrix products with the paper's matrices, in float64."""
+    """Oracle: B^T d B on each 4x4 tile (cut out by hand at stride 2) and A^T M A as matrix
+    products with the paper's matrices, in float64."""
     from convrewrite.layers.winograd import _input_transform_2x2, _output_transform_2x2
 
     b_t = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64)
     a_t = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
-    d = torch.randn(4, 4, 3, 5, dtype=torch.float64)
-    expected = torch.einsum("ik,klcn,jl->ijcn", b_t, d, b_t)
-    assert torch.equal(_input_transform_2x2(d), expected)  # sums of two +-1 terms: exact
+    rows, columns = 3, 4
+    image = torch.randn(2, 3, 2 * rows + 2, 2 * columns + 2, dtype=torch.float64)  # (C, N, H, W)
+    got = _input_transform_2x2(image, rows, columns)
+    assert got.shape == (16, 2, 3, rows, columns)
+    for r in range(rows):
+        for c in range(columns):
+            tile = image[:, :, 2 * r : 2 * r + 4, 2 * c : 2 * c + 4]
+            expected = torch.einsum("ik,cnkl,jl->ijcn", b_t, tile, b_t).reshape(16, 2, 3)
+            assert torch.equal(got[:, :, :, r, c], expected)  # sums of two +-1 terms: exact
     products = torch.randn(4, 4, 7, dtype=torch.float64)
     torch.testing.assert_close(
         _output_transform_2x2(products), torch.einsum("ik,klc,jl->ijc", a_t, products, a_t), rtol=1e-15, atol=1e-15

@@ -7,9 +7,10 @@ For m = 2 that is 16 products per tile and channel pair instead of 36; for m = 4
 instead of 144. The transforms are not free, and this block says what it really does:
 
 * F(2x2,3x3) (``tile=2``, the default): B^T and A^T hold only 0 and +-1, so both transforms are
-  additions of tensor slices (no multiplication at all): B^T d B is 32 additions per tile and
-  input channel (16 for the rows, 16 for the columns), A^T M A 24 per tile and output channel
-  (16 + 8). Its MACs are the products alone; the additions are reported apart
+  additions of tensor slices (no multiplication at all). B^T d B runs on strided slices of the
+  whole image: the row step once per tile row (overlapping tiles share it, 4 additions per tile
+  row and padded column), the column step per tile (16); A^T M A is 24 additions per tile and
+  output channel (16 + 8). Its MACs are the products alone; the additions are reported apart
   (``additions_breakdown``).
 * F(4x4,3x3) (``tile=4``): B^T and A^T hold 2, 4, 5 and 8, so the transforms stay matrix products,
   counted as MACs: ``kron(B^T, B^T)`` (a*a, a*a) times the tiles, a^4 MACs per tile and input
@@ -209,14 +210,16 @@ class WinogradConv2d(nn.Module):
 
     def additions_breakdown(self, batch: int, height: int, width: int) -> dict[str, int]:
         """Additions (and subtractions) of one call that are not part of a MAC, by kind: the
-        F(2x2,3x3) transforms (32 per tile and input channel, 24 per tile and output channel).
-        Summing the products over input channels is counted in the MACs; the bias is not counted."""
+        F(2x2,3x3) transforms. Input, per input channel and image: 4 per tile row and padded image
+        column (the row step, 2 columns + 2 of them) plus 16 per tile (the column step); output,
+        per output channel: 24 per tile (16 + 8). Summing the products over input channels is
+        counted in the MACs; the bias is not counted."""
         if self.tile != 2:
             return {}
         _, _, rows, columns = self.tiles_for(height, width)
         tiles = batch * rows * columns
         return {
-            "winograd_input_transform": tiles * self.in_channels * 32,
+            "winograd_input_transform": batch * self.in_channels * (4 * rows * (2 * columns + 2) + 16 * rows * columns),
             "winograd_output_transform": tiles * self.out_channels * 24,
         }
 
@@ -239,21 +242,23 @@ class WinogradConv2d(nn.Module):
         rows, columns = -(-out_h // m), -(-out_w // m)
         # Zero rows and columns up to whole tiles; they only reach outputs that are cropped away.
         x = F.pad(x, (pad_w, columns * m + 2 - width - pad_w, pad_h, rows * m + 2 - height - pad_h))
-        # Overlapping a x a tiles at stride m, as a view (N, C, rows, columns, a, a); one copy lays
-        # them out as (a*a, C, N, rows, columns): channels first, grouped for the products.
-        if torch.jit.is_tracing():
-            # The TorchScript ONNX exporter cannot convert unfold of a padded tensor: strided slices.
-            x = x.transpose(0, 1)
-            tiles = torch.stack(
-                [x[:, :, i : i + m * rows : m, j : j + m * columns : m] for i in range(a) for j in range(a)]
-            )
-        else:
-            tiles = x.unfold(2, a, m).unfold(3, a, m).permute(4, 5, 1, 0, 2, 3)
         positions = batch * rows * columns
-        input_transform, _, output_transform = winograd_transforms(m, x.dtype, x.device)
         if m == 2:
-            transformed = _input_transform_2x2(tiles).reshape(a * a, -1)
+            # B^T d B by additions of strided slices of the whole (C, N, H, W) image: the row
+            # step runs once per tile row (overlapping tiles share it), the column step per tile.
+            transformed = _input_transform_2x2(x.transpose(0, 1), rows, columns).reshape(a * a, -1)
         else:
+            # Overlapping a x a tiles at stride m, as a view (N, C, rows, columns, a, a); one copy
+            # lays them out as (a*a, C, N, rows, columns): channels first, grouped for the products.
+            if torch.jit.is_tracing():
+                # The TorchScript ONNX exporter cannot convert unfold of a padded tensor: strided slices.
+                x = x.transpose(0, 1)
+                tiles = torch.stack(
+                    [x[:, :, i : i + m * rows : m, j : j + m * columns : m] for i in range(a) for j in range(a)]
+                )
+            else:
+                tiles = x.unfold(2, a, m).unfold(3, a, m).permute(4, 5, 1, 0, 2, 3)
+            input_transform, _, output_transform = winograd_transforms(m, x.dtype, x.device)
             transformed = torch.mm(input_transform, tiles.reshape(a * a, -1))
         weight = self._weight_in_transform_domain()
         per_group_in = channels // self.groups
@@ -271,6 +276,7 @@ class WinogradConv2d(nn.Module):
         if m == 2:
             y = _output_transform_2x2(products.reshape(a, a, -1))
         else:
+            _, _, output_transform = winograd_transforms(m, x.dtype, x.device)
             y = torch.mm(output_transform, products.reshape(a * a, -1))
         y = y.reshape(m, m, self.out_channels, batch, rows, columns).permute(3, 2, 4, 0, 5, 1)
         y = y.reshape(batch, self.out_channels, rows * m, columns * m)[:, :, :out_h, :out_w]
@@ -279,16 +285,20 @@ class WinogradConv2d(nn.Module):
         return y
 
 
-def _input_transform_2x2(tiles: torch.Tensor) -> torch.Tensor:
-    """``B^T d B`` for F(2x2,3x3) on tiles laid out (4, 4, ...): rows, then columns, by additions.
+def _input_transform_2x2(x: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """``B^T d B`` for F(2x2,3x3) on every 4x4 tile of ``x`` (C, N, 2 rows + 2, 2 columns + 2) at
+    stride 2, by additions: (16, C, N, rows, columns), entry ``4 i + j`` the tile's (i, j).
 
-    B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]: each output row is one
-    difference or sum of two input rows (16 additions per tile for the rows, 16 for the columns).
+    B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]: each transformed row is one
+    sum or difference of two rows. Done on strided slices of the image, the row step costs 4
+    additions per tile row and image column, the column step 16 per tile.
     """
-    d0, d1, d2, d3 = tiles[0], tiles[1], tiles[2], tiles[3]
-    rows = torch.stack([d0 - d2, d1 + d2, d2 - d1, d1 - d3])
-    e0, e1, e2, e3 = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
-    return torch.stack([e0 - e2, e1 + e2, e2 - e1, e1 - e3], dim=1)
+    d0, d1, d2, d3 = (x[:, :, k : k + 2 * rows : 2] for k in range(4))
+    transformed = []
+    for t in (d0 - d2, d1 + d2, d2 - d1, d1 - d3):
+        e0, e1, e2, e3 = (t[..., k : k + 2 * columns : 2] for k in range(4))
+        transformed += [e0 - e2, e1 + e2, e2 - e1, e1 - e3]
+    return torch.stack(transformed)
 
 
 def _output_transform_2x2(products: torch.Tensor) -> torch.Tensor:

@@ -89,15 +89,15 @@ class WinogradRule(Rule):
         return macs
 
     def _additions(self, site: ConvSite) -> dict[str, int]:
-        """F(2x2,3x3)'s transform additions per call: 32 per tile and input channel, 24 per tile
-        and output channel (not MACs; reported beside them)."""
+        """F(2x2,3x3)'s transform additions per call (not MACs; reported beside them), as the
+        block counts them (``WinogradConv2d.additions_breakdown``)."""
         if self.config.tile != 2 or site.output_shape is None or len(site.output_shape) != 4:
             return {}
         batch, _, out_h, out_w = site.output_shape
-        tiles = batch * -(-out_h // 2) * -(-out_w // 2)
+        rows, columns = -(-out_h // 2), -(-out_w // 2)
         return {
-            "winograd_input_transform": tiles * site.in_channels * 32,
-            "winograd_output_transform": tiles * site.out_channels * 24,
+            "winograd_input_transform": batch * site.in_channels * (4 * rows * (2 * columns + 2) + 16 * rows * columns),
+            "winograd_output_transform": batch * rows * columns * site.out_channels * 24,
         }
 
     def build(self, site: ConvSite) -> Replacement:
