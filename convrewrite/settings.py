@@ -181,6 +181,15 @@ def _schema() -> tuple[Setting, ...]:
             group="data",
         ),
         Setting(
+            "fitted-weights",
+            "path",
+            "OUT.fitted-checkpoint directory an earlier apply kept when its write failed after fitting: "
+            "load those weights instead of fitting again.",
+            commands=("apply",),
+            per_model=False,
+            group="data",
+        ),
+        Setting(
             "fit-steps",
             "int",
             "Gradient steps per rewritten layer when fitting (closed-form solves come on top).",

@@ -346,3 +346,186 @@ def test_rule_submodules_and_unknown_names_are_not_deprecated_api() -> None:
     assert separable.__name__ == "convrewrite.rules.separable"
     with pytest.raises(ImportError):
         from convrewrite.rules import NoSuchName  # noqa: F401
+
+
+# ------------------------------------------------------------------ 4. failures after the work
+
+UNWRITABLE_MODEL = """
+    import torch
+    from torch import nn
+
+    INPUT_SHAPE = (1, 3, 16, 16)
+
+
+    class Settings:
+        '''A configuration object with no literal form: model.py cannot rebuild a class that keeps it.'''
+
+        scale = 1.0
+
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.settings = Settings()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            if x.mean() > 100:  # data-dependent: an untraceable leaf, rebuilt from its attributes
+                return x
+            return self.conv(x) * self.settings.scale
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.gate = Gate()
+
+        def forward(self, x):
+            return self.gate(self.stem(x)).mean(dim=(2, 3))
+
+
+    def build_model():
+        return Net()
+"""
+
+
+def _calibration(tmp_path: Path, count: int = 48) -> Path:
+    path = tmp_path / "calib.pt"
+    torch.save(torch.randn(count, 3, 16, 16, generator=torch.Generator().manual_seed(0)), path)
+    return path
+
+
+def _no_fitting(monkeypatch: pytest.MonkeyPatch) -> None:
+    import convrewrite.engine.stages.fit as fit_stage
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("fitting ran")
+
+    monkeypatch.setattr(fit_stage, "fit_layers", refuse)
+
+
+def test_apply_on_a_model_whose_export_cannot_work_fails_before_fitting(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    model_file = _write(tmp_path, "unwritable.py", UNWRITABLE_MODEL)
+    data = _calibration(tmp_path)
+    _no_fitting(monkeypatch)
+    out = tmp_path / "out"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    start = time.perf_counter()
+    result = cli("apply", model_file, "--rule", "separable", "--data", data, "--out", out)
+    assert time.perf_counter() - start < 60
+    assert result.code == 3, result.err
+    assert "export-check" in result.err or "checked before any fitting" in result.err
+    assert "'settings' holds a Settings, which has no literal form" in result.err
+    assert "AssertionError" not in result.err and "Traceback" not in result.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no scratch left
+
+
+def test_a_write_that_fails_after_fitting_keeps_the_fitted_weights_and_says_how_to_continue(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shlex
+    import sys
+
+    from safetensors.torch import load_file
+
+    import convrewrite.export.writer as writer
+
+    tiny = Path(__file__).resolve().parent / "assets" / "tiny.py"
+    data = _calibration(tmp_path)
+    out = tmp_path / "out"
+    args = ["apply", str(tiny), "--rule", "separable", "--data", str(data), "--fit-steps", "5", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["convrewrite", *args])
+    real_move = writer.move_into_place
+
+    def disk_full(staging: Path, directory: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "move_into_place", disk_full)
+    failed = cli(*args)
+    assert failed.code == 3, failed.err
+    checkpoint = tmp_path / "out.fitted-checkpoint"
+    assert not out.exists()
+    assert f"the fitted weights are kept in {checkpoint}" in failed.err
+    assert "No space left on device" in failed.err
+    command = failed.err.split("to write them without fitting again: ", 1)[1].strip().split("\n")[0]
+    parts = shlex.split(command)
+    assert parts[:1] == ["convrewrite"] and parts[-2:] == ["--fitted-weights", str(checkpoint)]
+    kept = load_file(str(checkpoint / "fitted.safetensors"))
+
+    # Continue: the printed command, with the disk back; fitting must not run again.
+    monkeypatch.setattr(writer, "move_into_place", real_move)
+    _no_fitting(monkeypatch)
+    resumed = cli(*parts[1:])
+    assert resumed.code == 0, resumed.err
+    written = load_file(str(out / "weights.safetensors"))
+    assert set(written) <= set(kept)
+    for name, tensor in written.items():
+        assert torch.equal(tensor, kept[name]), name
+    # The kept weights are the fitted ones, not the plain transfer: a run without data differs.
+    plain = cli("apply", tiny, "--rule", "separable", "--out", tmp_path / "plain")
+    assert plain.code == 0, plain.err
+    transfer = load_file(str(tmp_path / "plain" / "weights.safetensors"))
+    assert any(not torch.equal(transfer[name], kept[name]) for name in transfer)
+
+
+def test_fitted_weights_that_do_not_fit_the_model_are_a_usage_error(cli: Any, tmp_path: Path) -> None:
+    from convrewrite.recovery.resume import save_fitted
+
+    checkpoint = save_fitted(tmp_path / "kept", nn.Sequential(nn.Conv2d(3, 4, 3)), ["separable"])
+    tiny = Path(__file__).resolve().parent / "assets" / "tiny.py"
+    result = cli("apply", tiny, "--rule", "separable", "--fitted-weights", checkpoint, "--out", tmp_path / "out")
+    assert result.code == 2, result.err
+    assert "does not fit the rewritten model" in result.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_distillation_whose_write_fails_keeps_its_last_step_and_continues_without_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    import convrewrite.recovery.distill_job as distill_job
+    from convrewrite.errors import ModelError
+    from convrewrite.export.writer import CHECKPOINT_DIR
+    from convrewrite.recovery.batches import TensorBatches
+    from convrewrite.recovery.checkpoint import load_checkpoint
+    from convrewrite.recovery.distill import DistillConfig
+
+    tiny = Path(__file__).resolve().parent / "assets" / "tiny.py"
+    result = analyse(load_model(str(tiny)), [make_rule("separable")])
+    out = tmp_path / "out"
+    write_apply_output(result, build_report(result), out)
+    teacher = load_model(str(tiny)).model
+    data = TensorBatches((torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(1)),), batch_size=8)
+    config = DistillConfig(steps=6, checkpoint_every=100)
+    command = f"convrewrite distill {out} --teacher {tiny} --data calib.pt --steps 6"
+    real_write = distill_job._write_distilled
+
+    def disk_full(*args: Any, **kwargs: Any) -> float:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(distill_job, "_write_distilled", disk_full)
+    with pytest.raises(ModelError) as caught:
+        distill_job.distill_output(out, teacher, data, config, progress="none", resume_command=command)
+    message = caught.value.one_line()
+    assert f"the distilled weights are kept in {out / CHECKPOINT_DIR}" in message
+    assert f"to write them without distilling again: {command}" in message
+    kept = load_checkpoint(out / CHECKPOINT_DIR)
+    assert kept.step == 6  # the last step, not an older one
+
+    # Continue: the same call; no optimizer step may run again.
+    monkeypatch.setattr(distill_job, "_write_distilled", real_write)
+    steps_taken: list[int] = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps_taken.append(1) or real_step(self))
+    job = distill_job.distill_output(out, teacher, data, config, progress="none", resume_command=command)
+    assert steps_taken == [] and job.resumed_from_step == 6
+    written = load_file(str(out / "weights.safetensors"))
+    best = kept.best if kept.best is not None else kept.student
+    for name, tensor in written.items():
+        assert torch.equal(tensor, best[name]), name

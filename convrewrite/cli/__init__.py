@@ -240,7 +240,6 @@ def apply(
 
 def _apply(job: Any, out: Path, force: bool, fmt: str, width: int | None, session: Any) -> int:
     """apply's work once settings are resolved: rewrite (and fit), write, then distil the written output."""
-    from convrewrite.export.writer import write_apply_output
     from convrewrite.gate.job import run_job
     from convrewrite.report.builder import build_report
     from convrewrite.report.model import Report
@@ -253,7 +252,10 @@ def _apply(job: Any, out: Path, force: bool, fmt: str, width: int | None, sessio
     report_data = build_report(result)
     written = None
     if session.is_main:
-        written = write_apply_output(result, report_data, out, force=force, exports=job.get("export", []))
+        from convrewrite.recovery.resume import write_or_keep_fitted
+
+        # A failure after fitting keeps the fitted weights and prints the command that continues.
+        written = write_or_keep_fitted(result, report_data, out, force=force, exports=job.get("export", []))
     session.barrier()
     if steps > 0 and result.rewrites:
         from convrewrite.engine.stages.distill import distill_config

@@ -8,7 +8,10 @@ The built-in stages, in order (``engine/stages/``, one file each):
    ensure the rewritten layers keep their output shapes.
 4. ``verify``: re-trace the rewritten model (``graph.lint()``, ``recompile()``) and check that
    every node and the output keep their shapes.
-5. ``fit`` / ``distill`` (with calibration data): win the accuracy back.
+   ``export-check`` (``apply`` only): write, reload and compare the export in a scratch
+   directory now, so a model that cannot be written fails before any fitting.
+5. ``fit`` / ``distill`` (with calibration data): win the accuracy back (``fitted-weights``
+   instead of ``fit``: load what an earlier, failed ``apply`` fitted and kept).
 6. ``fidelity``: output error against the original (on held-out data when there is data) and
    each rewritten layer's relative kernel error.
 7. ``latency`` (when asked): the original and the rewritten model timed side by side.

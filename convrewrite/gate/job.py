@@ -191,6 +191,8 @@ def run_job(job: Job, *, distill_after_write: bool = False) -> Any:
     data = open_data(job, loaded) if rules else None
     settings = job.settings_values()
     settings["distill_after_write"] = distill_after_write
+    # apply writes: its export is tried right after the rewrite, before fitting (stage export-check).
+    settings["export_check"] = job.command == "apply"
     if distill_after_write:
         settings["keep_reference"] = True  # the teacher
     return analyse(loaded, rules, data=data, settings=settings)

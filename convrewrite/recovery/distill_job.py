@@ -180,7 +180,13 @@ def distill_output(
             dist.broadcast_object_list(holder, src=0)
             failure = holder[0]
         if failure is not None:
-            raise ModelError(f"could not write the distilled model: {failure}")
+            # The last step's checkpoint is on disk (distill writes one at the end): running
+            # the same command again loads it, does no more steps and only writes.
+            continue_with = resume_command or "the same call again"
+            raise ModelError(
+                f"could not write the distilled model: {failure}; the distilled weights are kept in {checkpoint_dir}",
+                hint=f"to write them without distilling again: {continue_with}",
+            )
     student.to("cpu").eval()
     return DistillJobResult(source, target, resumed_from, result, session.is_main, reload_error, student)
 

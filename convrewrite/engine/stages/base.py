@@ -8,8 +8,8 @@ stage runs once per rule). Adding a stage is adding one file to this package (ev
 is imported when the pipeline plans), or registering a class from a plugin through the
 ``convrewrite.stages`` entry-point group.
 
-Orders of the built-in stages: profile 100, trace 200, rewrite 300, verify 400, fit 500,
-distill 600, fidelity 700, latency 800.
+Orders of the built-in stages: profile 100, trace 200, rewrite 300, verify 400, export-check 450
+(apply only), fit or fitted-weights 500, distill 600, fidelity 700, latency 800.
 """
 
 from __future__ import annotations

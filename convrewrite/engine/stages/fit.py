@@ -64,7 +64,7 @@ class FitStage(Stage):
     @classmethod
     def plan(cls, state: RunState) -> list[Stage]:
         wanted = state.data is not None and bool(state.rules) and state.setting("fit", True)
-        return [cls()] if wanted else []
+        return [cls()] if wanted and not state.setting("fitted-weights") else []
 
     def run(self, state: RunState) -> StageOutcome:
         assert state.reference is not None and state.data is not None
@@ -96,3 +96,28 @@ class FitStage(Stage):
             before, after = transfer.output_relative_error, fitted.output_relative_error
             summary += f"; held-out output error {before:.3g} -> {after:.3g}"
         return StageOutcome(True, summary)
+
+
+@register_stage
+class FittedWeightsStage(Stage):
+    """``apply --fitted-weights DIR``: the weights an earlier run fitted and kept when its write
+    failed (``recovery/resume.py``) are loaded into the rewritten model instead of fitting."""
+
+    name = "fitted-weights"
+    order = 500
+    requires = ("after",)
+    ensures = ("after",)
+
+    @classmethod
+    def plan(cls, state: RunState) -> list[Stage]:
+        return [cls()] if state.rules and state.setting("fitted-weights") else []
+
+    def run(self, state: RunState) -> StageOutcome:
+        from pathlib import Path
+
+        from convrewrite.recovery.resume import load_fitted
+
+        directory = Path(str(state.setting("fitted-weights")))
+        count = load_fitted(directory, state.model)
+        state.after = state.current = run_profile(state.model, state.loaded.inputs, "the fitted model")
+        return StageOutcome(True, f"{count} tensor(s) loaded from {directory} (fitted by an earlier run)")
