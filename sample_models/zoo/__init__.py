@@ -119,6 +119,29 @@ ZOO: tuple[ZooModel, ...] = (
         leaves=("clip",),
         needs_site=True,
     ),
+    ZooModel(
+        "crnn",
+        "crnn.py",
+        ((1, 1, 32, 40),),
+        "CRNN: conv stack, then a 2-layer bidirectional batch_first nn.LSTM per column (constructor call in model.py)",
+        separable_rewrites=("cnn.2.0", "cnn.4.0"),
+    ),
+    ZooModel(
+        "wrapped_function",
+        "wrapped_function.py",
+        ((1, 3, 16, 16),),
+        "stochastic depth wrapped by torch.fx.wrap (module-level wrap in model.py) on weight-standardized convs",
+        separable_rewrites=("stem", "blocks.0.conv", "blocks.1.conv"),
+    ),
+    ZooModel(
+        "private_attribute",
+        "private_attribute.py",
+        ((1, 3, 16, 16),),
+        "a GroupNorm1 with a private cached flag (_fast_norm) inside an untraceable block",
+        trace="fx+leaves",
+        leaves=("guard",),
+        separable_rewrites=("stem", "guard.conv"),
+    ),
 )
 
 
