@@ -153,6 +153,19 @@ def _transformer_layer_arguments(module: nn.Module) -> dict[str, Any]:
     }
 
 
+def _constructor_defaults(cls: type[nn.Module]) -> dict[str, Any]:
+    """The default of every keyword of ``cls``'s constructor (``RNNBase``'s for LSTM, GRU, RNN)."""
+    function = nn.RNNBase.__init__ if issubclass(cls, nn.RNNBase) else cls.__init__
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    if issubclass(cls, nn.RNN):
+        defaults["nonlinearity"] = "tanh"
+    return defaults
+
+
 #: torch modules whose constructor arguments are not attributes of the same names: how to read
 #: them back. The call written from them is still checked (built on the meta device, compared).
 _CONSTRUCTOR_ARGUMENTS: dict[type[nn.Module], Any] = {
@@ -260,7 +273,10 @@ class SourceWriter:
         """``reference(name=value, ...)``; a function argument (an activation) is written as an
         imported name. None when a value has neither a literal form nor an importable name."""
         keywords: list[str] = []
+        defaults = _constructor_defaults(type(module))
         for name, value in arguments.items():
+            if name in defaults and type(defaults[name]) is type(value) and defaults[name] == value:
+                continue  # as a person writes it: only what differs from the defaults
             if _is_literal(value):
                 keywords.append(f"{name}={_literal(value)}")
                 continue
