@@ -529,3 +529,26 @@ def test_a_distillation_whose_write_fails_keeps_its_last_step_and_continues_with
     best = kept.best if kept.best is not None else kept.student
     for name, tensor in written.items():
         assert torch.equal(tensor, best[name]), name
+
+
+def test_with_export_onnx_the_onnx_export_is_also_tried_before_fitting(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("onnxruntime")
+    import convrewrite.export.onnx as onnx_export
+    from convrewrite.errors import ModelError
+
+    calls: list[str] = []
+
+    def unsupported(model: Any, inputs: Any, path: Path, **kwargs: Any) -> Any:
+        calls.append(str(path))
+        raise ModelError("torch.onnx.export failed: aten::frobnicate is not supported")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", unsupported)
+    _no_fitting(monkeypatch)
+    tiny = Path(__file__).resolve().parent / "assets" / "tiny.py"
+    out = tmp_path / "out"
+    result = cli("apply", tiny, "--rule", "separable", "--data", _calibration(tmp_path), "--export", "onnx", "--out", out)
+    assert result.code == 3, result.err
+    assert "(onnx export, checked before any fitting): torch.onnx.export failed" in result.err
+    assert len(calls) == 1 and not out.exists()
