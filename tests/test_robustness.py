@@ -548,7 +548,8 @@ def test_with_export_onnx_the_onnx_export_is_also_tried_before_fitting(
     _no_fitting(monkeypatch)
     tiny = Path(__file__).resolve().parent / "assets" / "tiny.py"
     out = tmp_path / "out"
-    result = cli("apply", tiny, "--rule", "separable", "--data", _calibration(tmp_path), "--export", "onnx", "--out", out)
+    data = _calibration(tmp_path)
+    result = cli("apply", tiny, "--rule", "separable", "--data", data, "--export", "onnx", "--out", out)
     assert result.code == 3, result.err
     assert "(onnx export, checked before any fitting): torch.onnx.export failed" in result.err
     assert len(calls) == 1 and not out.exists()
