@@ -2,7 +2,8 @@
 
 ``export_onnx`` writes the model with ``torch.onnx.export`` to a temporary file beside the target,
 checks it (``onnx.checker``), runs it in ONNX Runtime's CPU provider on the example input and
-compares with the torch model under the same tolerance as ``apply``'s reload check. Only then does
+compares with the torch model element-wise (``RTOL``, ``ATOL``; apply's reload check of model.py
+scales its tolerance to each output instead, see ``core.compare.scaled_difference``). Only then does
 the file move into place (``os.replace``), and the file in place is read back and must be the bytes
 that were verified. A model that cannot be exported or does not match raises ``ModelError`` (exit
 3) with one line, and nothing is written.
