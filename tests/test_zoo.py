@@ -116,7 +116,8 @@ class Inventory:
 
 def unseen_elementwise_products(result: EngineResult) -> int:
     """MACs FlopCounterMode cannot see: a depthwise Winograd block multiplies elementwise in the
-    transform domain (its transforms are matmuls, which it does see). Hand formula per call:
+    transform domain (F(2x2)'s transforms are additions, not MACs; a dense block's products are a
+    matmul, which it does see). Hand formula per call:
     tiles x a^2 x Cout, a = tile + 2, tiles = N x ceil(Ho / tile) x ceil(Wo / tile)."""
     assert result.after is not None
     total = 0
