@@ -138,6 +138,8 @@ RECURRENT_MODEL = """
             self.cell = nn.GRUCell(3, 4)
             self.attention = nn.MultiheadAttention(4, 2, batch_first=True, add_bias_kv=True)
             self.encoder = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, activation="gelu", batch_first=True)
+            layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=True, norm_first=True)
+            self.stack = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(4), enable_nested_tensor=False)
 
         def forward(self, x):
             x = self.guard(self.conv(x))
@@ -148,7 +150,7 @@ RECURRENT_MODEL = """
             x, _ = self.rnn(x)
             h = self.cell(x[:, -1])
             y, _ = self.attention(h.unsqueeze(1), h.unsqueeze(1), h.unsqueeze(1))
-            return self.encoder(y)
+            return self.stack(self.encoder(y))
 
 
     def build_model():
