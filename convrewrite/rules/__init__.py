@@ -39,8 +39,15 @@ DEPRECATED_API_NAMES = (
 
 def deprecated_api_name(old_module: str, name: str) -> Any:
     """``name`` from ``convrewrite.rules.api``, with the warning that says where it moved."""
+    import sys
+
     from convrewrite.rules import api
 
+    caller = sys._getframe(2)  # 0: here, 1: the module's __getattr__, 2: who asked
+    if caller.f_code.co_filename.startswith("<frozen importlib"):
+        # ``from convrewrite.rules import X`` asks twice: the import system's hasattr (here),
+        # then the import statement itself, which gets the warning (once, at the user's line).
+        return getattr(api, name)
     warnings.warn(
         f"importing {name} from {old_module} is deprecated and will stop working in the next release; "
         f"import it from convrewrite.rules.api",
