@@ -246,7 +246,7 @@ def _apply(job: Any, out: Path, force: bool, fmt: str, width: int | None, sessio
     from convrewrite.report.views import render
 
     steps = int(job.get("distill", 0))
-    result = run_job(job, distill_after_write=steps > 0)
+    result = run_job(job, distill_after_write=steps > 0, writes_to=out)
     if steps > 0 and result.data is None:
         raise UsageError("--distill needs calibration data", hint="pass --data SPEC (or define calibration_data())")
     report_data = build_report(result)

@@ -179,10 +179,11 @@ def input_source_label(job: Job) -> str:
     return "--input-shape" if source == "command line" else f"input-shape in {source}"
 
 
-def run_job(job: Job, *, distill_after_write: bool = False) -> Any:
+def run_job(job: Job, *, distill_after_write: bool = False, writes_to: Path | None = None) -> Any:
     """Load and analyse (rewriting when the job has rules); returns the engine's run state.
 
     ``distill_after_write``: leave distillation to the caller (``apply`` distils the written output).
+    ``writes_to``: the directory ``apply`` will write; its export is tried beside it first.
     """
     from convrewrite.engine.pipeline import analyse
 
@@ -192,7 +193,8 @@ def run_job(job: Job, *, distill_after_write: bool = False) -> Any:
     settings = job.settings_values()
     settings["distill_after_write"] = distill_after_write
     # apply writes: its export is tried right after the rewrite, before fitting (stage export-check).
-    settings["export_check"] = job.command == "apply"
+    if job.command == "apply":
+        settings["export_check"] = str(Path(writes_to).resolve().parent) if writes_to is not None else True
     if distill_after_write:
         settings["keep_reference"] = True  # the teacher
     return analyse(loaded, rules, data=data, settings=settings)

@@ -9,8 +9,9 @@ exported and run in ONNX Runtime. A model whose export cannot work then fails in
 3, naming this stage) instead of after the fitting, and nothing is written: the temporary
 directory is removed either way.
 
-Planned only when the run will write (``settings["export_check"]``, which ``apply`` sets) and
-a rule is given.
+Planned only when the run will write (``settings["export_check"]``, which ``apply`` sets to the
+directory that will hold its output, where the scratch directory goes: the same file system as
+the real write) and a rule is given.
 """
 
 from __future__ import annotations
@@ -37,17 +38,22 @@ class ExportCheckStage(Stage):
     def run(self, state: RunState) -> StageOutcome:
         if not state.rewrites:
             return StageOutcome(False, "nothing was rewritten: nothing to export")
-        written = trial_export(state, list(state.setting("export", []) or []))
+        where = state.setting("export_check")
+        beside = Path(where) if isinstance(where, str) and Path(where).is_dir() else None
+        written = trial_export(state, list(state.setting("export", []) or []), beside)
         return StageOutcome(False, f"{', '.join(written)} written, reloaded and matched in a scratch directory")
 
 
-def trial_export(state: RunState, exports: list[str]) -> list[str]:
+def trial_export(state: RunState, exports: list[str], beside: Path | None = None) -> list[str]:
     """Run the exporters ``apply`` will run (``exports``: its ``--export`` values) into a scratch
-    directory and remove it; returns the files they wrote. Raises ``ModelError`` when one fails."""
+    directory and remove it; returns the files they wrote. Raises ``ModelError`` when one fails.
+
+    ``beside``: the directory that will hold the output (an existing one), so the trial writes on
+    the same file system as the real write; otherwise the system's temporary directory."""
     from convrewrite.export.base import ExportContext, exporters_for
     from convrewrite.report.builder import build_report
 
-    scratch = Path(tempfile.mkdtemp(prefix="convrewrite-export-check-"))
+    scratch = Path(tempfile.mkdtemp(prefix=".convrewrite-export-check-", dir=beside))
     try:
         context = ExportContext(state, build_report(state))
         files: list[str] = []
