@@ -80,17 +80,6 @@ def _example_inputs(value: Any) -> Any:
     )
 
 
-def _rules(rules: Sequence[str | Rule], include: Sequence[str], exclude: Sequence[str], min_channels: int) -> list:
-    from convrewrite.rules.api import Rule, make_rule
-
-    built = []
-    for spec in rules:
-        rule = spec if isinstance(spec, Rule) else make_rule(spec)
-        rule.config = rule.config.with_defaults(include, exclude, min_channels)
-        built.append(rule)
-    return built
-
-
 def rewrite(
     module: nn.Module,
     rules: Sequence[str | Rule] = (),
@@ -122,7 +111,7 @@ def rewrite(
     """
     from convrewrite.core.loading import LoadedModel, forward_argument_names
     from convrewrite.engine.pipeline import analyse
-    from convrewrite.report.builder import build_report
+    from convrewrite.engine.report_builder import build_report
 
     inputs = _example_inputs(example_inputs)
     model = copy.deepcopy(module) if copy_module else module
@@ -142,7 +131,9 @@ def rewrite(
         source_file=Path(source) if source else None,
         user_module=user_module,
     )
-    built = _rules(rules, include, exclude, min_channels)
+    from convrewrite.commands.run import make_rules
+
+    built = make_rules(rules, include, exclude, min_channels)
     source = _calibration(data, loaded, holdout, batch_size) if data is not None and built else None
     settings = {
         "fit": fit,
@@ -174,9 +165,10 @@ def report(
     weights: str | None = None,
 ) -> Report:
     """Analyse a model file or spec (as on the command line), optionally rewritten by ``rules``."""
-    from convrewrite.gate.config import ProjectConfig, Value
-    from convrewrite.gate.job import make_job, run_job
-    from convrewrite.report.builder import build_report
+    from convrewrite.commands.run import run_job
+    from convrewrite.config.job import make_job
+    from convrewrite.config.project import ProjectConfig, Value
+    from convrewrite.engine.report_builder import build_report
 
     job = make_job("report", {"model": model, "rules": list(rules), "weights": weights}, ProjectConfig())
     if input_shapes:

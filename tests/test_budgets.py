@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from convrewrite.config.project import ProjectConfig
 from convrewrite.errors import UsageError
 from convrewrite.gate.budgets import (
     METRICS,
@@ -20,7 +21,6 @@ from convrewrite.gate.budgets import (
     parse_budgets,
     with_command_line,
 )
-from convrewrite.gate.config import ProjectConfig
 
 PARAMS = METRICS["params"]
 BYTES = METRICS["param-bytes"]
@@ -227,7 +227,7 @@ def test_command_line_budget_errors(args: tuple[object, ...], message: str) -> N
 
 def test_the_projects_own_budget_config_is_valid() -> None:
     """The dogfood gate of .ci/run: both sample models, with budgets (parsed without torch)."""
-    from convrewrite.gate.config import load_project_config
+    from convrewrite.config.project import load_project_config
 
     pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
     top, named = config_targets(load_project_config(pyproject))

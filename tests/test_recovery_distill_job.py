@@ -15,15 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from convrewrite.commands.distill import distill_output, rewritten_layers
 from convrewrite.core.loading import load_model
 from convrewrite.engine.pipeline import analyse
+from convrewrite.engine.report_builder import build_report
 from convrewrite.errors import UsageError
 from convrewrite.export.writer import CHECKPOINT_DIR, check_destination, write_apply_output
 from convrewrite.recovery.batches import Batch, TensorBatches
 from convrewrite.recovery.distill import DistillConfig
-from convrewrite.recovery.distill_job import distill_output, rewritten_layers
 from convrewrite.recovery.distributed import DistributedSession, distributed_session, torchrun_environment
-from convrewrite.report.builder import build_report
 from convrewrite.rules.api import make_rule
 
 TINY_SOURCE = """

@@ -39,7 +39,7 @@ class RunState:
     """Everything a report or an ``apply`` needs; ``loaded.model`` is rewritten in place.
 
     ``settings`` holds the resolved values the optional stages read (fitting, distillation,
-    latency: see ``convrewrite.settings``). ``sections`` holds their report sections (objects with
+    latency: see ``convrewrite.config.schema``). ``sections`` holds their report sections (objects with
     ``to_dict()``), under the key the JSON report uses; ``metrics`` holds named figures that
     ``convrewrite check`` can hold to a budget.
     """

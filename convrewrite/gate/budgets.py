@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from convrewrite import settings as schema
+from convrewrite.config import schema
+from convrewrite.config.project import ProjectConfig, _validate_common, display_path, normalized_keys
 from convrewrite.errors import UsageError
-from convrewrite.gate.config import ProjectConfig, _validate_common, display_path, normalized_keys
 
 LEVELS = ("error", "warn")
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convrewrite.commands.run import build_rules
+from convrewrite.config.job import Job, make_job
+from convrewrite.config.project import ProjectConfig, Value
 from convrewrite.errors import ConvRewriteError, UsageError
 from convrewrite.gate.budgets import (
     Budget,
@@ -24,8 +27,6 @@ from convrewrite.gate.budgets import (
     display_path,
     with_command_line,
 )
-from convrewrite.gate.config import ProjectConfig, Value
-from convrewrite.gate.job import Job, build_rules, make_job
 from convrewrite.report.model import Report
 
 CHECK_SCHEMA = "convrewrite.check/1"
@@ -490,8 +491,8 @@ def execute(
 ) -> CheckResult:
     """Load baselines, analyse every target once and evaluate its budgets."""
     baselines = resolve_baselines(planned)
-    from convrewrite.gate.job import run_job
-    from convrewrite.report.builder import build_report
+    from convrewrite.commands.run import run_job
+    from convrewrite.engine.report_builder import build_report
 
     checked: list[CheckedTarget] = []
     outcomes: list[Outcome] = []

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from convrewrite.gate.check import CheckedTarget, CheckResult, Outcome
-from convrewrite.report.views.registry import register_view, render_view, view_names
+from convrewrite.report.registry import register_view, render_view, view_names
 from convrewrite.report.views.text import md_row, shape_text
 
 STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
