@@ -1,6 +1,7 @@
 """The rewrite pipeline: plan the stages a run needs, then run them over one state.
 
-The built-in stages, in order (``engine/stages/``, one file each):
+The built-in stages run in the order of ``stages.base.STAGE_ORDER`` (``engine/stages/``, one file
+each; ``tests/test_import_floors.py`` checks that this list names them all, in that order):
 
 1. ``profile``: run the model once: shapes, parameters and MACs per module call.
 2. ``trace``: torch.fx graph with the leaf fallback, checked against the model.
@@ -11,7 +12,8 @@ The built-in stages, in order (``engine/stages/``, one file each):
 5. ``fit`` / ``distill`` (with calibration data): win the accuracy back.
 6. ``fidelity``: output error against the original (on held-out data when there is data) and
    each rewritten layer's relative kernel error.
-7. ``latency`` (when asked): the original and the rewritten model timed side by side.
+7. ``evaluate`` (when the model file defines ``evaluate()``): the user's metric, before and after.
+8. ``latency`` (when asked): the original and the rewritten model timed side by side.
 
 The runner checks each stage's ``requires`` before and ``ensures`` after it, times it, and names
 it when it fails.

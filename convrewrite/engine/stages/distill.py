@@ -7,7 +7,7 @@ warm-up and cosine schedule; the best state by held-out loss is kept). The repor
 ``distillation`` section.
 
 ``apply`` does not run this stage: it writes the fitted model first and distils the written
-output, with resumable checkpoints inside it (``recovery/distill_job.py``), so an interrupted run
+output, with resumable checkpoints inside it (``commands/distill.py``), so an interrupted run
 continues with ``convrewrite distill DIR``.
 """
 
@@ -39,7 +39,6 @@ def distill_config(settings: dict[str, Any], steps: int) -> DistillConfig:
 @register_stage
 class DistillStage(Stage):
     name = "distill"
-    order = 600
     requires = ("reference", "after", "data")
     ensures = ("after",)
     needs_reference = True

@@ -56,7 +56,6 @@ def _progress(state: RunState) -> Any:
 @register_stage
 class FitStage(Stage):
     name = "fit"
-    order = 500
     requires = ("reference", "after", "data")
     ensures = ("after",)
     needs_reference = True

@@ -41,7 +41,6 @@ def layer_cases(state: RunState) -> list[LayerCase]:
 @register_stage
 class LatencyStage(Stage):
     name = "latency"
-    order = 800
     requires = ("reference", "after")
     needs_reference = True
 

@@ -285,7 +285,6 @@ def apply_rule(
 @register_stage
 class RewriteStage(Stage):
     name = "rewrite"
-    order = 300
     requires = ("trace", "current")
     ensures = ("current",)
 
