@@ -43,13 +43,14 @@ def apply_job(job: Job, out: Path, force: bool, session: Any) -> ApplyOutcome:
     session.barrier()
     if steps > 0 and result.rewrites:
         from convrewrite.commands.distill import distill_output
+        from convrewrite.config.stages import DistillSettings
         from convrewrite.engine.stages.distill import distill_config
 
         outcome.distilled = distill_output(
             out,
             result.reference,
             result.data,
-            distill_config(job.settings_values(), steps),
+            distill_config(DistillSettings.from_values(job.settings_values())),
             device=session.device,
             layers=list(result.originals),
             resume_command=resume_command(job, out, steps),

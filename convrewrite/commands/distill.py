@@ -308,6 +308,7 @@ def distill_job(
     """
     from convrewrite.commands.apply import user_evaluate
     from convrewrite.commands.run import load_job_model, open_data
+    from convrewrite.config.stages import DistillSettings
     from convrewrite.engine.stages.distill import distill_config
 
     loaded = load_job_model(job, teacher)
@@ -319,7 +320,7 @@ def distill_job(
         directory,
         loaded.model,
         data,
-        distill_config(job.settings_values(), steps),
+        distill_config(DistillSettings.from_values(job.settings_values(), steps=steps)),
         device=device,
         out=out,
         force=force,

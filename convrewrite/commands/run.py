@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from convrewrite.config import schema
 from convrewrite.config.job import Job
+from convrewrite.config.stages import RunSettings
 
 
 def build_rules(job: Job) -> list[Any]:
@@ -48,10 +50,11 @@ def run_job(job: Job, *, distill_after_write: bool = False) -> Any:
     rules = build_rules(job)
     loaded = load_job_model(job, str(job["model"]))
     data = open_data(job, loaded) if rules else None
-    settings = job.settings_values()
-    settings["distill_after_write"] = distill_after_write
-    if distill_after_write:
-        settings["keep_reference"] = True  # the teacher
+    settings = RunSettings.from_values(
+        job.settings_values(),
+        keep_reference=distill_after_write,  # the teacher of the distillation after writing
+        distill_after_write=distill_after_write,
+    )
     return analyse(loaded, rules, data=data, settings=settings)
 
 
@@ -76,7 +79,7 @@ def open_data(job: Job, loaded: Any) -> Any:
     return open_calibration_data(
         job.get("data"),
         loaded,
-        holdout=job.get("holdout", 0.1),
+        holdout=job.get("holdout", schema.default("holdout")),
         # A DataLoader or stream keeps its own batches unless --batch-size is given.
         batch_size=job.get("batch-size") if job.source("batch-size") != "default" else None,
         mean=job.get("mean"),

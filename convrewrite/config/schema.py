@@ -310,6 +310,11 @@ SCHEMA: tuple[Setting, ...] = _schema()
 BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SCHEMA}
 
 
+def default(name: str) -> Any:
+    """The schema's default of setting ``name`` (the one place each default is written)."""
+    return BY_NAME[name].default
+
+
 def settings_for(command: str) -> list[Setting]:
     return [setting for setting in SCHEMA if setting.applies_to(command)]
 

@@ -22,9 +22,11 @@ it when it fails.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+from convrewrite.config.stages import RunSettings
 from convrewrite.core.loading import LoadedModel
 from convrewrite.core.threads import forward_work
 from convrewrite.engine.stages import Stage, discover_stages
@@ -42,7 +44,7 @@ def plan_stages(state: RunState) -> list[Stage]:
     for stage_class in discover_stages():
         planned.extend(stage_class.plan(state))
     if any(getattr(stage, "needs_reference", False) for stage in planned):
-        state.settings.setdefault("keep_reference", True)
+        state.settings = replace(state.settings, keep_reference=True)
     return planned
 
 
@@ -73,10 +75,15 @@ def analyse(
     rules: Sequence[Rule] = (),
     *,
     data: BatchSource | None = None,
-    settings: dict[str, Any] | None = None,
+    settings: RunSettings | Mapping[str, Any] | None = None,
 ) -> RunState:
-    """Profile and trace ``loaded.model``; with rules, rewrite it in place, verify and measure."""
-    state = RunState(loaded=loaded, rules=list(rules), data=data, settings=dict(settings or {}))
+    """Profile and trace ``loaded.model``; with rules, rewrite it in place, verify and measure.
+
+    ``settings``: typed, or the schema's names and values (unset ones take the schema's default).
+    """
+    if not isinstance(settings, RunSettings):
+        settings = RunSettings.from_values(settings)
     if data is not None:
-        state.settings.setdefault("keep_reference", True)
+        settings = replace(settings, keep_reference=True)
+    state = RunState(loaded=loaded, rules=list(rules), data=data, settings=settings)
     return run_stages(state, plan_stages(state))

@@ -13,27 +13,25 @@ continues with ``convrewrite distill DIR``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import cast
 
+from convrewrite.config.stages import DistillSettings
 from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
 from convrewrite.engine.stages.profile import run_profile
 from convrewrite.engine.state import RunState
 from convrewrite.recovery.device import resolve_device
-from convrewrite.recovery.distill import DistillConfig, distill
+from convrewrite.recovery.distill import DistillConfig, LossName, distill
 
 
-def distill_config(settings: dict[str, Any], steps: int) -> DistillConfig:
+def distill_config(settings: DistillSettings) -> DistillConfig:
     """The distillation settings of a run (``--distill-loss`` and friends) as a checked config."""
-    options: dict[str, Any] = {"steps": steps}
-    for setting, field in (
-        ("distill-loss", "loss"),
-        ("distill-temperature", "temperature"),
-        ("distill-lr", "lr"),
-        ("layer-weight", "layer_weight"),
-    ):
-        if settings.get(setting) is not None:
-            options[field] = settings[setting]
-    return DistillConfig(**options)
+    return DistillConfig(
+        steps=settings.steps,
+        loss=cast(LossName, settings.loss),
+        temperature=settings.temperature,
+        lr=settings.lr,
+        layer_weight=settings.layer_weight,
+    )
 
 
 @register_stage
@@ -45,15 +43,14 @@ class DistillStage(Stage):
 
     @classmethod
     def plan(cls, state: RunState) -> list[Stage]:
-        steps = int(state.setting("distill", 0))
-        wanted = state.data is not None and bool(state.rules) and steps > 0
-        return [cls()] if wanted and not state.settings.get("distill_after_write") else []
+        wanted = state.data is not None and bool(state.rules) and state.settings.distill.steps > 0
+        return [cls()] if wanted and not state.settings.distill_after_write else []
 
     def run(self, state: RunState) -> StageOutcome:
         assert state.reference is not None and state.data is not None
         if not state.originals:
             return StageOutcome(False, "nothing was rewritten: nothing to distill")
-        config = distill_config(state.settings, int(state.setting("distill")))
+        config = distill_config(state.settings.distill)
         # Hints compare each rewritten layer with the original module it stands for (fuse-bn: the
         # folded BatchNorm); a layer whose counterpart is ambiguous gets no hint.
         targets = state.output_of
@@ -63,10 +60,10 @@ class DistillStage(Stage):
             state.model,
             state.data,
             config,
-            device=resolve_device(state.setting("device")),
+            device=resolve_device(state.settings.device),
             layers=layers,
             teacher_layers={n: t for n, t in targets.items() if t and n in layers},
-            progress="none" if state.settings.get("quiet") else "auto",
+            progress="none" if state.settings.quiet else "auto",
         )
         state.model.to("cpu").eval()
         state.sections["distillation"] = result

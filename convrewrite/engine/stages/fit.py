@@ -43,7 +43,7 @@ class FittingSection:
 
 
 def _progress(state: RunState) -> Any:
-    if state.settings.get("quiet") or not sys.stderr.isatty():
+    if state.settings.quiet or not sys.stderr.isatty():
         return None
 
     def show(update: FitProgress) -> None:
@@ -62,14 +62,14 @@ class FitStage(Stage):
 
     @classmethod
     def plan(cls, state: RunState) -> list[Stage]:
-        wanted = state.data is not None and bool(state.rules) and state.setting("fit", True)
+        wanted = state.data is not None and bool(state.rules) and state.settings.fit.enabled
         return [cls()] if wanted else []
 
     def run(self, state: RunState) -> StageOutcome:
         assert state.reference is not None and state.data is not None
         if not state.originals:
             return StageOutcome(False, "nothing was rewritten: nothing to fit")
-        device = resolve_device(state.setting("device"))
+        device = resolve_device(state.settings.device)
         reference, model, data = state.reference, state.model, state.data
         transfer = measure_fidelity(reference, model, data, device=device)
         fit = fit_layers(
@@ -78,7 +78,7 @@ class FitStage(Stage):
             list(state.originals),
             data,
             device=device,
-            steps=int(state.setting("fit-steps", 500)),
+            steps=state.settings.fit.steps,
             progress=_progress(state),
             targets=state.output_of,
         )

@@ -46,7 +46,7 @@ class LatencyStage(Stage):
 
     @classmethod
     def plan(cls, state: RunState) -> list[Stage]:
-        return [cls()] if state.rules and state.setting("latency", False) else []
+        return [cls()] if state.rules and state.settings.latency.enabled else []
 
     def run(self, state: RunState) -> StageOutcome:
         assert state.reference is not None
@@ -54,8 +54,8 @@ class LatencyStage(Stage):
             state.reference,
             state.model,
             state.loaded.inputs,
-            backend=str(state.setting("latency-backend", "torch")),
-            threads=int(state.setting("threads", 1)),
+            backend=state.settings.latency.backend,
+            threads=state.settings.latency.threads,
             layers=layer_cases(state),
         )
         state.sections["latency"] = report
