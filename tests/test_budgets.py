@@ -238,3 +238,43 @@ def test_the_projects_own_budget_config_is_valid() -> None:
     }
     assert all(t.budgets for t in named)
     assert named[0].config.data["rules"] == ["separable"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind", "described", "where"),
+    [
+        ({"metric": "params", "limit": "1M"}, "limit", "params <= 1M, level error", "limit 1M set by b"),
+        (
+            {"metric": "params", "max-increase": "2%"},
+            "max-increase",
+            "params <= baseline + 2%, level error",
+            "limit max-increase 2% set by b",
+        ),
+        (
+            {"metric": "agreement", "minimum": 0.9},
+            "minimum",
+            "agreement >= 0.9, level error",
+            "limit minimum 0.9 set by b",
+        ),
+        (
+            {"metric": "eval:accuracy", "max-drop": 0.01},
+            "max-drop",
+            "eval:accuracy >= original - 0.01, level error",
+            "limit max-drop 0.01 set by b",
+        ),
+    ],
+)
+def test_each_kind_of_bound_is_told_apart_once(raw: dict, kind: str, described: str, where: str) -> None:
+    """``Budget.bound`` names the kind; ``describe`` and the failure's where-sentence read it."""
+    from convrewrite.gate.views import where_sentence
+
+    budget = parse_budget(raw, "b", None)
+    assert budget.bound[0] == kind
+    assert budget.describe() == described
+
+    class _Outcome:
+        pass
+
+    outcome = _Outcome()
+    outcome.budget = budget  # type: ignore[attr-defined]
+    assert where_sentence(outcome) == where  # type: ignore[arg-type]

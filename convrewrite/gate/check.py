@@ -453,18 +453,15 @@ def _measured_outcome(budget: Budget, report: Report) -> Outcome:
             hint=f"measured here: {', '.join(sorted(report.final.metrics)) or 'nothing'}",
         )
     original = None
-    if budget.limit is not None:
-        assert budget.limit.value is not None
-        limit = budget.limit.value
-    elif budget.minimum is not None:
-        assert budget.minimum.value is not None
-        limit = budget.minimum.value
-    else:
-        assert budget.max_drop is not None
+    kind, amount = budget.bound
+    if kind == "max-drop":
         original = report.before.metrics.get(metric.attribute)
         if original is None:
             raise UsageError(f"budget {budget.qualified_name}: the original model's {metric.name} was not measured")
-        limit = original - budget.max_drop.resolve(original)
+        limit = original - amount.resolve(original)
+    else:  # limit or minimum: a measured metric has no max-increase
+        assert amount.value is not None
+        limit = amount.value
     return Outcome(budget, value, limit, None, [], "", original)
 
 
