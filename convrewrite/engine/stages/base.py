@@ -58,14 +58,18 @@ class Stage:
 
 
 #: The built-in stages in the order the pipeline runs them: the one place that order is written.
-#: ``plan`` is the planner's slot (a name with no registered stage is skipped).
+#: A name with no registered stage is skipped: ``plan`` is the planner's slot, ``export-check``
+#: and ``fitted-weights`` are the slots of the apply path's early export check and of reusing an
+#: earlier fit (both in progress on other branches).
 STAGE_ORDER: tuple[str, ...] = (
     "profile",
     "trace",
     "plan",
     "rewrite",
     "verify",
+    "export-check",
     "fit",
+    "fitted-weights",
     "distill",
     "fidelity",
     "evaluate",
