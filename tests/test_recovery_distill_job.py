@@ -208,3 +208,36 @@ def test_two_processes_on_cpu_train_the_same_weights_and_write_one_output(
 
 def math_finite(value: float) -> bool:
     return value == value and abs(value) != float("inf")
+
+
+def test_a_student_in_memory_is_distilled_without_importing_the_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``apply --distill`` hands over the model it just wrote: DIR/model.py is not imported to train
+    (only to verify the written result), and the report written is returned as well as written."""
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text(TINY_SOURCE)
+    teacher = load_model(str(model_file)).model
+    result = analyse(load_model(str(model_file)), [make_rule("separable")])
+    out = tmp_path / "tiny-separable"
+    write_apply_output(result, build_report(result), out)
+
+    import convrewrite.core.loading as loading
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"load_model{args} was called")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    job = distill_output(
+        out,
+        teacher,
+        calibration(),
+        DistillConfig(steps=2),
+        device="cpu",
+        progress="none",
+        student=result.model,
+        inputs=result.loaded.inputs,
+    )
+    assert job.model is result.model and job.written
+    assert job.report == json.loads((out / "report.json").read_text())
+    assert job.report["distillation"]["completed_steps"] == 2
