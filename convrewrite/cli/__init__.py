@@ -87,36 +87,16 @@ def _width(width: int | None) -> int:
 
 
 def _job(command: str, settings: dict[str, Any], config: Path | None, verbose: bool = False) -> Any:
+    from convrewrite.commands.run import check_job
     from convrewrite.config.job import make_job
     from convrewrite.config.project import load_project_config
 
     job = make_job(command, settings, load_project_config(config))
     check_job(job)
     if verbose:
-        for line in describe_job(job):
+        for line in job.describe():
             print(line, file=sys.stderr)
     return job
-
-
-def check_job(job: Any) -> None:
-    """What can be checked before any work: the latency backend is installed (torch-free check)."""
-    if job.get("latency") and job.get("latency-backend") == "onnxruntime":
-        import importlib.util
-
-        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
-            raise UsageError(
-                "--latency-backend onnxruntime needs onnx and onnxruntime",
-                hint="pip install 'convrewrite[onnx]'",
-            )
-
-
-def describe_job(job: Any) -> list[str]:
-    """``--verbose``: every setting and where it came from."""
-    lines = [f"note: {note}" for note in job.notes]
-    for name, value in job.settings().items():
-        shown = [list(v) for v in value.value] if name == "input-shape" and value.value else value.value
-        lines.append(f"  {name} = {shown!r}  ({value.source})")
-    return lines
 
 
 def import_engine() -> None:

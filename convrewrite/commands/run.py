@@ -14,6 +14,19 @@ from typing import Any
 from convrewrite.config import schema
 from convrewrite.config.job import Job
 from convrewrite.config.stages import RunSettings
+from convrewrite.errors import UsageError
+
+
+def check_job(job: Job) -> None:
+    """What can be checked before any work: the latency backend is installed (torch-free check)."""
+    if job.get("latency") and job.get("latency-backend") == "onnxruntime":
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+            raise UsageError(
+                "--latency-backend onnxruntime needs onnx and onnxruntime",
+                hint="pip install 'convrewrite[onnx]'",
+            )
 
 
 def build_rules(job: Job) -> list[Any]:

@@ -50,6 +50,14 @@ class Job:
         """Every setting, for ``--verbose``."""
         return dict(self.values)
 
+    def describe(self) -> list[str]:
+        """``--verbose``: the notes, then every setting and where it came from."""
+        lines = [f"note: {note}" for note in self.notes]
+        for name, value in self.values.items():
+            shown = [list(v) for v in value.value] if name == "input-shape" and value.value else value.value
+            lines.append(f"  {name} = {shown!r}  ({value.source})")
+        return lines
+
     def settings_values(self) -> dict[str, Any]:
         """Every setting's value by name (what the pipeline's stages read)."""
         return {name: value.value for name, value in self.values.items()}
