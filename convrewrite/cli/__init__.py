@@ -1,4 +1,4 @@
-"""The ``convrewrite`` command line: thin wrappers over ``convrewrite.api``.
+"""The ``convrewrite`` command line: thin wrappers over ``convrewrite.commands`` (and ``gate`` for check).
 
 Data goes to stdout, diagnostics to stderr. Expected failures print one line and exit with the
 documented code (2 usage/configuration, 3 model could not be loaded/traced/rewritten, 1 budget
