@@ -48,7 +48,7 @@ def engine_seconds(factory: str, runs: int) -> dict[str, float]:
 
     from convrewrite.core.loading import load_model
     from convrewrite.engine.pipeline import analyse
-    from convrewrite.report.builder import build_report
+    from convrewrite.engine.report_builder import build_report
     from convrewrite.rules.api import make_rule
 
     best_phases: dict[str, float] = {}

@@ -39,9 +39,9 @@ from safetensors.torch import load_file, save_file
 
 from convrewrite.core.loading import load_model
 from convrewrite.engine.pipeline import analyse
+from convrewrite.engine.report_builder import build_report
 from convrewrite.recovery.batches import TensorBatches
 from convrewrite.recovery.distill import DistillConfig, distill
-from convrewrite.report.builder import build_report
 from convrewrite.rules.api import make_rule
 
 DIGITS_RULES = [

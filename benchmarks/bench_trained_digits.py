@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from convrewrite.core.loading import load_model
 from convrewrite.engine.pipeline import analyse
-from convrewrite.report.builder import build_report
+from convrewrite.engine.report_builder import build_report
 from convrewrite.rules.api import make_rule
 
 # The README's digits sample (sample_models/digits): its network, its data split and its training.

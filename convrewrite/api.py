@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from convrewrite.config import schema
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -80,33 +82,22 @@ def _example_inputs(value: Any) -> Any:
     )
 
 
-def _rules(rules: Sequence[str | Rule], include: Sequence[str], exclude: Sequence[str], min_channels: int) -> list:
-    from convrewrite.rules.api import Rule, make_rule
-
-    built = []
-    for spec in rules:
-        rule = spec if isinstance(spec, Rule) else make_rule(spec)
-        rule.config = rule.config.with_defaults(include, exclude, min_channels)
-        built.append(rule)
-    return built
-
-
 def rewrite(
     module: nn.Module,
     rules: Sequence[str | Rule] = (),
     *,
     example_inputs: Any,
     data: Any = None,
-    holdout: float = 0.1,
+    holdout: float = schema.default("holdout"),
     batch_size: int | None = None,
-    fit: bool = True,
-    fit_steps: int = 500,
-    distill: int = 0,
-    distill_loss: str = "auto",
-    device: str = "auto",
+    fit: bool = schema.default("fit"),
+    fit_steps: int = schema.default("fit-steps"),
+    distill: int = schema.default("distill"),
+    distill_loss: str = schema.default("distill-loss"),
+    device: str = schema.default("device"),
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
-    min_channels: int = 0,
+    min_channels: int = schema.default("min-channels"),
     copy_module: bool = True,
 ) -> RewriteResult:
     """Rewrite ``module`` with ``rules`` (specs like ``"separable:multiplier=2"`` or Rule objects).
@@ -118,11 +109,13 @@ def rewrite(
     (``fit``), optionally distilled for ``distill`` steps, and fidelity is measured on the
     ``holdout`` fraction that nothing is fitted on. With ``copy_module`` (the default) your
     module is deep-copied first and never changed. Errors are ``convrewrite.errors`` exceptions
-    with one-line messages.
+    with one-line messages. The defaults are the settings schema's (``convrewrite.config.schema``),
+    the same as the command line's.
     """
+    from convrewrite.commands.run import make_rules
     from convrewrite.core.loading import LoadedModel, forward_argument_names
     from convrewrite.engine.pipeline import analyse
-    from convrewrite.report.builder import build_report
+    from convrewrite.engine.report_builder import build_report
 
     inputs = _example_inputs(example_inputs)
     model = copy.deepcopy(module) if copy_module else module
@@ -142,7 +135,7 @@ def rewrite(
         source_file=Path(source) if source else None,
         user_module=user_module,
     )
-    built = _rules(rules, include, exclude, min_channels)
+    built = make_rules(rules, include, exclude, min_channels)
     source = _calibration(data, loaded, holdout, batch_size) if data is not None and built else None
     settings = {
         "fit": fit,
@@ -174,9 +167,10 @@ def report(
     weights: str | None = None,
 ) -> Report:
     """Analyse a model file or spec (as on the command line), optionally rewritten by ``rules``."""
-    from convrewrite.gate.config import ProjectConfig, Value
-    from convrewrite.gate.job import make_job, run_job
-    from convrewrite.report.builder import build_report
+    from convrewrite.commands.run import run_job
+    from convrewrite.config.job import make_job
+    from convrewrite.config.project import ProjectConfig, Value
+    from convrewrite.engine.report_builder import build_report
 
     job = make_job("report", {"model": model, "rules": list(rules), "weights": weights}, ProjectConfig())
     if input_shapes:

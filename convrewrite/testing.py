@@ -202,8 +202,8 @@ class _TwoConvs(nn.Module):
 def check_rule_round_trip(spec: str | Rule, directory: Path, dims: int = 2) -> None:
     """Rewrite a small model with the rule, write it with ``apply``'s writer, reload and compare."""
     from convrewrite.engine.pipeline import analyse
+    from convrewrite.engine.report_builder import build_report
     from convrewrite.export.writer import write_apply_output
-    from convrewrite.report.builder import build_report
 
     rule = _rule(spec)
     torch.manual_seed(0)

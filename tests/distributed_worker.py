@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from convrewrite.commands.distill import distill_output
 from convrewrite.core.loading import load_model
 from convrewrite.recovery.batches import TensorBatches
 from convrewrite.recovery.distill import DistillConfig
-from convrewrite.recovery.distill_job import distill_output
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from torchsummary import summary
 
 from convrewrite.core.loading import load_model
 from convrewrite.engine.pipeline import analyse
-from convrewrite.report.builder import build_report
+from convrewrite.engine.report_builder import build_report
 from convrewrite.report.views import render_torchsummary_block
 from convrewrite.rules.api import make_rule
 

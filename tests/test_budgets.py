@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from convrewrite.config.project import ProjectConfig
 from convrewrite.errors import UsageError
 from convrewrite.gate.budgets import (
     METRICS,
@@ -20,7 +21,6 @@ from convrewrite.gate.budgets import (
     parse_budgets,
     with_command_line,
 )
-from convrewrite.gate.config import ProjectConfig
 
 PARAMS = METRICS["params"]
 BYTES = METRICS["param-bytes"]
@@ -227,7 +227,7 @@ def test_command_line_budget_errors(args: tuple[object, ...], message: str) -> N
 
 def test_the_projects_own_budget_config_is_valid() -> None:
     """The dogfood gate of .ci/run: both sample models, with budgets (parsed without torch)."""
-    from convrewrite.gate.config import load_project_config
+    from convrewrite.config.project import load_project_config
 
     pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
     top, named = config_targets(load_project_config(pyproject))
@@ -238,3 +238,43 @@ def test_the_projects_own_budget_config_is_valid() -> None:
     }
     assert all(t.budgets for t in named)
     assert named[0].config.data["rules"] == ["separable"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind", "described", "where"),
+    [
+        ({"metric": "params", "limit": "1M"}, "limit", "params <= 1M, level error", "limit 1M set by b"),
+        (
+            {"metric": "params", "max-increase": "2%"},
+            "max-increase",
+            "params <= baseline + 2%, level error",
+            "limit max-increase 2% set by b",
+        ),
+        (
+            {"metric": "agreement", "minimum": 0.9},
+            "minimum",
+            "agreement >= 0.9, level error",
+            "limit minimum 0.9 set by b",
+        ),
+        (
+            {"metric": "eval:accuracy", "max-drop": 0.01},
+            "max-drop",
+            "eval:accuracy >= original - 0.01, level error",
+            "limit max-drop 0.01 set by b",
+        ),
+    ],
+)
+def test_each_kind_of_bound_is_told_apart_once(raw: dict, kind: str, described: str, where: str) -> None:
+    """``Budget.bound`` names the kind; ``describe`` and the failure's where-sentence read it."""
+    from convrewrite.gate.views import where_sentence
+
+    budget = parse_budget(raw, "b", None)
+    assert budget.bound[0] == kind
+    assert budget.describe() == described
+
+    class _Outcome:
+        pass
+
+    outcome = _Outcome()
+    outcome.budget = budget  # type: ignore[attr-defined]
+    assert where_sentence(outcome) == where  # type: ignore[arg-type]

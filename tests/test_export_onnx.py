@@ -126,8 +126,8 @@ def test_apply_output_can_carry_a_verified_model_onnx(tmp_path: Path, monkeypatc
 
     from convrewrite.core.loading import load_model
     from convrewrite.engine.pipeline import analyse
+    from convrewrite.engine.report_builder import build_report
     from convrewrite.export.writer import write_apply_output
-    from convrewrite.report.builder import build_report
     from convrewrite.rules.api import make_rule
 
     from .rule_test_support import REPO_SAMPLES

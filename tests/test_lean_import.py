@@ -22,17 +22,22 @@ def test_help_does_not_import_torch(args: list[str]) -> None:
 
 
 def test_report_gate_planning_and_settings_never_import_torch() -> None:
-    """The report data model and its views, the gate's planning and the settings schema stay torch-free:
-    a saved report renders anywhere, and `check` fails fast on bad configuration before torch loads."""
+    """The report package (data model, registry and views), the gate's planning, the configuration and
+    the command modules' top levels stay torch-free: a saved report renders anywhere, and `check`
+    fails fast on bad configuration before torch loads."""
     modules = [
+        "convrewrite.report",
         "convrewrite.report.model",
         "convrewrite.report.log",
+        "convrewrite.report.registry",
         "convrewrite.report.views",
-        "convrewrite.report.builder",
-        "convrewrite.settings",
-        "convrewrite.gate.config",
+        "convrewrite.engine.report_builder",
+        "convrewrite.config.schema",
+        "convrewrite.config.project",
+        "convrewrite.config.job",
         "convrewrite.gate.budgets",
-        "convrewrite.gate.job",
+        "convrewrite.commands.run",
+        "convrewrite.commands.apply",
         "convrewrite.gate.check",
         "convrewrite.gate.views",
         "convrewrite.rules.api",

@@ -29,8 +29,8 @@ def test_the_readme_python_api_example_runs(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_the_readme_settings_table_is_the_schema() -> None:
-    from convrewrite import settings
+    from convrewrite.config import schema as settings
 
     assert settings.markdown_table() in README.read_text(), (
-        "README.md's settings table differs from the schema: paste convrewrite.settings.markdown_table()"
+        "README.md's settings table differs from the schema: paste convrewrite.config.schema.markdown_table()"
     )

@@ -15,15 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from convrewrite.commands.distill import distill_output, rewritten_layers
 from convrewrite.core.loading import load_model
 from convrewrite.engine.pipeline import analyse
+from convrewrite.engine.report_builder import build_report
 from convrewrite.errors import UsageError
 from convrewrite.export.writer import CHECKPOINT_DIR, check_destination, write_apply_output
 from convrewrite.recovery.batches import Batch, TensorBatches
 from convrewrite.recovery.distill import DistillConfig
-from convrewrite.recovery.distill_job import distill_output, rewritten_layers
 from convrewrite.recovery.distributed import DistributedSession, distributed_session, torchrun_environment
-from convrewrite.report.builder import build_report
 from convrewrite.rules.api import make_rule
 
 TINY_SOURCE = """
@@ -208,3 +208,36 @@ def test_two_processes_on_cpu_train_the_same_weights_and_write_one_output(
 
 def math_finite(value: float) -> bool:
     return value == value and abs(value) != float("inf")
+
+
+def test_a_student_in_memory_is_distilled_without_importing_the_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``apply --distill`` hands over the model it just wrote: DIR/model.py is not imported to train
+    (only to verify the written result), and the report written is returned as well as written."""
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text(TINY_SOURCE)
+    teacher = load_model(str(model_file)).model
+    result = analyse(load_model(str(model_file)), [make_rule("separable")])
+    out = tmp_path / "tiny-separable"
+    write_apply_output(result, build_report(result), out)
+
+    import convrewrite.core.loading as loading
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"load_model{args} was called")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    job = distill_output(
+        out,
+        teacher,
+        calibration(),
+        DistillConfig(steps=2),
+        device="cpu",
+        progress="none",
+        student=result.model,
+        inputs=result.loaded.inputs,
+    )
+    assert job.model is result.model and job.written
+    assert job.report == json.loads((out / "report.json").read_text())
+    assert job.report["distillation"]["completed_steps"] == 2

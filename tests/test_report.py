@@ -50,7 +50,7 @@ def test_rows_sum_to_totals_before_and_after(crnn_separable: Report) -> None:
 def test_totals_match_the_oracles() -> None:
     from convrewrite.core.loading import load_model
     from convrewrite.engine.pipeline import analyse
-    from convrewrite.report.builder import build_report
+    from convrewrite.engine.report_builder import build_report
     from convrewrite.rules.api import make_rule
 
     loaded = load_model(str(SAMPLES / "tdnn.py"))

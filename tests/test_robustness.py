@@ -25,9 +25,9 @@ from torch import nn
 
 from convrewrite.core.loading import load_model
 from convrewrite.engine.pipeline import analyse
+from convrewrite.engine.report_builder import build_report
 from convrewrite.export.source import SourceWriter
 from convrewrite.export.writer import write_apply_output
-from convrewrite.report.builder import build_report
 from convrewrite.rules.api import make_rule
 
 
@@ -493,7 +493,7 @@ def test_a_distillation_whose_write_fails_keeps_its_last_step_and_continues_with
 ) -> None:
     from safetensors.torch import load_file
 
-    import convrewrite.recovery.distill_job as distill_job
+    import convrewrite.commands.distill as distill_job
     from convrewrite.errors import ModelError
     from convrewrite.export.writer import CHECKPOINT_DIR
     from convrewrite.recovery.batches import TensorBatches

@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from convrewrite.commands.run import run_job
+from convrewrite.config.job import make_job
+from convrewrite.config.project import ProjectConfig
 from convrewrite.errors import UsageError
-from convrewrite.gate.config import ProjectConfig
-from convrewrite.gate.job import make_job, run_job
 from convrewrite.layers import LogGroupConv1d, LogGroupConv2d, LogGroupConv3d, log_group_sizes
 from convrewrite.layers.dense import dense_kernel, kernel_error
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from convrewrite import settings as schema
 from convrewrite.cli import app
+from convrewrite.config import schema
+from convrewrite.config.job import make_job, same_model
+from convrewrite.config.project import KNOWN_KEYS, load_project_config
 from convrewrite.errors import UsageError
-from convrewrite.gate.config import KNOWN_KEYS, load_project_config
-from convrewrite.gate.job import make_job, same_model
 
 MODEL_A = """
 import torch
@@ -169,7 +169,7 @@ def test_command_line_values_are_range_checked_before_any_work(cli, tmp_path: Pa
 
 
 def test_make_job_defaults_and_sources() -> None:
-    from convrewrite.gate.config import ProjectConfig
+    from convrewrite.config.project import ProjectConfig
 
     job = make_job("report", {"model": "x.py", "rules": ["separable"]}, ProjectConfig())
     assert job["rules"] == ["separable"] and job.source("rules") == "command line"

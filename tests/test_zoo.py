@@ -36,9 +36,9 @@ from torch.utils._pytree import tree_leaves
 from convrewrite.core.loading import ExampleInputs, load_model
 from convrewrite.core.modules import CONV_TYPES
 from convrewrite.engine.pipeline import EngineResult, analyse
+from convrewrite.engine.report_builder import build_report
 from convrewrite.errors import NothingRewritten
 from convrewrite.export.writer import write_apply_output
-from convrewrite.report.builder import build_report
 from convrewrite.rules.api import make_rule, rule_registry
 
 from .oracles import flop_counter_macs as oracle_macs

@@ -1,4 +1,4 @@
-"""The ``convrewrite`` command line: thin wrappers over ``convrewrite.api``.
+"""The ``convrewrite`` command line: thin wrappers over ``convrewrite.commands`` (and ``gate`` for check).
 
 Data goes to stdout, diagnostics to stderr. Expected failures print one line and exit with the
 documented code (2 usage/configuration, 3 model could not be loaded/traced/rewritten, 1 budget
@@ -8,7 +8,6 @@ is instant.
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -88,36 +87,16 @@ def _width(width: int | None) -> int:
 
 
 def _job(command: str, settings: dict[str, Any], config: Path | None, verbose: bool = False) -> Any:
-    from convrewrite.gate.config import load_project_config
-    from convrewrite.gate.job import make_job
+    from convrewrite.commands.run import check_job
+    from convrewrite.config.job import make_job
+    from convrewrite.config.project import load_project_config
 
     job = make_job(command, settings, load_project_config(config))
     check_job(job)
     if verbose:
-        for line in describe_job(job):
+        for line in job.describe():
             print(line, file=sys.stderr)
     return job
-
-
-def check_job(job: Any) -> None:
-    """What can be checked before any work: the latency backend is installed (torch-free check)."""
-    if job.get("latency") and job.get("latency-backend") == "onnxruntime":
-        import importlib.util
-
-        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
-            raise UsageError(
-                "--latency-backend onnxruntime needs onnx and onnxruntime",
-                hint="pip install 'convrewrite[onnx]'",
-            )
-
-
-def describe_job(job: Any) -> list[str]:
-    """``--verbose``: every setting and where it came from."""
-    lines = [f"note: {note}" for note in job.notes]
-    for name, value in job.settings().items():
-        shown = [list(v) for v in value.value] if name == "input-shape" and value.value else value.value
-        lines.append(f"  {name} = {shown!r}  ({value.source})")
-    return lines
 
 
 def import_engine() -> None:
@@ -134,8 +113,8 @@ def import_engine() -> None:
     gc.disable()
     try:
         import convrewrite.engine.pipeline  # noqa: F401
+        import convrewrite.engine.report_builder  # noqa: F401
         import convrewrite.export.writer  # noqa: F401
-        import convrewrite.report.builder  # noqa: F401
         import convrewrite.report.views  # noqa: F401
     finally:
         gc.freeze()
@@ -171,8 +150,8 @@ def report(
         _check_format(fmt)
         job = _job("report", settings, config, verbose)
         import_engine()
-        from convrewrite.gate.job import run_job
-        from convrewrite.report.builder import build_report
+        from convrewrite.commands.run import run_job
+        from convrewrite.engine.report_builder import build_report
         from convrewrite.report.views import render
 
         result = run_job(job)
@@ -228,81 +207,24 @@ def apply(
         for exporter in exporters_for(job.get("export", [])):
             exporter.check_available()  # a missing optional extra is a usage error, before any work
         import_engine()
-        from convrewrite.recovery.distributed import distributed_session
-
         # Under torchrun every rank rewrites and fits (fitting all-reduces its statistics across
         # ranks); rank 0 alone writes and prints.
+        from convrewrite.commands.apply import apply_job
+        from convrewrite.recovery.distributed import distributed_session
+        from convrewrite.report.views import render
+
         with distributed_session(job.get("device")) as session:
-            return _apply(job, out, force, fmt, width, session)
+            outcome = apply_job(job, out, force, session)
+            if session.is_main:
+                if outcome.distilled is not None:
+                    print(outcome.distilled.summary(), file=sys.stderr)
+                color = fmt == "table" and sys.stdout.isatty()
+                sys.stdout.write(render(outcome.report, fmt, width=_width(width), color=color))
+                if outcome.written is not None:
+                    print(outcome.written.summary(), file=sys.stderr)
+        return 0
 
     raise typer.Exit(guarded(debug, body))
-
-
-def _apply(job: Any, out: Path, force: bool, fmt: str, width: int | None, session: Any) -> int:
-    """apply's work once settings are resolved: rewrite (and fit), write, then distil the written output."""
-    from convrewrite.gate.job import run_job
-    from convrewrite.report.builder import build_report
-    from convrewrite.report.model import Report
-    from convrewrite.report.views import render
-
-    steps = int(job.get("distill", 0))
-    result = run_job(job, distill_after_write=steps > 0, writes_to=out)
-    if steps > 0 and result.data is None:
-        raise UsageError("--distill needs calibration data", hint="pass --data SPEC (or define calibration_data())")
-    report_data = build_report(result)
-    written = None
-    if session.is_main:
-        from convrewrite.recovery.resume import write_or_keep_fitted
-
-        # A failure after fitting keeps the fitted weights and prints the command that continues.
-        written = write_or_keep_fitted(result, report_data, out, force=force, exports=job.get("export", []))
-    session.barrier()
-    if steps > 0 and result.rewrites:
-        from convrewrite.engine.stages.distill import distill_config
-        from convrewrite.recovery.distill_job import distill_output
-
-        distilled = distill_output(
-            out,
-            result.reference,
-            result.data,
-            distill_config(job.settings_values(), steps),
-            device=session.device,
-            layers=list(result.originals),
-            resume_command=resume_command(job, out, steps),
-            evaluate=user_evaluate(result.loaded),
-        )
-        report_data = Report.from_dict(json.loads((out / "report.json").read_text()))
-        if session.is_main:
-            print(distilled.summary(), file=sys.stderr)
-    if session.is_main:
-        sys.stdout.write(render(report_data, fmt, width=_width(width), color=fmt == "table" and sys.stdout.isatty()))
-        if written is not None:
-            print(written.summary(), file=sys.stderr)
-    return 0
-
-
-def user_evaluate(loaded: Any) -> Any:
-    """The model file's ``evaluate()`` as ``model -> dict[str, float]``, or None."""
-    from convrewrite.recovery.data import model_function
-    from convrewrite.recovery.metrics import run_evaluate
-
-    function = model_function(loaded, "evaluate")
-    if function is None:
-        return None
-    return lambda model: run_evaluate(function, model, "the distilled model")
-
-
-def resume_command(job: Any, out: Path, steps: int) -> str:
-    """The command that continues an interrupted distillation of ``out``."""
-    import shlex
-
-    parts = ["convrewrite", "distill", str(out), "--teacher", str(job["model"]), "--steps", str(steps)]
-    for name in ("data", "weights", "holdout", "batch-size", "distill-loss", "device"):
-        if job.source(name) != "default" and job.get(name) is not None:
-            parts += [f"--{name}", str(job.get(name))]
-    for shape in job.get("input-shape", []):
-        parts += ["--input-shape", ",".join(str(d) for d in shape)]
-    return shlex.join(parts)
 
 
 COUNT_UNITS_HELP = "k, M, G are decimal (1k = 1,000)"
@@ -362,9 +284,9 @@ def check(
 
     def body() -> int:
         _check_format(fmt, "check")
+        from convrewrite.config.project import load_project_config
         from convrewrite.gate.budgets import command_line_budgets
         from convrewrite.gate.check import CheckOptions, describe_settings, execute, plan
-        from convrewrite.gate.config import load_project_config
 
         options = CheckOptions(
             settings=settings,
@@ -421,7 +343,7 @@ def distill(
     """
 
     def body() -> int:
-        from convrewrite.recovery.distill_job import check_source
+        from convrewrite.commands.distill import check_source
 
         if teacher is None:
             raise UsageError("distill needs --teacher MODEL", hint="the model file the student was rewritten from")
@@ -434,27 +356,13 @@ def distill(
             check_destination(out, force)
         job = _job("distill", {**settings, "model": teacher}, config, verbose)
         import_engine()
-        from convrewrite.engine.stages.distill import distill_config
-        from convrewrite.gate.job import load_job_model, open_data
-        from convrewrite.recovery.distill_job import distill_output
+        from convrewrite.commands.distill import distill_job
         from convrewrite.recovery.distributed import distributed_session
 
-        loaded = load_job_model(job, teacher)
-        data = open_data(job, loaded)
-        if data is None:
-            raise UsageError("distill needs calibration data", hint="pass --data SPEC (or define calibration_data())")
-        steps = int(job["steps"])
+        resume = " ".join(["convrewrite", *sys.argv[1:]]) if sys.argv[1:2] == ["distill"] else None
         with distributed_session(job.get("device")) as session:
-            result = distill_output(
-                directory,
-                loaded.model,
-                data,
-                distill_config(job.settings_values(), steps),
-                device=session.device,
-                out=out,
-                force=force,
-                evaluate=user_evaluate(loaded),
-                resume_command=" ".join(["convrewrite", *sys.argv[1:]]) if sys.argv[1:2] == ["distill"] else None,
+            result = distill_job(
+                job, directory, teacher, out=out, force=force, device=session.device, resume_command=resume
             )
             if session.is_main:
                 print(result.summary(), file=sys.stderr)

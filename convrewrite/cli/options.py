@@ -1,4 +1,4 @@
-"""Command-line options generated from the settings schema (``convrewrite/settings.py``).
+"""Command-line options generated from the settings schema (``convrewrite/config/schema.py``).
 
 ``with_settings(command)`` wraps a command function whose first parameter is ``settings`` (a dict
 of the raw command-line values of the schema's settings, None when not given): the wrapper's
@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from convrewrite import settings as schema
+from convrewrite.config import schema
 
 _PYTHON_TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool}
 

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from convrewrite.config.schema import parse_shape
 from convrewrite.errors import ModelError, UsageError, first_line
-from convrewrite.settings import parse_shape
 
 #: Suffixes of weight files, which belong to --weights and never to MODEL.
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from convrewrite.config.stages import RunSettings
 from convrewrite.core.loading import LoadedModel
 from convrewrite.core.profiling import ModelProfile
 from convrewrite.core.tracing import TraceResult
@@ -38,8 +39,8 @@ class StageRecord:
 class RunState:
     """Everything a report or an ``apply`` needs; ``loaded.model`` is rewritten in place.
 
-    ``settings`` holds the resolved values the optional stages read (fitting, distillation,
-    latency: see ``convrewrite.settings``). ``sections`` holds their report sections (objects with
+    ``settings`` holds the typed settings the stages read (``convrewrite.config.stages``: one
+    frozen config per stage, built from the schema). ``sections`` holds their report sections (objects with
     ``to_dict()``), under the key the JSON report uses; ``metrics`` holds named figures that
     ``convrewrite check`` can hold to a budget.
     """
@@ -47,7 +48,7 @@ class RunState:
     loaded: LoadedModel
     rules: list[Rule] = field(default_factory=list)
     data: BatchSource | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: RunSettings = field(default_factory=RunSettings)
     trace: TraceResult | None = None
     before: ModelProfile | None = None
     current: ModelProfile | None = None
@@ -86,10 +87,6 @@ class RunState:
             key = record.name.partition("[")[0]
             totals[key] = totals.get(key, 0.0) + record.seconds
         return totals
-
-    def setting(self, name: str, default: Any = None) -> Any:
-        value = self.settings.get(name)
-        return default if value is None else value
 
 
 #: The name the rest of the code base used before the pipeline had stages.

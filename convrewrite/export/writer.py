@@ -21,7 +21,7 @@ from convrewrite.errors import ModelError, NothingRewritten, UsageError
 from convrewrite.export.base import output_files
 
 #: The checkpoint an interrupted distillation leaves inside an output directory
-#: (recovery/distill_job.py): convrewrite's own, so ``--force`` may replace it with the rest.
+#: (commands/distill.py): convrewrite's own, so ``--force`` may replace it with the rest.
 _REASONS_SHOWN = 2
 
 CHECKPOINT_DIR = "distill-checkpoint"

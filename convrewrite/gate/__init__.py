@@ -1,4 +1,7 @@
-"""The CI gate: ``[tool.convrewrite]`` configuration, budgets, and ``convrewrite check``.
+"""The CI gate: budgets (``budgets``), ``convrewrite check`` (``check``) and its views (``views``).
+
+The ``[tool.convrewrite]`` configuration it reads lives one floor down, in ``convrewrite.config``;
+each target runs through ``convrewrite.commands.run``.
 
 Planning a check (reading the config, parsing budgets) never imports torch; only running the
 targets does.

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from convrewrite import settings as schema
+from convrewrite.config import schema
+from convrewrite.config.project import ProjectConfig, _validate_common, display_path, normalized_keys
 from convrewrite.errors import UsageError
-from convrewrite.gate.config import ProjectConfig, _validate_common, display_path, normalized_keys
 
 LEVELS = ("error", "warn")
 
@@ -119,6 +119,15 @@ class Amount:
         return self.value
 
 
+#: The four kinds of bound a budget sets, as the rule ``describe`` writes after the metric's name.
+BOUND_KINDS = {
+    "limit": "<= {}",
+    "minimum": ">= {}",
+    "max-drop": ">= original - {}",
+    "max-increase": "<= baseline + {}",
+}
+
+
 @dataclass(frozen=True)
 class Budget:
     """One named budget of one target, and where it was configured."""
@@ -146,17 +155,25 @@ class Budget:
     def qualified_name(self) -> str:
         return self.name if self.target is None else f"{self.target}/{self.name}"
 
+    @property
+    def bound(self) -> tuple[str, Amount]:
+        """Which of the four kinds of bound this budget sets (``BOUND_KINDS``), and its amount.
+
+        The one place the four are told apart; parsing guarantees exactly one is set.
+        """
+        for kind, amount in (
+            ("limit", self.limit),
+            ("minimum", self.minimum),
+            ("max-drop", self.max_drop),
+            ("max-increase", self.max_increase),
+        ):
+            if amount is not None:
+                return kind, amount
+        raise AssertionError(f"budget {self.qualified_name} sets no bound")
+
     def describe(self) -> str:
-        if self.limit is not None:
-            rule = f"{self.metric.name} <= {self.limit.text}"
-        elif self.minimum is not None:
-            rule = f"{self.metric.name} >= {self.minimum.text}"
-        elif self.max_drop is not None:
-            rule = f"{self.metric.name} >= original - {self.max_drop.text}"
-        else:
-            assert self.max_increase is not None
-            rule = f"{self.metric.name} <= baseline + {self.max_increase.text}"
-        return f"{rule}, level {self.level}"
+        kind, amount = self.bound
+        return f"{self.metric.name} {BOUND_KINDS[kind].format(amount.text)}, level {self.level}"
 
 
 def _unit_problem(unit: str, metric: Metric) -> str:

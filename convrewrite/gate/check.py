@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convrewrite.commands.run import build_rules
+from convrewrite.config.job import Job, make_job
+from convrewrite.config.project import ProjectConfig, Value
 from convrewrite.errors import ConvRewriteError, UsageError
 from convrewrite.gate.budgets import (
     Budget,
@@ -24,8 +27,6 @@ from convrewrite.gate.budgets import (
     display_path,
     with_command_line,
 )
-from convrewrite.gate.config import ProjectConfig, Value
-from convrewrite.gate.job import Job, build_rules, make_job
 from convrewrite.report.model import Report
 
 CHECK_SCHEMA = "convrewrite.check/1"
@@ -452,18 +453,15 @@ def _measured_outcome(budget: Budget, report: Report) -> Outcome:
             hint=f"measured here: {', '.join(sorted(report.final.metrics)) or 'nothing'}",
         )
     original = None
-    if budget.limit is not None:
-        assert budget.limit.value is not None
-        limit = budget.limit.value
-    elif budget.minimum is not None:
-        assert budget.minimum.value is not None
-        limit = budget.minimum.value
-    else:
-        assert budget.max_drop is not None
+    kind, amount = budget.bound
+    if kind == "max-drop":
         original = report.before.metrics.get(metric.attribute)
         if original is None:
             raise UsageError(f"budget {budget.qualified_name}: the original model's {metric.name} was not measured")
-        limit = original - budget.max_drop.resolve(original)
+        limit = original - amount.resolve(original)
+    else:  # limit or minimum: a measured metric has no max-increase
+        assert amount.value is not None
+        limit = amount.value
     return Outcome(budget, value, limit, None, [], "", original)
 
 
@@ -490,8 +488,8 @@ def execute(
 ) -> CheckResult:
     """Load baselines, analyse every target once and evaluate its budgets."""
     baselines = resolve_baselines(planned)
-    from convrewrite.gate.job import run_job
-    from convrewrite.report.builder import build_report
+    from convrewrite.commands.run import run_job
+    from convrewrite.engine.report_builder import build_report
 
     checked: list[CheckedTarget] = []
     outcomes: list[Outcome] = []

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from convrewrite.gate.check import CheckedTarget, CheckResult, Outcome
-from convrewrite.report.views.registry import register_view, render_view, view_names
+from convrewrite.report.registry import register_view, render_view, view_names
 from convrewrite.report.views.text import md_row, shape_text
 
 STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
@@ -87,15 +87,8 @@ def breach_sentence(outcome: Outcome) -> str:
 
 def where_sentence(outcome: Outcome, code: bool = False) -> str:
     budget = outcome.budget
-    if budget.limit is not None:
-        written = budget.limit.text
-    elif budget.minimum is not None:
-        written = f"minimum {budget.minimum.text}"
-    elif budget.max_drop is not None:
-        written = f"max-drop {budget.max_drop.text}"
-    else:
-        assert budget.max_increase is not None
-        written = f"max-increase {budget.max_increase.text}"
+    kind, amount = budget.bound
+    written = amount.text if kind == "limit" else f"{kind} {amount.text}"
     if code:
         return f"limit `{written}` set by `{budget.source}`"
     return f"limit {written} set by {budget.source}"

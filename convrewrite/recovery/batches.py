@@ -16,10 +16,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch.utils._pytree import tree_map
+
+from convrewrite.config import schema
+
+#: The holdout fraction when none is given (``--holdout``), from the settings schema.
+HOLDOUT: float = schema.default("holdout")
+#: How many samples a batch holds when the source does not say (``--batch-size``).
+DEFAULT_BATCH_SIZE: int = schema.default("batch-size")
 
 Split = Literal["fit", "holdout"]
 SPLITS: tuple[Split, ...] = ("fit", "holdout")
@@ -91,7 +98,36 @@ def epoch_order(indices: list[int], seed: int, epoch: int) -> list[int]:
     return [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
 
 
-class TensorBatches:
+class IndexedBatches:
+    """Samples addressed by index: the split is fixed when the source opens (``indices``), the fit
+    split is reordered every epoch (``shuffle``, ``seed``) and sharded across ranks.
+
+    A subclass sets ``indices``, ``seed`` and ``shuffle`` and yields the batches of a list of
+    sample indices (``batches_of``); ``count`` and ``batches`` are the same for all of them.
+    """
+
+    indices: dict[Split, list[int]]
+    seed: int
+    shuffle: bool
+    #: Whether the holdout split is sharded across ranks as well (True), or read whole by each rank.
+    shard_holdout: ClassVar[bool] = True
+
+    def count(self, split: Split) -> int | None:
+        return len(self.indices[split])
+
+    def batches(self, split: Split, *, rank: int = 0, world_size: int = 1, epoch: int = 0) -> Iterator[Batch]:
+        indices = self.indices[split]
+        if split == "fit" and self.shuffle:
+            indices = epoch_order(indices, self.seed, epoch)
+        if split == "fit" or self.shard_holdout:
+            indices = shard(indices, rank, world_size)
+        yield from self.batches_of(indices)
+
+    def batches_of(self, indices: list[int]) -> Iterator[Batch]:
+        raise NotImplementedError
+
+
+class TensorBatches(IndexedBatches):
     """Samples held as tensors along dim 0: one per positional input, or named keyword inputs.
 
     Used for tensor files, for tensors handed to the Python API, and by the tests.
@@ -102,8 +138,8 @@ class TensorBatches:
         args: tuple[torch.Tensor, ...] = (),
         kwargs: dict[str, torch.Tensor] | None = None,
         *,
-        batch_size: int = 32,
-        holdout: float = 0.1,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        holdout: float = HOLDOUT,
         seed: int = 0,
         shuffle: bool = True,
         description: str = "",
@@ -126,14 +162,8 @@ class TensorBatches:
         self.indices: dict[Split, list[int]] = dict(zip(SPLITS, holdout_indices(self.samples, holdout, seed)))
         self.description = description or f"{self.samples:,} samples in memory"
 
-    def count(self, split: Split) -> int | None:
-        return len(self.indices[split])
-
-    def batches(self, split: Split, *, rank: int = 0, world_size: int = 1, epoch: int = 0) -> Iterator[Batch]:
-        indices = self.indices[split]
-        if split == "fit" and self.shuffle:
-            indices = epoch_order(indices, self.seed, epoch)
-        mine = shard(indices, rank, world_size)
+    def batches_of(self, indices: list[int]) -> Iterator[Batch]:
+        mine = indices
         for start in range(0, len(mine), self.batch_size):
             chosen = torch.tensor(mine[start : start + self.batch_size], dtype=torch.long)
             yield Batch(

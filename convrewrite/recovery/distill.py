@@ -632,27 +632,20 @@ def distill(
     state); new checkpoints go to ``checkpoint_dir``, by default the ``resume`` directory.
     ``resume_command`` is the command printed after Ctrl-C or a crash. Under an initialised
     ``torch.distributed`` process group the run is data-parallel (see distributed.py).
+
+    The steps: check the request (``_checked_request``, before any work), set the run up
+    (``_DistillRun``: probe the losses, build the optimizer, restore a checkpoint), train
+    (``_DistillRun.train``), and on the way out either keep the best state (``finish``) or write a
+    checkpoint and say how to resume (``stop``).
     """
     if progress not in PROGRESS_MODES:
         raise UsageError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {progress!r}")
     device = torch.device(device)
-    rank, world_size = _world()
-    is_main = rank == 0
     layers = list(layers)
+    teacher_names = dict(teacher_layers or {})
     resume_dir = Path(resume) if resume is not None else None
     checkpoint_path = Path(checkpoint_dir) if checkpoint_dir is not None else resume_dir
-    if config.layer_weight > 0 and not layers:
-        raise UsageError("layer_weight > 0 needs the names of the layers to match (layers=...)")
-    if resume_dir is not None and not has_checkpoint(resume_dir):
-        raise UsageError(f"nothing to resume: {resume_dir} holds no distillation checkpoint")
-    teacher_names = dict(teacher_layers or {})
-    _check_models(teacher, student, layers, teacher_names)
-    fit_count = data.count("fit")
-    if fit_count == 0:
-        raise UsageError("the fit split of the calibration data is empty")
-    saved = load_checkpoint(resume_dir) if resume_dir is not None else None
-    if saved is not None:
-        _check_resume(saved, config, student, data, layers)
+    saved = _checked_request(teacher, student, data, config, layers, teacher_names, resume_dir)
 
     teacher_was_training = teacher.training
     teacher.to(device).eval()
@@ -662,224 +655,314 @@ def distill(
         cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     started = time.perf_counter()
     with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(config.seed + rank)
-        first = next(iter(data.batches("fit", rank=rank, world_size=world_size)), None)
+        run = _DistillRun(
+            teacher, student, data, config, device, layers, teacher_names, checkpoint_path, progress, saved, started
+        )
+        try:
+            run.train()
+        except BaseException as exc:
+            run.stop(exc, resume_command)
+            teacher.train(teacher_was_training)
+            raise
+        run.finish()
+        teacher.train(teacher_was_training)
+    return run.result()
+
+
+def _checked_request(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: BatchSource,
+    config: DistillConfig,
+    layers: list[str],
+    teacher_names: dict[str, str],
+    resume_dir: Path | None,
+) -> CheckpointState | None:
+    """Every check that can fail before any work; returns the checkpoint to resume from, if any."""
+    if config.layer_weight > 0 and not layers:
+        raise UsageError("layer_weight > 0 needs the names of the layers to match (layers=...)")
+    if resume_dir is not None and not has_checkpoint(resume_dir):
+        raise UsageError(f"nothing to resume: {resume_dir} holds no distillation checkpoint")
+    _check_models(teacher, student, layers, teacher_names)
+    if data.count("fit") == 0:
+        raise UsageError("the fit split of the calibration data is empty")
+    saved = load_checkpoint(resume_dir) if resume_dir is not None else None
+    if saved is not None:
+        _check_resume(saved, config, student, data, layers)
+    return saved
+
+
+class _DistillRun:
+    """One distillation while it runs: the models, the optimizer, where the data stands, the
+    history and the best state so far. Built inside the run's forked RNG (``distill``)."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        data: BatchSource,
+        config: DistillConfig,
+        device: torch.device,
+        layers: list[str],
+        teacher_names: dict[str, str],
+        checkpoint_path: Path | None,
+        progress: str,
+        saved: CheckpointState | None,
+        started: float,
+    ) -> None:
+        self.teacher, self.student, self.data, self.config, self.device = teacher, student, data, config, device
+        self.layers, self.checkpoint_path, self.started = layers, checkpoint_path, started
+        self.rank, self.world_size = _world()
+        self.is_main = self.rank == 0
+        torch.manual_seed(config.seed + self.rank)
+        first = next(iter(data.batches("fit", rank=self.rank, world_size=self.world_size)), None)
         if first is None:
             raise UsageError("the fit split of the calibration data yields no batch")
-        kinds = _probe(teacher, student, first.to(device), config.loss)
-        loss_label = ", ".join(sorted(set(kinds)))
-        if "kl" in kinds:
-            loss_label += f" (T={config.temperature:g})"
+        self.kinds = _probe(teacher, student, first.to(device), config.loss)
+        self.loss_label = ", ".join(sorted(set(self.kinds)))
+        if "kl" in self.kinds:
+            self.loss_label += f" (T={config.temperature:g})"
 
-        optimizer = torch.optim.AdamW(_parameter_groups(student, config.weight_decay), lr=config.lr)
-        step, epoch, position = 0, 0, 0
-        best_state: dict[str, torch.Tensor] | None = None
-        best_step: int | None = None
-        best_fidelity: HeldOutFidelity | None = None
-        history: list[dict[str, Any]] = []
-        previous_seconds = 0.0
-        samples_seen = 0
+        self.optimizer = torch.optim.AdamW(_parameter_groups(student, config.weight_decay), lr=config.lr)
+        self.step, epoch, position = 0, 0, 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_step: int | None = None
+        self.best_fidelity: HeldOutFidelity | None = None
+        self.history: list[dict[str, Any]] = []
+        self.previous_seconds = 0.0
+        self.samples_seen = 0
         if saved is not None:
-            student.load_state_dict(saved.student)
-            optimizer_state = optimizer.state_dict()
-            optimizer_state["state"] = saved.optimizer_state
-            optimizer.load_state_dict(optimizer_state)
-            step, epoch, position = saved.step, saved.epoch, saved.position
-            best_state = saved.best
-            best_step = saved.info.get("best_step")
-            best_fidelity = HeldOutFidelity.from_dict(saved.info.get("best_fidelity"))
-            history = list(saved.info.get("history", []))
-            previous_seconds = float(saved.info.get("seconds", 0.0))
-            samples_seen = int(saved.info.get("samples_seen", 0))
-            if is_main:
-                _set_rng_state(saved.rng, device)
-            else:
-                # Only rank 0's generator state is saved; the others restart from a seed fixed by the step.
-                torch.manual_seed(config.seed * 1_000_003 + rank * 7919 + step)
-        start_step = step
+            epoch, position = self._restore(saved)
+        self.start_step = self.step
 
-        training_model: nn.Module = student
-        if world_size > 1:
+        self.training_model: nn.Module = student
+        if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            training_model = DistributedDataParallel(
+            self.training_model = DistributedDataParallel(
                 student, device_ids=[device.index] if device.type == "cuda" else None
             )
-        hints = _Hints(teacher, student, layers, teacher_names) if layers and config.layer_weight > 0 else None
-        display = DistillProgress(progress, config.steps, step, is_main=is_main)
-        cursor = _Cursor(data, rank, world_size, epoch, position, config.min_batch_size)
-        initial = HeldOutFidelity.from_dict(history[0].get("fidelity")) if history else None
-        last_fidelity = HeldOutFidelity.from_dict(history[-1].get("fidelity")) if history else None
-        step_start = (cursor.epoch, cursor.position, _rng_state(device))
-        losses_since_eval: list[float] = []
-        updating = False
+        self.hints = _Hints(teacher, student, layers, teacher_names) if layers and config.layer_weight > 0 else None
+        self.display = DistillProgress(progress, config.steps, self.step, is_main=self.is_main)
+        self.cursor = _Cursor(data, self.rank, self.world_size, epoch, position, config.min_batch_size)
+        history = self.history
+        self.initial = HeldOutFidelity.from_dict(history[0].get("fidelity")) if history else None
+        self.last_fidelity = HeldOutFidelity.from_dict(history[-1].get("fidelity")) if history else None
+        self.step_start = (self.cursor.epoch, self.cursor.position, _rng_state(device))
+        self.losses_since_eval: list[float] = []
+        self.updating = False
+        self.final: HeldOutFidelity | None = None
 
-        def evaluate(at: int) -> None:
-            nonlocal best_state, best_step, best_fidelity, last_fidelity, initial
-            _broadcast_buffers(student, world_size)
-            fidelity = (
-                _held_out_fidelity(teacher, student, data, device, kinds, config.temperature) if is_main else None
-            )
-            fidelity = _broadcast_object(fidelity, world_size)
-            mean_loss = sum(losses_since_eval) / len(losses_since_eval) if losses_since_eval else None
-            losses_since_eval.clear()
-            entry = {
+    def _restore(self, saved: CheckpointState) -> tuple[int, int]:
+        """Continue from ``saved``: weights, optimizer, counters, history, RNG; the data position."""
+        self.student.load_state_dict(saved.student)
+        optimizer_state = self.optimizer.state_dict()
+        optimizer_state["state"] = saved.optimizer_state
+        self.optimizer.load_state_dict(optimizer_state)
+        self.step = saved.step
+        self.best_state = saved.best
+        self.best_step = saved.info.get("best_step")
+        self.best_fidelity = HeldOutFidelity.from_dict(saved.info.get("best_fidelity"))
+        self.history = list(saved.info.get("history", []))
+        self.previous_seconds = float(saved.info.get("seconds", 0.0))
+        self.samples_seen = int(saved.info.get("samples_seen", 0))
+        if self.is_main:
+            _set_rng_state(saved.rng, self.device)
+        else:
+            # Only rank 0's generator state is saved; the others restart from a seed fixed by the step.
+            torch.manual_seed(self.config.seed * 1_000_003 + self.rank * 7919 + self.step)
+        return saved.epoch, saved.position
+
+    def _seconds(self) -> float:
+        return self.previous_seconds + time.perf_counter() - self.started
+
+    def evaluate(self, at: int) -> None:
+        """Measure the held-out fidelity at step ``at``, record it, and keep the best state."""
+        config = self.config
+        _broadcast_buffers(self.student, self.world_size)
+        fidelity = (
+            _held_out_fidelity(self.teacher, self.student, self.data, self.device, self.kinds, config.temperature)
+            if self.is_main
+            else None
+        )
+        fidelity = _broadcast_object(fidelity, self.world_size)
+        losses = self.losses_since_eval
+        mean_loss = sum(losses) / len(losses) if losses else None
+        losses.clear()
+        self.history.append(
+            {
                 "step": at,
                 "loss": mean_loss,
                 "lr": config.learning_rate(max(0, at - 1)) if at else 0.0,
                 "fidelity": fidelity.to_dict() if fidelity is not None else None,
-                "seconds": previous_seconds + time.perf_counter() - started,
+                "seconds": self._seconds(),
             }
-            history.append(entry)
-            if initial is None and at == 0:
-                initial = fidelity
-            last_fidelity = fidelity
-            if fidelity is not None and (
-                best_fidelity is None or _selection_key(fidelity) < _selection_key(best_fidelity)
-            ):
-                best_state, best_step, best_fidelity = _state_copy(student), at, fidelity
-            display.evaluated(at, mean_loss, fidelity)
-            _set_student_mode(student, config.batchnorm)
+        )
+        if self.initial is None and at == 0:
+            self.initial = fidelity
+        self.last_fidelity = fidelity
+        best = self.best_fidelity
+        if fidelity is not None and (best is None or _selection_key(fidelity) < _selection_key(best)):
+            self.best_state, self.best_step, self.best_fidelity = _state_copy(self.student), at, fidelity
+        self.display.evaluated(at, mean_loss, fidelity)
+        _set_student_mode(self.student, config.batchnorm)
 
-        def write_checkpoint(at: int, cursor_epoch: int, cursor_position: int, rng: dict[str, torch.Tensor]) -> None:
-            if checkpoint_path is None or not is_main:
-                return
-            save_checkpoint(
-                checkpoint_path,
-                CheckpointState(
-                    step=at,
-                    epoch=cursor_epoch,
-                    position=cursor_position,
-                    student=student.state_dict(),
-                    best=best_state,
-                    optimizer_state=optimizer.state_dict()["state"],
-                    rng=rng,
-                    info={
-                        "config": config.to_dict(),
-                        "layers": layers,
-                        "best_step": best_step,
-                        "best_fidelity": best_fidelity.to_dict() if best_fidelity is not None else None,
-                        "history": history,
-                        "seconds": previous_seconds + time.perf_counter() - started,
-                        "samples_seen": samples_seen,
-                        "world_size": world_size,
-                        "data": {
-                            "description": data.description,
-                            "fit": data.count("fit"),
-                            "holdout": data.count("holdout"),
-                        },
+    def write_checkpoint(self, at: int, cursor_epoch: int, cursor_position: int, rng: dict[str, torch.Tensor]) -> None:
+        if self.checkpoint_path is None or not self.is_main:
+            return
+        data = self.data
+        save_checkpoint(
+            self.checkpoint_path,
+            CheckpointState(
+                step=at,
+                epoch=cursor_epoch,
+                position=cursor_position,
+                student=self.student.state_dict(),
+                best=self.best_state,
+                optimizer_state=self.optimizer.state_dict()["state"],
+                rng=rng,
+                info={
+                    "config": self.config.to_dict(),
+                    "layers": self.layers,
+                    "best_step": self.best_step,
+                    "best_fidelity": self.best_fidelity.to_dict() if self.best_fidelity is not None else None,
+                    "history": self.history,
+                    "seconds": self._seconds(),
+                    "samples_seen": self.samples_seen,
+                    "world_size": self.world_size,
+                    "data": {
+                        "description": data.description,
+                        "fit": data.count("fit"),
+                        "holdout": data.count("holdout"),
                     },
-                ),
+                },
+            ),
+        )
+
+    def train(self) -> None:
+        """Evaluate where due, then take steps up to ``config.steps``, evaluating and checkpointing."""
+        config = self.config
+        _set_student_mode(self.student, config.batchnorm)
+        step = self.step
+        due = step == 0 or step % config.evaluation_interval == 0 or step == config.steps
+        if due and (not self.history or self.history[-1]["step"] != step):
+            # A fresh start, or a run interrupted during the evaluation its last step was due.
+            self.evaluate(step)
+        while self.step < config.steps:
+            step_loss = self._one_step()
+            self.losses_since_eval.append(step_loss)
+            self.display.step(self.step, step_loss)
+            if self.step % config.evaluation_interval == 0 or self.step == config.steps:
+                self.evaluate(self.step)
+            if self.step % config.checkpoint_interval == 0 or self.step == config.steps:
+                self.write_checkpoint(self.step, self.cursor.epoch, self.cursor.position, _rng_state(self.device))
+
+    def _one_step(self) -> float:
+        """One optimizer step over ``config.accumulate`` micro-batches; returns its mean loss."""
+        config, device = self.config, self.device
+        lr = config.learning_rate(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for micro in range(config.accumulate):
+            batch = self.cursor.next().to(device)
+            with torch.no_grad():
+                teacher_out = _float_leaves(batch.call(self.teacher))
+            sync = micro == config.accumulate - 1 or self.world_size == 1
+            context = contextlib.nullcontext() if sync else self.training_model.no_sync()
+            with context:
+                student_out = _float_leaves(batch.call(self.training_model))
+                terms = [
+                    output_loss(kind, s, t, config.temperature)
+                    for kind, s, t in zip(self.kinds, student_out, teacher_out)
+                ]
+                loss = torch.stack(terms).mean()
+                if self.hints is not None:
+                    hint = self.hints.loss()
+                    if hint is not None:
+                        loss = loss + config.layer_weight * hint
+                (loss / config.accumulate).backward()
+            step_loss += float(loss.detach()) / config.accumulate
+            self.samples_seen += batch.size * self.world_size
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.student.parameters(), config.clip_norm if config.clip_norm is not None else math.inf
+        )
+        # Gradients are all-reduced by now, so every rank sees the same norm and stops together.
+        if not torch.isfinite(norm):
+            raise ModelError(
+                f"distillation diverged at step {self.step + 1} (gradient norm {float(norm)})",
+                hint="lower the learning rate or set a clip norm",
             )
+        self.updating = True
+        self.optimizer.step()
+        self.updating = False
+        self.step += 1
+        # Where the next step starts: what an interruption from here on must hand back.
+        self.step_start = (self.cursor.epoch, self.cursor.position, _rng_state(device))
+        return step_loss
 
+    def _close(self) -> None:
+        self.display.close()
+        if self.hints is not None:
+            self.hints.remove()
+
+    def stop(self, exc: BaseException, resume_command: str | None) -> None:
+        """Interrupted or failed: write a checkpoint that repeats the unfinished step, and say so."""
+        self._close()
+        if self.checkpoint_path is None or not self.is_main or self.updating:
+            return
+        # The state after `step` completed updates: the batches and random numbers the
+        # unfinished step consumed are handed back, so resuming repeats that step exactly.
+        step = self.step
         try:
-            _set_student_mode(student, config.batchnorm)
-            due = step == 0 or step % config.evaluation_interval == 0 or step == config.steps
-            if due and (not history or history[-1]["step"] != step):
-                # A fresh start, or a run interrupted during the evaluation its last step was due.
-                evaluate(step)
-            while step < config.steps:
-                lr = config.learning_rate(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for micro in range(config.accumulate):
-                    batch = cursor.next().to(device)
-                    with torch.no_grad():
-                        teacher_out = _float_leaves(batch.call(teacher))
-                    sync = micro == config.accumulate - 1 or world_size == 1
-                    context = contextlib.nullcontext() if sync else training_model.no_sync()
-                    with context:
-                        student_out = _float_leaves(batch.call(training_model))
-                        terms = [
-                            output_loss(kind, s, t, config.temperature)
-                            for kind, s, t in zip(kinds, student_out, teacher_out)
-                        ]
-                        loss = torch.stack(terms).mean()
-                        if hints is not None:
-                            hint = hints.loss()
-                            if hint is not None:
-                                loss = loss + config.layer_weight * hint
-                        (loss / config.accumulate).backward()
-                    step_loss += float(loss.detach()) / config.accumulate
-                    samples_seen += batch.size * world_size
-                norm = torch.nn.utils.clip_grad_norm_(
-                    student.parameters(), config.clip_norm if config.clip_norm is not None else math.inf
-                )
-                # Gradients are all-reduced by now, so every rank sees the same norm and stops together.
-                if not torch.isfinite(norm):
-                    raise ModelError(
-                        f"distillation diverged at step {step + 1} (gradient norm {float(norm)})",
-                        hint="lower the learning rate or set a clip norm",
-                    )
-                updating = True
-                optimizer.step()
-                updating = False
-                step += 1
-                # Where the next step starts: what an interruption from here on must hand back.
-                step_start = (cursor.epoch, cursor.position, _rng_state(device))
-                losses_since_eval.append(step_loss)
-                display.step(step, step_loss)
-                if step % config.evaluation_interval == 0 or step == config.steps:
-                    evaluate(step)
-                if step % config.checkpoint_interval == 0 or step == config.steps:
-                    write_checkpoint(step, cursor.epoch, cursor.position, _rng_state(device))
-        except BaseException as exc:
-            display.close()
-            if hints is not None:
-                hints.remove()
-            if checkpoint_path is not None and is_main and not updating:
-                # The state after `step` completed updates: the batches and random numbers the
-                # unfinished step consumed are handed back, so resuming repeats that step exactly.
-                try:
-                    write_checkpoint(step, step_start[0], step_start[1], step_start[2])
-                    where = f"checkpoint (step {step}"
-                    if best_step is not None and best_fidelity is not None:
-                        where += f", best step {best_step}: held-out error {best_fidelity.output_relative_error:.4f}"
-                    where += f") in {checkpoint_path}"
-                    command = resume_command or _default_resume_command(checkpoint_path)
-                    what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped ({describe(exc)})"
-                    print(
-                        f"distillation {what} at step {step} of {config.steps}; {where}; resume with: {command}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                except Exception as save_error:  # never hide the original failure
-                    print(f"distillation: could not write a checkpoint ({describe(save_error)})", file=sys.stderr)
-            teacher.train(teacher_was_training)
-            raise
-        display.close()
-        if hints is not None:
-            hints.remove()
-        final = last_fidelity
-        if best_state is not None:
-            student.load_state_dict(best_state)
-        student.eval()
-        teacher.train(teacher_was_training)
-        if is_main and display.mode != "none":
-            text = f"distill: {step - start_step} steps in {time.perf_counter() - started:.1f} s"
-            if best_step is not None:
-                text += f"; kept step {best_step}: {describe_fidelity(best_fidelity)}"
-            display.message(text)
+            self.write_checkpoint(step, *self.step_start)
+            where = f"checkpoint (step {step}"
+            if self.best_step is not None and self.best_fidelity is not None:
+                where += f", best step {self.best_step}: held-out error {self.best_fidelity.output_relative_error:.4f}"
+            where += f") in {self.checkpoint_path}"
+            command = resume_command or _default_resume_command(self.checkpoint_path)
+            what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped ({describe(exc)})"
+            print(
+                f"distillation {what} at step {step} of {self.config.steps}; {where}; resume with: {command}",
+                file=sys.stderr,
+                flush=True,
+            )
+        except Exception as save_error:  # never hide the original failure
+            print(f"distillation: could not write a checkpoint ({describe(save_error)})", file=sys.stderr)
 
-    return DistillResult(
-        steps=config.steps,
-        start_step=start_step,
-        completed_steps=step,
-        loss=loss_label,
-        batchnorm=config.batchnorm,
-        device=str(device),
-        world_size=world_size,
-        best_step=best_step,
-        initial=initial,
-        best=best_fidelity,
-        final=final,
-        seconds=time.perf_counter() - started,
-        total_seconds=previous_seconds + time.perf_counter() - started,
-        samples_seen=samples_seen,
-        layers=layers,
-        history=history,
-        checkpoint=str(checkpoint_path) if checkpoint_path is not None else None,
-        config=config.to_dict(),
-    )
+    def finish(self) -> None:
+        """Done: the student takes its best state, in eval mode."""
+        self._close()
+        self.final = self.last_fidelity
+        if self.best_state is not None:
+            self.student.load_state_dict(self.best_state)
+        self.student.eval()
+        if self.is_main and self.display.mode != "none":
+            text = f"distill: {self.step - self.start_step} steps in {time.perf_counter() - self.started:.1f} s"
+            if self.best_step is not None:
+                text += f"; kept step {self.best_step}: {describe_fidelity(self.best_fidelity)}"
+            self.display.message(text)
+
+    def result(self) -> DistillResult:
+        config = self.config
+        return DistillResult(
+            steps=config.steps,
+            start_step=self.start_step,
+            completed_steps=self.step,
+            loss=self.loss_label,
+            batchnorm=config.batchnorm,
+            device=str(self.device),
+            world_size=self.world_size,
+            best_step=self.best_step,
+            initial=self.initial,
+            best=self.best_fidelity,
+            final=self.final,
+            seconds=time.perf_counter() - self.started,
+            total_seconds=self._seconds(),
+            samples_seen=self.samples_seen,
+            layers=self.layers,
+            history=self.history,
+            checkpoint=str(self.checkpoint_path) if self.checkpoint_path is not None else None,
+            config=config.to_dict(),
+        )

@@ -1,4 +1,5 @@
-"""The report: a data object (``model``), built from an engine run (``builder``), shown by views.
+"""The report: a data object (``model``, ``log``), shown by views (``views``, found through ``registry``).
 
-``model`` and ``views`` never import torch: a report read back from JSON renders anywhere.
+Nothing in this package imports torch or the engine: a report read back from JSON renders
+anywhere. The engine's ``engine/report_builder.py`` turns a run into a ``Report``.
 """

@@ -14,6 +14,7 @@ from typing import Any
 
 from convrewrite import __version__
 from convrewrite.report.log import Fidelity, RewriteRecord, SkipRecord
+from convrewrite.report.registry import render_view, view_names
 
 SCHEMA = "convrewrite.report/1"
 MACS_UNIT = "multiply-accumulates (1 MAC = one multiply + one add); FLOPs = 2 x MACs"
@@ -176,9 +177,7 @@ class Report:
 
     def render(self, fmt: str = "table", width: int = 120) -> str:
         """This report in any registered format (``table``, ``markdown``, ``json``, ...)."""
-        from convrewrite.report.views import render
-
-        return render(self, fmt, width=width)
+        return render_view("report", self, fmt, width=width)
 
     def __str__(self) -> str:
         return self.render("table")
@@ -187,8 +186,6 @@ class Report:
         return self.render("markdown")
 
     def _repr_html_(self) -> str | None:  # Jupyter, when the html view is installed
-        from convrewrite.report.views import view_names
-
         return self.render("html") if "html" in view_names("report") else None
 
     @property

@@ -2,14 +2,11 @@
 
 In the manner of torch.fx's pass infrastructure, a stage has a name, says which fields of the
 ``RunState`` it ``requires`` and which it ``ensures``, and runs over that one state, returning
-whether it changed the model. A stage class registers itself with ``@register_stage`` and an
-``order``; its ``plan`` decides, from the state, whether it runs and how many times (the rewrite
-stage runs once per rule). Adding a stage is adding one file to this package (every module in it
-is imported when the pipeline plans), or registering a class from a plugin through the
-``convrewrite.stages`` entry-point group.
-
-Orders of the built-in stages: profile 100, trace 200, rewrite 300, verify 400, export-check 450
-(apply only), fit or fitted-weights 500, distill 600, fidelity 700, latency 800.
+whether it changed the model. A stage class registers itself with ``@register_stage``; its
+``plan`` decides, from the state, whether it runs and how many times (the rewrite stage runs once
+per rule). Adding a stage is adding one file to this package (every module in it is imported when
+the pipeline plans) and its name to ``STAGE_ORDER``, or registering a class from a plugin through
+the ``convrewrite.stages`` entry-point group (a plugin names the stage it runs ``after``).
 """
 
 from __future__ import annotations
@@ -35,7 +32,8 @@ class Stage:
     """Base class of pipeline stages."""
 
     name: ClassVar[str] = ""
-    order: ClassVar[int] = 0
+    #: A stage not in ``STAGE_ORDER`` (a plugin's) runs right after this one; None: last.
+    after: ClassVar[str | None] = None
     requires: ClassVar[tuple[str, ...]] = ()
     ensures: ClassVar[tuple[str, ...]] = ()
 
@@ -59,11 +57,30 @@ class Stage:
             raise ModelError(f"stage {self.label} did not produce {', '.join(missing)} (a bug: please report it)")
 
 
+#: The built-in stages in the order the pipeline runs them: the one place that order is written.
+#: A name with no registered stage is skipped: ``plan`` is the planner's slot, ``export-check``
+#: and ``fitted-weights`` are the slots of the apply path's early export check and of reusing an
+#: earlier fit (both in progress on other branches).
+STAGE_ORDER: tuple[str, ...] = (
+    "profile",
+    "trace",
+    "plan",
+    "rewrite",
+    "verify",
+    "export-check",
+    "fit",
+    "fitted-weights",
+    "distill",
+    "fidelity",
+    "evaluate",
+    "latency",
+)
+
 _registry: dict[str, type[Stage]] = {}
 
 
 def register_stage(cls: type[Stage]) -> type[Stage]:
-    """Class decorator: the pipeline plans every registered stage, by ``order``."""
+    """Class decorator: the pipeline plans every registered stage, in ``STAGE_ORDER``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     _registry[cls.name] = cls
@@ -71,4 +88,16 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
 
 
 def registered_stages() -> list[type[Stage]]:
-    return sorted(_registry.values(), key=lambda cls: (cls.order, cls.name))
+    """Every registered stage in run order: ``STAGE_ORDER``, each plugin stage right after the
+    stage it names (plugins after the same stage by name), the others last by name."""
+    ordered = [name for name in STAGE_ORDER if name in _registry]
+    plugins = sorted(name for name in _registry if name not in STAGE_ORDER)
+    for name in plugins:
+        after = _registry[name].after
+        if after in ordered:
+            position = ordered.index(after) + 1
+            while position < len(ordered) and ordered[position] in plugins:
+                position += 1
+            ordered.insert(position, name)
+    ordered += [name for name in plugins if name not in ordered]
+    return [_registry[name] for name in ordered]

@@ -7,54 +7,50 @@ warm-up and cosine schedule; the best state by held-out loss is kept). The repor
 ``distillation`` section.
 
 ``apply`` does not run this stage: it writes the fitted model first and distils the written
-output, with resumable checkpoints inside it (``recovery/distill_job.py``), so an interrupted run
+output, with resumable checkpoints inside it (``commands/distill.py``), so an interrupted run
 continues with ``convrewrite distill DIR``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import cast
 
+from convrewrite.config.stages import DistillSettings
 from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
 from convrewrite.engine.stages.profile import run_profile
 from convrewrite.engine.state import RunState
 from convrewrite.recovery.device import resolve_device
-from convrewrite.recovery.distill import DistillConfig, distill
+from convrewrite.recovery.distill import DistillConfig, LossName, distill
 
 
-def distill_config(settings: dict[str, Any], steps: int) -> DistillConfig:
+def distill_config(settings: DistillSettings) -> DistillConfig:
     """The distillation settings of a run (``--distill-loss`` and friends) as a checked config."""
-    options: dict[str, Any] = {"steps": steps}
-    for setting, field in (
-        ("distill-loss", "loss"),
-        ("distill-temperature", "temperature"),
-        ("distill-lr", "lr"),
-        ("layer-weight", "layer_weight"),
-    ):
-        if settings.get(setting) is not None:
-            options[field] = settings[setting]
-    return DistillConfig(**options)
+    return DistillConfig(
+        steps=settings.steps,
+        loss=cast(LossName, settings.loss),
+        temperature=settings.temperature,
+        lr=settings.lr,
+        layer_weight=settings.layer_weight,
+    )
 
 
 @register_stage
 class DistillStage(Stage):
     name = "distill"
-    order = 600
     requires = ("reference", "after", "data")
     ensures = ("after",)
     needs_reference = True
 
     @classmethod
     def plan(cls, state: RunState) -> list[Stage]:
-        steps = int(state.setting("distill", 0))
-        wanted = state.data is not None and bool(state.rules) and steps > 0
-        return [cls()] if wanted and not state.settings.get("distill_after_write") else []
+        wanted = state.data is not None and bool(state.rules) and state.settings.distill.steps > 0
+        return [cls()] if wanted and not state.settings.distill_after_write else []
 
     def run(self, state: RunState) -> StageOutcome:
         assert state.reference is not None and state.data is not None
         if not state.originals:
             return StageOutcome(False, "nothing was rewritten: nothing to distill")
-        config = distill_config(state.settings, int(state.setting("distill")))
+        config = distill_config(state.settings.distill)
         # Hints compare each rewritten layer with the original module it stands for (fuse-bn: the
         # folded BatchNorm); a layer whose counterpart is ambiguous gets no hint.
         targets = state.output_of
@@ -64,10 +60,10 @@ class DistillStage(Stage):
             state.model,
             state.data,
             config,
-            device=resolve_device(state.setting("device")),
+            device=resolve_device(state.settings.device),
             layers=layers,
             teacher_layers={n: t for n, t in targets.items() if t and n in layers},
-            progress="none" if state.settings.get("quiet") else "auto",
+            progress="none" if state.settings.quiet else "auto",
         )
         state.model.to("cpu").eval()
         state.sections["distillation"] = result

@@ -29,7 +29,6 @@ class EvaluationSection:
 @register_stage
 class EvaluateStage(Stage):
     name = "evaluate"
-    order = 750
     requires = ("reference",)
     needs_reference = True
 

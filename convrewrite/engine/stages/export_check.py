@@ -9,7 +9,7 @@ exported and run in ONNX Runtime. A model whose export cannot work then fails in
 3, naming this stage) instead of after the fitting, and nothing is written: the temporary
 directory is removed either way.
 
-Planned only when the run will write (``settings["export_check"]``, which ``apply`` sets to the
+Planned only when the run will write (``settings.export_check``, which ``apply`` sets to the
 directory that will hold its output, where the scratch directory goes: the same file system as
 the real write) and a rule is given.
 """
@@ -28,19 +28,18 @@ from convrewrite.errors import ModelError
 @register_stage
 class ExportCheckStage(Stage):
     name = "export-check"
-    order = 450
     requires = ("rewritten_trace", "after")
 
     @classmethod
     def plan(cls, state: RunState) -> list[Stage]:
-        return [cls()] if state.rules and state.setting("export_check", False) else []
+        return [cls()] if state.rules and state.settings.export_check else []
 
     def run(self, state: RunState) -> StageOutcome:
         if not state.rewrites:
             return StageOutcome(False, "nothing was rewritten: nothing to export")
-        where = state.setting("export_check")
+        where = state.settings.export_check
         beside = Path(where) if isinstance(where, str) and Path(where).is_dir() else None
-        written = trial_export(state, list(state.setting("export", []) or []), beside)
+        written = trial_export(state, list(state.settings.export), beside)
         return StageOutcome(False, f"{', '.join(written)} written, reloaded and matched in a scratch directory")
 
 
@@ -50,8 +49,8 @@ def trial_export(state: RunState, exports: list[str], beside: Path | None = None
 
     ``beside``: the directory that will hold the output (an existing one), so the trial writes on
     the same file system as the real write; otherwise the system's temporary directory."""
+    from convrewrite.engine.report_builder import build_report
     from convrewrite.export.base import ExportContext, exporters_for
-    from convrewrite.report.builder import build_report
 
     scratch = Path(tempfile.mkdtemp(prefix=".convrewrite-export-check-", dir=beside))
     try:

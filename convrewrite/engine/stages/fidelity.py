@@ -37,7 +37,6 @@ def layer_fidelity(state: RunState) -> list[LayerFidelity]:
 @register_stage
 class FidelityStage(Stage):
     name = "fidelity"
-    order = 700
     requires = ("before", "after")
     ensures = ("fidelity",)
 

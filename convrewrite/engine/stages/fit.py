@@ -43,7 +43,7 @@ class FittingSection:
 
 
 def _progress(state: RunState) -> Any:
-    if state.settings.get("quiet") or not sys.stderr.isatty():
+    if state.settings.quiet or not sys.stderr.isatty():
         return None
 
     def show(update: FitProgress) -> None:
@@ -56,21 +56,20 @@ def _progress(state: RunState) -> Any:
 @register_stage
 class FitStage(Stage):
     name = "fit"
-    order = 500
     requires = ("reference", "after", "data")
     ensures = ("after",)
     needs_reference = True
 
     @classmethod
     def plan(cls, state: RunState) -> list[Stage]:
-        wanted = state.data is not None and bool(state.rules) and state.setting("fit", True)
-        return [cls()] if wanted and not state.setting("fitted-weights") else []
+        wanted = state.data is not None and bool(state.rules) and state.settings.fit.enabled
+        return [cls()] if wanted and not state.settings.fitted_weights else []
 
     def run(self, state: RunState) -> StageOutcome:
         assert state.reference is not None and state.data is not None
         if not state.originals:
             return StageOutcome(False, "nothing was rewritten: nothing to fit")
-        device = resolve_device(state.setting("device"))
+        device = resolve_device(state.settings.device)
         reference, model, data = state.reference, state.model, state.data
         transfer = measure_fidelity(reference, model, data, device=device)
         fit = fit_layers(
@@ -79,7 +78,7 @@ class FitStage(Stage):
             list(state.originals),
             data,
             device=device,
-            steps=int(state.setting("fit-steps", 500)),
+            steps=state.settings.fit.steps,
             progress=_progress(state),
             targets=state.output_of,
         )
@@ -104,20 +103,19 @@ class FittedWeightsStage(Stage):
     failed (``recovery/resume.py``) are loaded into the rewritten model instead of fitting."""
 
     name = "fitted-weights"
-    order = 500
     requires = ("after",)
     ensures = ("after",)
 
     @classmethod
     def plan(cls, state: RunState) -> list[Stage]:
-        return [cls()] if state.rules and state.setting("fitted-weights") else []
+        return [cls()] if state.rules and state.settings.fitted_weights else []
 
     def run(self, state: RunState) -> StageOutcome:
         from pathlib import Path
 
         from convrewrite.recovery.resume import load_fitted
 
-        directory = Path(str(state.setting("fitted-weights")))
+        directory = Path(str(state.settings.fitted_weights))
         count = load_fitted(directory, state.model)
         state.after = state.current = run_profile(state.model, state.loaded.inputs, "the fitted model")
         return StageOutcome(True, f"{count} tensor(s) loaded from {directory} (fitted by an earlier run)")

@@ -41,13 +41,12 @@ def layer_cases(state: RunState) -> list[LayerCase]:
 @register_stage
 class LatencyStage(Stage):
     name = "latency"
-    order = 800
     requires = ("reference", "after")
     needs_reference = True
 
     @classmethod
     def plan(cls, state: RunState) -> list[Stage]:
-        return [cls()] if state.rules and state.setting("latency", False) else []
+        return [cls()] if state.rules and state.settings.latency.enabled else []
 
     def run(self, state: RunState) -> StageOutcome:
         assert state.reference is not None
@@ -55,8 +54,8 @@ class LatencyStage(Stage):
             state.reference,
             state.model,
             state.loaded.inputs,
-            backend=str(state.setting("latency-backend", "torch")),
-            threads=int(state.setting("threads", 1)),
+            backend=state.settings.latency.backend,
+            threads=state.settings.latency.threads,
             layers=layer_cases(state),
         )
         state.sections["latency"] = report

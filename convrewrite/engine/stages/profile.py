@@ -31,7 +31,6 @@ class ProfileStage(Stage):
     """Shapes, parameters and MACs of every module call of the original model."""
 
     name = "profile"
-    order = 100
     requires = ("loaded",)
     ensures = ("before",)
 

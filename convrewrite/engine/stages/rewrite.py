@@ -285,7 +285,6 @@ def apply_rule(
 @register_stage
 class RewriteStage(Stage):
     name = "rewrite"
-    order = 300
     requires = ("trace", "current")
     ensures = ("current",)
 
@@ -304,11 +303,11 @@ class RewriteStage(Stage):
 
     def run(self, state: RunState) -> StageOutcome:
         assert state.current is not None
-        if self.first and state.settings.get("keep_reference") and state.reference is None:
+        if self.first and state.settings.keep_reference and state.reference is None:
             state.reference = _frozen_copy(state.model)
         functional = functional_conv_notes(state.model, state.current) if self.first else []
         graph_module = state.trace.graph_module if state.trace is not None else None
-        threads = int(state.setting("threads", 1))
+        threads = state.settings.threads
         outcome = apply_rule(self.rule, state.model, state.current, state.log.rewrites, graph_module, threads)
         if self.first:
             state.log.skipped.extend([*outcome.unresolved, *functional])

@@ -102,7 +102,6 @@ def call_mismatch(model: nn.Module, traced: TraceResult, profile_: ModelProfile)
 @register_stage
 class TraceStage(Stage):
     name = "trace"
-    order = 200
     requires = ("before",)
     ensures = ("trace",)
 

@@ -18,7 +18,6 @@ from convrewrite.errors import ModelError
 @register_stage
 class VerifyStage(Stage):
     name = "verify"
-    order = 400
     requires = ("trace", "before", "after")
     ensures = ("rewritten_trace",)
 

@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 from typing import Any
 
-from convrewrite.report.views.registry import get_view, register_view, render_view, view_names
+from convrewrite.report.registry import get_view, register_view, render_view, view_names
 from convrewrite.report.views.text import MACS_NOTE, shape_text
 
 # The built-in formats first, in the order --help lists them; then any other view module here.

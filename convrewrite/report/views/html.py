@@ -22,7 +22,7 @@ from typing import Any
 
 from convrewrite import __version__
 from convrewrite.report.model import MIB, LayerRow, Report
-from convrewrite.report.views.registry import register_view
+from convrewrite.report.registry import register_view
 from convrewrite.report.views.sections import report_section_lines
 from convrewrite.report.views.text import weights_text
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from convrewrite.report.model import Report
-from convrewrite.report.views.registry import register_view
+from convrewrite.report.registry import register_view
 
 
 @register_view("report", "json", "the JSON report (schema convrewrite.report/1)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from convrewrite.report.model import LayerRow, Report
-from convrewrite.report.views.registry import register_view
+from convrewrite.report.registry import register_view
 from convrewrite.report.views.sections import report_section_lines
 from convrewrite.report.views.text import (
     MACS_NOTE,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from convrewrite.report.model import Report, TorchSummary
-from convrewrite.report.views.registry import register_view
+from convrewrite.report.registry import register_view
 
 
 def render_torchsummary_block(summary: TorchSummary) -> str:

@@ -3,7 +3,7 @@
 The command line overrides the config file, which overrides the defaults. Every resolved value
 is a ``Value`` that remembers its source, so ``--verbose`` can say where it came from. Unknown
 keys are errors that name the key: a typo must never silently disable a budget. The keys and their
-types come from the settings schema (``convrewrite/settings.py``).
+types come from the settings schema (``convrewrite/config/schema.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convrewrite import settings as schema
+from convrewrite.config import schema
 from convrewrite.errors import UsageError
 
 if sys.version_info >= (3, 11):

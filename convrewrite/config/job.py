@@ -1,7 +1,7 @@
 """What one command runs: every setting resolved, with where it came from.
 
 Settings come from the command line, then from the ``[tool.convrewrite]`` table that describes the
-model being run, then from the schema's defaults (``convrewrite/settings.py``). Which table
+model being run, then from the schema's defaults (``convrewrite/config/schema.py``). Which table
 describes a model:
 
 - no MODEL on the command line: the top-level table (its ``model`` is the one run);
@@ -12,7 +12,7 @@ describes a model:
   ``threads``...) are taken from the top level, so one model's input shape or weights never leak
   onto another; ``--verbose`` says so.
 
-Nothing here imports torch; ``run_job`` imports the engine when it runs.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convrewrite import settings as schema
+from convrewrite.config import schema
+from convrewrite.config.project import ProjectConfig, Value
 from convrewrite.errors import UsageError
-from convrewrite.gate.config import ProjectConfig, Value
 
 
 @dataclass
@@ -49,6 +49,14 @@ class Job:
     def settings(self) -> dict[str, Value]:
         """Every setting, for ``--verbose``."""
         return dict(self.values)
+
+    def describe(self) -> list[str]:
+        """``--verbose``: the notes, then every setting and where it came from."""
+        lines = [f"note: {note}" for note in self.notes]
+        for name, value in self.values.items():
+            shown = [list(v) for v in value.value] if name == "input-shape" and value.value else value.value
+            lines.append(f"  {name} = {shown!r}  ({value.source})")
+        return lines
 
     def settings_values(self) -> dict[str, Any]:
         """Every setting's value by name (what the pipeline's stages read)."""
@@ -157,73 +165,3 @@ def make_job(
             hint="pass one (path/file.py[:NAME]) or set model in [tool.convrewrite] of pyproject.toml",
         )
     return job
-
-
-def build_rules(job: Job) -> list[Any]:
-    """The configured rules, with the command's layer selection as their defaults."""
-    from convrewrite.rules.api import make_rule
-
-    rules = []
-    for spec in job.get("rules", []):
-        rule = make_rule(spec)
-        rule.config = rule.config.with_defaults(
-            job.get("include", ()), job.get("exclude", ()), job.get("min-channels", 0)
-        )
-        rules.append(rule)
-    return rules
-
-
-def input_source_label(job: Job) -> str:
-    """How the report names where the example input's shape came from."""
-    source = job.source("input-shape")
-    return "--input-shape" if source == "command line" else f"input-shape in {source}"
-
-
-def run_job(job: Job, *, distill_after_write: bool = False, writes_to: Path | None = None) -> Any:
-    """Load and analyse (rewriting when the job has rules); returns the engine's run state.
-
-    ``distill_after_write``: leave distillation to the caller (``apply`` distils the written output).
-    ``writes_to``: the directory ``apply`` will write; its export is tried beside it first.
-    """
-    from convrewrite.engine.pipeline import analyse
-
-    rules = build_rules(job)
-    loaded = load_job_model(job, str(job["model"]))
-    data = open_data(job, loaded) if rules else None
-    settings = job.settings_values()
-    settings["distill_after_write"] = distill_after_write
-    # apply writes: its export is tried right after the rewrite, before fitting (stage export-check).
-    if job.command == "apply":
-        settings["export_check"] = str(Path(writes_to).resolve().parent) if writes_to is not None else True
-    if distill_after_write:
-        settings["keep_reference"] = True  # the teacher
-    return analyse(loaded, rules, data=data, settings=settings)
-
-
-def load_job_model(job: Job, spec: str) -> Any:
-    """Load ``spec`` with the job's weights and input shapes."""
-    from convrewrite.core.loading import load_model
-
-    weights = job.get("weights")
-    return load_model(
-        spec,
-        input_shapes=job.get("input-shape") or None,
-        weights=Path(weights) if weights else None,
-        input_source=input_source_label(job),
-    )
-
-
-def open_data(job: Job, loaded: Any) -> Any:
-    """The calibration data of ``--data`` (or ``calibration_data()`` in the model file), checked
-    against the loaded, not yet rewritten, model; None when there is none."""
-    from convrewrite.recovery.data import open_calibration_data
-
-    return open_calibration_data(
-        job.get("data"),
-        loaded,
-        holdout=job.get("holdout", 0.1),
-        # A DataLoader or stream keeps its own batches unless --batch-size is given.
-        batch_size=job.get("batch-size") if job.source("batch-size") != "default" else None,
-        mean=job.get("mean"),
-        std=job.get("std"),
-    )

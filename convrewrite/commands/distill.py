@@ -1,6 +1,6 @@
-"""The body of ``convrewrite distill DIR --teacher MODEL --data SPEC --steps N`` (and of
-``apply --distill``): distill an ``apply`` output directory against its original model, and
-write the result as an ``apply`` output again.
+"""``convrewrite distill DIR --teacher MODEL --data SPEC --steps N`` (``distill_job``), and the
+distillation of ``apply --distill`` (``distill_output``): distill an ``apply`` output directory
+against its original model, and write the result as an ``apply`` output again.
 
 The student is DIR's ``model.py`` with DIR's ``weights.safetensors``. Checkpoints go to
 ``DIR/distill-checkpoint/``; when one is there the run continues from it, so after Ctrl-C or a
@@ -54,6 +54,8 @@ class DistillJobResult:
     written: bool
     reload_max_abs_error: float | None
     model: nn.Module
+    #: The report as written into ``directory`` (rank 0; None on the other ranks).
+    report: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -119,12 +121,17 @@ def distill_output(
     progress: str = "auto",
     resume_command: str | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    student: nn.Module | None = None,
+    inputs: Any = None,
 ) -> DistillJobResult:
     """Distill the apply output in ``directory`` against ``teacher`` and write the result.
 
-    ``layers`` defaults to the layers the rewrite replaced (read from report.json) when
-    ``config.layer_weight`` > 0. Bad input (not an apply output, a destination holding someone
-    else's files, data that does not fit) is a usage error raised before any training.
+    ``student`` and ``inputs``: the model ``directory`` holds and its example inputs, when the
+    caller has them in memory (``apply --distill`` just wrote them); by default DIR's
+    ``model.py`` is imported with its weights. ``layers`` defaults to the layers the rewrite
+    replaced (read from report.json) when ``config.layer_weight`` > 0. Bad input (not an apply
+    output, a destination holding someone else's files, data that does not fit) is a usage error
+    raised before any training.
     """
     from convrewrite.core.loading import load_model
 
@@ -141,8 +148,9 @@ def distill_output(
     resume = checkpoint_dir if has_checkpoint(checkpoint_dir) else None
 
     with distributed_session(device) as session:
-        loaded = load_model(str(source))
-        student = loaded.model
+        if student is None:
+            loaded = load_model(str(source))
+            student, inputs = loaded.model, loaded.inputs
         resumed_from: int | None = None
         if resume is not None:
             resumed_from = int(json.loads((checkpoint_dir / "checkpoint.json").read_text()).get("step", 0))
@@ -160,12 +168,14 @@ def distill_output(
         )
         failure: str | None = None
         reload_error: float | None = None
+        written_report: dict[str, Any] | None = None
         if session.is_main:
             try:
                 refreshed = refreshed_report(report, result, student, teacher)
                 if evaluate is not None:
                     refreshed = with_evaluation(refreshed, evaluate(student.to("cpu").eval()))
-                reload_error = _write_distilled(source, target, student, loaded.inputs, refreshed, result)
+                written_report = {**refreshed, "distillation": result.to_dict()}
+                reload_error = _write_distilled(source, target, student, inputs, written_report)
                 if not same_place:
                     shutil.rmtree(checkpoint_dir, ignore_errors=True)
             except ConvRewriteError as exc:
@@ -188,7 +198,9 @@ def distill_output(
                 hint=f"to write them without distilling again: {continue_with}",
             )
     student.to("cpu").eval()
-    return DistillJobResult(source, target, resumed_from, result, session.is_main, reload_error, student)
+    return DistillJobResult(
+        source, target, resumed_from, result, session.is_main, reload_error, student, written_report
+    )
 
 
 def with_evaluation(report: dict[str, Any], result: dict[str, float]) -> dict[str, Any]:
@@ -246,7 +258,6 @@ def _write_distilled(
     student: nn.Module,
     inputs: Any,
     report: dict[str, Any],
-    result: DistillResult,
 ) -> float:
     from safetensors.torch import load_file, save_model
 
@@ -269,9 +280,7 @@ def _write_distilled(
         check_weights_read_back(fresh, load_file(str(staging / "weights.safetensors")))
         del fresh, module
 
-        updated = dict(report)
-        updated["distillation"] = result.to_dict()
-        text = json.dumps(updated, indent=2) + "\n"
+        text = json.dumps(report, indent=2) + "\n"
         write_file_atomic(staging / "report.json", text.encode())
         if json.loads((staging / "report.json").read_text()) != json.loads(text):
             raise ModelError("report.json did not read back identically")
@@ -286,3 +295,41 @@ def _write_distilled(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return worst
+
+
+def distill_job(
+    job: Any,
+    directory: Path,
+    teacher: str,
+    *,
+    out: Path | None = None,
+    force: bool = False,
+    device: str | torch.device | None = "auto",
+    resume_command: str | None = None,
+) -> DistillJobResult:
+    """``convrewrite distill DIR --teacher MODEL``: load the teacher and the data, then distil DIR.
+
+    ``job`` holds the distill command's resolved settings; ``teacher`` is the MODEL spec of the
+    original model.
+    """
+    from convrewrite.commands.apply import user_evaluate
+    from convrewrite.commands.run import load_job_model, open_data
+    from convrewrite.config.stages import DistillSettings
+    from convrewrite.engine.stages.distill import distill_config
+
+    loaded = load_job_model(job, teacher)
+    data = open_data(job, loaded)
+    if data is None:
+        raise UsageError("distill needs calibration data", hint="pass --data SPEC (or define calibration_data())")
+    steps = int(job["steps"])
+    return distill_output(
+        directory,
+        loaded.model,
+        data,
+        distill_config(DistillSettings.from_values(job.settings_values(), steps=steps)),
+        device=device,
+        out=out,
+        force=force,
+        evaluate=user_evaluate(loaded),
+        resume_command=resume_command,
+    )

@@ -1,12 +1,12 @@
 """The one settings schema: every setting of every command, declared once.
 
 From this table the command-line options are generated (``cli/``), ``[tool.convrewrite]`` and its
-targets are validated (``gate/config.py``), and settings are resolved with their provenance
-(``gate/job.py``): a new setting is one ``Setting(...)`` line here, plus the code that reads
+targets are validated (``config/project.py``), and settings are resolved with their provenance
+(``config/job.py``): a new setting is one ``Setting(...)`` line here, plus the code that reads
 it. Nothing here imports torch: ``--help`` and config validation stay instant.
 
 Provenance, in order of precedence: the command line, then the table of ``[tool.convrewrite]``
-that describes the model being run (see ``gate/job.py``), then the default.
+that describes the model being run (see ``config/job.py``), then the default.
 """
 
 from __future__ import annotations
@@ -317,6 +317,11 @@ def _schema() -> tuple[Setting, ...]:
 
 SCHEMA: tuple[Setting, ...] = _schema()
 BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SCHEMA}
+
+
+def default(name: str) -> Any:
+    """The schema's default of setting ``name`` (the one place each default is written)."""
+    return BY_NAME[name].default
 
 
 def settings_for(command: str) -> list[Setting]:
