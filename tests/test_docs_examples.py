@@ -1,0 +1,118 @@
+"""The manual's examples run as written: its marked python blocks, its marked transcripts, its settings table.
+
+Every page is read (the README and ``docs/*.md``, through ``tests/doc_pages.py``):
+
+* a python block right after ``<!-- the test suite runs this block (tests/test_docs_examples.py) -->``
+  is executed in a scratch directory (the README's Python API example among them);
+* a console block right after ``<!-- the test suite runs this transcript (tests/test_docs_examples.py) -->``
+  has each ``$ convrewrite ...`` command run from the repository root, and what it prints (stdout
+  and stderr) must be the lines under it, exactly; nothing may appear in the repository meanwhile
+  (the transcripts of failures write nothing);
+* the settings table of docs/commands.md must be the schema's own ``markdown_table()``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .doc_pages import DOCS, README, ROOT, RUN_BLOCK, RUN_TRANSCRIPT, marked_blocks, page_name, section
+
+PYTHON_BLOCKS = marked_blocks(RUN_BLOCK, "python")
+TRANSCRIPTS = marked_blocks(RUN_TRANSCRIPT, "console")
+
+
+def _ids(blocks: list[tuple[Path, str]]) -> list[str]:
+    seen: dict[str, int] = {}
+    ids = []
+    for page, _ in blocks:
+        name = page_name(page)
+        seen[name] = seen.get(name, 0) + 1
+        ids.append(f"{name}#{seen[name]}")
+    return ids
+
+
+def test_the_marked_examples_are_where_the_pages_say() -> None:
+    # A marker lost in an edit would silently drop its example from the suite.
+    assert any(page == README for page, _ in PYTHON_BLOCKS), "README.md's Python API example lost its marker"
+    transcript_pages = {page.name for page, _ in TRANSCRIPTS}
+    assert {"README.md", "exit-codes.md", "rules.md"} <= transcript_pages, transcript_pages
+
+
+@pytest.mark.parametrize(("page", "code"), PYTHON_BLOCKS, ids=_ids(PYTHON_BLOCKS))
+def test_a_marked_python_block_runs(
+    page: Path, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, page_name(page), "exec"), {"__name__": "docs_example"})
+    if page == README and "convrewrite.rewrite(" in code:  # the Python API example: what its comments promise
+        out = capsys.readouterr().out
+        assert "Conv2d->SeparableConv2d" in out
+        assert "26 held-out calibration samples" in out
+        assert sorted(p.name for p in (tmp_path / "net-separable").iterdir()) == [
+            "model.py",
+            "report.json",
+            "weights.safetensors",
+        ]
+
+
+def _commands(block: str) -> list[tuple[str, list[str]]]:
+    """(command, expected output lines) of a transcript; the activate line of a fresh shell is skipped."""
+    steps: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:].split("  #")[0].strip(), []))
+        else:
+            assert steps, f"a transcript starts with output, not a command: {line!r}"
+            steps[-1][1].append(line)
+    return [(command, out) for command, out in steps if command != ". .venv/bin/activate"]
+
+
+def _tree(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir()}
+
+
+@pytest.mark.parametrize(("page", "block"), TRANSCRIPTS, ids=_ids(TRANSCRIPTS))
+def test_a_marked_transcript_prints_what_the_page_shows(page: Path, block: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in {"COLUMNS", "FORCE_COLOR", "CONVREWRITE_UPDATE_GOLDEN"}}
+    env["OMP_NUM_THREADS"] = "1"
+    before = _tree(ROOT)
+    steps = _commands(block)
+    assert steps, f"{page_name(page)}: a marked transcript without commands"
+    for command, expected in steps:
+        words = shlex.split(command)
+        assert words[0] == "convrewrite", f"{page_name(page)}: the suite runs only convrewrite commands: {command}"
+        completed = subprocess.run(
+            [sys.executable, "-m", "convrewrite", *words[1:]],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        printed = (completed.stdout + completed.stderr).splitlines()
+        assert printed == expected, f"{page_name(page)}: `{command}` printed:\n" + "\n".join(printed)
+    assert _tree(ROOT) == before, f"{page_name(page)}: the transcript wrote {sorted(_tree(ROOT) - before)}"
+
+
+def _schema_table() -> str:
+    try:  # the settings schema's module moves to convrewrite.config.schema in the house restructure
+        from convrewrite.config import schema  # type: ignore[attr-defined]
+    except ImportError:
+        from convrewrite import settings as schema
+    return schema.markdown_table()
+
+
+def test_the_settings_table_is_the_schema() -> None:
+    text = section(DOCS / "commands.md", "Settings")
+    marker = re.search(r"<!-- generated by convrewrite\.\S+markdown_table\(\);", text)
+    assert marker, "docs/commands.md's settings table lost its 'generated by' comment"
+    assert _schema_table() in text, (
+        "docs/commands.md's settings table differs from the schema: paste the schema's markdown_table()"
+    )
