@@ -10,6 +10,7 @@ mode, and the same build must fail on a page given a link to a missing anchor, w
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -97,3 +98,17 @@ def test_a_link_to_a_missing_anchor_fails_the_build(tmp_path: Path) -> None:
     built = _build(tmp_path, tmp_path / "site")
     assert built.returncode != 0
     assert "does not contain an anchor '#no-such-heading'" in built.stderr, built.stderr[-3000:]
+
+
+@pytest.mark.parametrize("page", sorted(DOCS.glob("*.md")), ids=page_name)
+def test_lists_are_written_the_way_the_site_renders_them(page: Path) -> None:
+    """Python-Markdown, unlike GitHub, needs a blank line before a list and 4 spaces before a nested item."""
+    lines = page.read_text().splitlines()
+    wrong = []
+    for index, line in doc_pages.lines_outside_code(page.read_text()):
+        previous = lines[index - 1] if index else ""
+        if re.match(r"(- |\* |\d+\. )", line) and previous.strip() and not re.match(r"(\s|- |\* |\d+\. )", previous):
+            wrong.append(f"line {index + 1}: a list right after a paragraph (add a blank line)")
+        if re.match(r" {1,3}(- |\* |\d+\. )", line):
+            wrong.append(f"line {index + 1}: a nested item indented less than 4 spaces")
+    assert not wrong, f"{page_name(page)}: " + "; ".join(wrong)
