@@ -42,7 +42,7 @@ def test_the_marked_examples_are_where_the_pages_say() -> None:
     # A marker lost in an edit would silently drop its example from the suite.
     assert any(page == README for page, _ in PYTHON_BLOCKS), "README.md's Python API example lost its marker"
     transcript_pages = {page.name for page, _ in TRANSCRIPTS}
-    assert {"README.md", "exit-codes.md", "rules.md"} <= transcript_pages, transcript_pages
+    assert {"README.md", "exit-codes.md", "rules.md", "zoo.md"} <= transcript_pages, transcript_pages
 
 
 @pytest.mark.parametrize(("page", "code"), PYTHON_BLOCKS, ids=_ids(PYTHON_BLOCKS))
@@ -103,7 +103,7 @@ def test_a_marked_transcript_prints_what_the_page_shows(page: Path, block: str) 
 
 def _schema_table() -> str:
     try:  # the settings schema's module moves to convrewrite.config.schema in the house restructure
-        from convrewrite.config import schema  # type: ignore[attr-defined]
+        from convrewrite.config import schema
     except ImportError:
         from convrewrite import settings as schema
     return schema.markdown_table()

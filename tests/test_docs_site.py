@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml  # type: ignore[import-untyped]
+import yaml
 
 from . import doc_pages
 from .doc_pages import DOCS, README, ROOT, page_name, pages
