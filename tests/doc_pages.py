@@ -31,6 +31,11 @@ def pages() -> list[Path]:
     return [README, *sorted(DOCS.glob("*.md"))]
 
 
+def in_site(page: Path) -> bool:
+    """Whether the page is one of the site's (rendered by MkDocs) rather than GitHub's (the READMEs)."""
+    return page.resolve().parent == DOCS.resolve()
+
+
 def page_name(page: Path) -> str:
     return page.relative_to(ROOT).as_posix()
 
@@ -112,14 +117,14 @@ def expanded(page: Path) -> str:
 
 def anchors(page: Path) -> set[str]:
     """The anchors a link may name on this page, as its renderer makes them."""
-    if page.resolve() == README.resolve():
+    if not in_site(page):
         return {github_anchor(title) for _, _, title in headings(page.read_text())}
     return {site_anchor(title) for _, _, title in headings(expanded(page))}
 
 
 def links(page: Path) -> Iterator[tuple[str, str]]:
     """(target, anchor) of every relative Markdown link of the page, outside code blocks and code spans."""
-    text = page.read_text() if page.resolve() == README.resolve() else expanded(page)
+    text = expanded(page) if in_site(page) else page.read_text()
     for _, line in lines_outside_code(text):
         line = re.sub(r"`[^`]*`", "", line)
         for target in re.findall(r"\]\(([^)\s]+)\)", line):
