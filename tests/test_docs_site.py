@@ -40,7 +40,7 @@ def test_every_relative_link_resolves(page: Path) -> None:
 def test_the_readme_sections_the_home_page_includes_exist_and_hold_no_links() -> None:
     """index.md includes README sections; a link in them would resolve from docs/ there and from the root here."""
     included = doc_pages._SNIPPET.findall((DOCS / "index.md").read_text())
-    assert {name for _, name in included} >= {"intro", "setup", "quick-start", "recovery", "python-api"}
+    assert {name for _, name in included} >= {"intro", "setup", "quick-start", "recovery", "python-api", "ci"}
     for file, name in included:
         text = doc_pages.snippet_section(ROOT / file, name)
         assert "](" not in text.replace("](#", ""), f"{file}:{name} holds a relative link"
