@@ -2,7 +2,9 @@
 """Set-up and checks for a fresh machine that has only Python.
 
     python3 dev.py demo    create .venv, install convrewrite, print the CRNN before/after table
-    python3 dev.py test    create .venv, install convrewrite with the test and onnx extras, run the whole suite
+    python3 dev.py test    create .venv, install convrewrite with the test, onnx and docs extras, run the whole
+                           suite (ruff, mypy, pytest), then build the docs site with ``mkdocs build --strict``
+    python3 dev.py docs    build the docs site into site/ (``--strict``: a broken link or anchor fails)
     python3 dev.py shell   a shell with .venv activated (``convrewrite`` on PATH); args go to the shell
 
 ``convrewrite`` lives in .venv, which is not on PATH until you activate it: ``. .venv/bin/activate``
@@ -55,7 +57,7 @@ def ensure_environment() -> None:
         "-c",
         "constraints.txt",
         "-e",
-        ".[test,onnx]",
+        ".[test,onnx,docs]",
     )
     STAMP.write_text(wanted + "\n")
 
@@ -97,10 +99,22 @@ def test(*_: str) -> None:
     run(BIN / "ruff", "format", "--check", *sources)
     run(PYTHON, "-m", "mypy")
     run(PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider")
+    build_docs()
     print(activation_hint(), flush=True)
 
 
-COMMANDS = {"demo": demo, "test": test, "shell": shell}
+def build_docs() -> None:
+    """The manual as a site, in site/ (gitignored); strict, so a broken link or anchor fails the build."""
+    run(PYTHON, "-m", "mkdocs", "build", "--strict", "--site-dir", "site")
+
+
+def docs(*_: str) -> None:
+    ensure_environment()
+    build_docs()
+    print(f"wrote {ROOT / 'site'}/ (open site/index.html)", flush=True)
+
+
+COMMANDS = {"demo": demo, "test": test, "docs": docs, "shell": shell}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS or (len(sys.argv) > 2 and sys.argv[1] != "shell"):

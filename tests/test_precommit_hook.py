@@ -1,8 +1,9 @@
 """The pre-commit hook, run for real by pre-commit in a scratch git repository.
 
-* ``pre-commit try-repo`` of this repository (its ``.pre-commit-hooks.yaml``), with the README's
+* ``pre-commit try-repo`` of this repository (its ``.pre-commit-hooks.yaml``), with the manual's
   "run it now" options, on a model that holds its budget and on one that breaks it;
-* the README's ``local`` hook snippet and its commands, taken from the README text itself.
+* the manual's ``local`` hook snippet and its commands, taken from its text (docs/check.md,
+  "pre-commit").
 
 The hook is ``language: system``: pre-commit builds no environment and nothing is downloaded; the
 hook finds ``convrewrite`` (and torch) on PATH, here this test environment's.
@@ -19,6 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from . import doc_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -104,15 +107,8 @@ def test_try_repo_runs_the_published_hook(tmp_path: Path) -> None:
     assert not list(cache.glob("repo*/py_env-*")), sorted(p.name for p in cache.rglob("*"))[:20]
 
 
-def _readme_section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index(f"### {title}\n")
-    end = text.index("\n### ", start + 1)
-    return text[start:end]
-
-
 def test_the_readme_local_hook_and_its_commands_work(tmp_path: Path) -> None:
-    section = _readme_section("pre-commit")
+    section = doc_pages.section(doc_pages.DOCS / "check.md", "pre-commit")
     snippets = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
     local = next(s for s in snippets if "repo: local" in s)
     commands = [
@@ -132,23 +128,18 @@ def test_the_readme_local_hook_and_its_commands_work(tmp_path: Path) -> None:
     ran = _pre_commit(repo, env, *shlex.split(commands[1])[1:])
     output = ran.stdout + ran.stderr
     assert ran.returncode == 0 and re.search(r"convrewrite check\.+Passed", output), output
-    # Without --all-files and nothing staged, pre-commit skips the hook: why the README asks for it.
+    # Without --all-files and nothing staged, pre-commit skips the hook: why the manual asks for it.
     subprocess.run(["git", "commit", "-q", "-m", "config"], cwd=repo, env=env, check=True)
     skipped = _pre_commit(repo, env, "run", "convrewrite-check", "--hook-stage", "manual")
     assert skipped.returncode == 0 and "no files to check" in skipped.stdout + skipped.stderr
 
 
 def test_documentation_links_of_the_hook_and_the_action_resolve() -> None:
-    """.pre-commit-hooks.yaml and action.yml point to README sections that exist."""
-    readme = (ROOT / "README.md").read_text()
-    anchors = {
-        re.sub(r"[^a-z0-9 -]", "", heading.strip().lower()).replace(" ", "-")
-        for heading in re.findall(r"^#{1,6} (.+)$", readme, flags=re.M)
-    }
+    """.pre-commit-hooks.yaml and action.yml point to sections of the manual that exist."""
     for name in (".pre-commit-hooks.yaml", "action.yml"):
         links = re.findall(r"\b([\w./-]+\.md)(#[\w-]+)?", (ROOT / name).read_text())
         assert links, name
         for path, anchor in links:
             assert (ROOT / path).is_file(), f"{name} links to {path}, which does not exist"
             if anchor:
-                assert anchor[1:] in anchors, f"{name} links to {path}{anchor}: no such heading"
+                assert anchor[1:] in doc_pages.anchors(ROOT / path), f"{name} links to {path}{anchor}: no such heading"

@@ -7,7 +7,7 @@ conv (computed in float64, stored in the conv's dtype) and the BatchNorm with ``
 layer less to run, and the same output up to float rounding. Run it before other rules
 (``--rule fuse-bn --rule separable``): their weight transfer then sees each output channel's real
 scale instead of a kernel that the BatchNorm rescales afterwards. When the accuracy is won back by
-distillation, keeping the BatchNorms measured better (README, "What it wins back, measured").
+distillation, keeping the BatchNorms measured better (docs/results.md, "What it wins back, measured").
 
 It needs the graph: the conv must be called once, its output read by exactly one node, a
 ``BatchNorm1d``/``BatchNorm2d`` matching the conv's dimensions that is called once (not shared),
