@@ -32,6 +32,7 @@ from convrewrite.recovery.solvers import channelwise, dense, low_rank, separable
 from convrewrite.recovery.solvers.base import (
     SolveResult,
     block_loss,
+    on_cpu,
     register_solver,
     registered_solver,
     statistics_kernel,
@@ -57,7 +58,8 @@ def solve_from_statistics(
 ) -> SolveResult | None:
     """Set ``block``'s parameters in place to the statistics fit; None = no statistics path for it.
 
-    ``geometry`` describes the patches the statistics were unfolded from (a ``PatchGeometry``, or the
+    The solves run in float64 on the CPU (statistics on an accelerator are copied; the block's
+    parameters stay where they are). ``geometry`` describes the patches the statistics were unfolded from (a ``PatchGeometry``, or the
     original conv/Linear). ``ridge`` is relative to the mean diagonal of each normal matrix and pulls
     towards the current value; ``rounds`` bounds the alternating solvers. ``losses[0]`` of the result
     is the start's squared error, ``losses[-1]`` that of the block as left (in its own dtype).
@@ -68,6 +70,7 @@ def solve_from_statistics(
     if start_kernel.shape[0] != stats.outputs:
         return None
     began = time.perf_counter()
+    stats = on_cpu(stats)
     start = block_loss(stats, start_kernel)
     saved = {name: parameter.detach().clone() for name, parameter in block.named_parameters()}
     with torch.no_grad():

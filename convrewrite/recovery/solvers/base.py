@@ -99,6 +99,16 @@ def geometry_shape(geometry: Any) -> tuple[int, ...] | None:
     return None
 
 
+def _pairs(value: Any, name: str) -> tuple:
+    """Strides and dilations as int tuples; paddings as (before, after) pairs (an int p is (p, p)),
+    with no pair left when there is no padding at all (so 0 and (0, 0) and ((0, 0),) agree)."""
+    if name != "padding":
+        return _as_tuple(value)
+    items = (value,) if isinstance(value, int) else tuple(value)
+    pairs = tuple((int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1])) for v in items)
+    return () if all(p == (0, 0) for p in pairs) else pairs
+
+
 def dense_of(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``block``'s equivalent dense (weight, bias), or None when it declares none."""
     from convrewrite.layers.dense import dense_kernel
@@ -123,19 +133,34 @@ def statistics_kernel(block: nn.Module, geometry: Any) -> torch.Tensor | None:
     expected = geometry_shape(geometry)
     if expected is None or tuple(weight.shape) != expected:
         return None
-    for name in ("stride", "dilation"):
+    for name in ("stride", "dilation", "padding"):
         want, have = getattr(geometry, name, None), getattr(block, name, None)
         comparable = want is not None and have is not None and not isinstance(want, str) and not isinstance(have, str)
-        if comparable and _as_tuple(want) != _as_tuple(have):
+        if comparable and _pairs(want, name) != _pairs(have, name):
             return None
+    # Another padding mode reads other values at the border; it matters only where there is padding.
+    want_mode, have_mode = getattr(geometry, "padding_mode", None), getattr(block, "padding_mode", None)
+    padded = not isinstance(getattr(block, "padding", 0), str) and _pairs(getattr(block, "padding", 0), "padding")
+    if want_mode is not None and have_mode is not None and want_mode != have_mode and padded:
+        return None
     return kernel_matrix(weight, bias, with_ones=True)
 
 
 def block_loss(stats: LayerStatistics, kernel: torch.Tensor) -> float:
     """Squared error of a full (out, n_w + 1) kernel matrix, the bias column dropped if ``stats`` has none."""
+    kernel = kernel.to(stats.gram.device)
     if not stats.with_ones:
         kernel = kernel[:, : stats.unknowns]
     return stats.squared_error(kernel)
+
+
+def on_cpu(stats: LayerStatistics) -> LayerStatistics:
+    """``stats`` as float64 CPU tensors (the solves run there; a copy only when needed)."""
+    tensors = (stats.gram, stats.cross, stats.energy)
+    if all(t.device.type == "cpu" and t.dtype == torch.float64 for t in tensors):
+        return stats
+    gram, cross, energy = (t.to("cpu", torch.float64) for t in tensors)
+    return LayerStatistics(gram=gram, cross=cross, energy=energy, rows=stats.rows, with_ones=stats.with_ones)
 
 
 # -- algebra ---------------------------------------------------------------------------------------
@@ -201,6 +226,7 @@ __all__ = [
     "Solver",
     "assign",
     "block_loss",
+    "on_cpu",
     "geometry_shape",
     "register_solver",
     "registered_solver",

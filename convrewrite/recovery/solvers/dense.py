@@ -60,8 +60,8 @@ def solve_grouped(
     use_bias = stats.with_ones and bias is not None
     out_per_group = out // groups
     block = in_per_group * taps
-    current = weight.detach().to(torch.float64).reshape(out, block)
-    current_bias = bias.detach().to(torch.float64) if bias is not None else None
+    current = weight.detach().to("cpu", torch.float64).reshape(out, block)
+    current_bias = bias.detach().to("cpu", torch.float64) if bias is not None else None
     new_weight = current.clone()
     new_bias = current_bias.clone() if current_bias is not None else None
     for group in range(groups):

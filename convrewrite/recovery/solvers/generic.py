@@ -42,7 +42,7 @@ TOLERANCE = 1e-9
 def _kernel(block: nn.Module, with_ones: bool) -> torch.Tensor:
     dense = dense_of(block)
     assert dense is not None
-    matrix = kernel_matrix(dense[0].to(torch.float64), dense[1].to(torch.float64) if dense[1] is not None else None)
+    matrix = kernel_matrix(dense[0].to("cpu", torch.float64), dense[1].to("cpu", torch.float64) if dense[1] is not None else None)
     return matrix if with_ones else matrix[:, :-1]
 
 
@@ -161,7 +161,7 @@ def solve_generic(
     """Minimize the statistics loss through ``to_dense()`` (see the module docstring); None without one."""
     if not callable(getattr(block, "to_dense", None)):
         return None
-    work = copy.deepcopy(block).to(torch.float64)
+    work = copy.deepcopy(block).to("cpu", torch.float64)
     named = [(name, p) for name, p in work.named_parameters() if p.numel()]
     if not named:
         return "nothing to fit", [_loss(stats, _kernel(work, stats.with_ones))]

@@ -87,8 +87,8 @@ def solve_low_rank(
         return None
     out = int(expand.weight.shape[0])
     rank = int(reduce.weight.shape[0])
-    current = (expand.weight.detach().to(torch.float64).reshape(out, rank)) @ (
-        reduce.weight.detach().to(torch.float64).reshape(rank, -1)
+    current = (expand.weight.detach().to("cpu", torch.float64).reshape(out, rank)) @ (
+        reduce.weight.detach().to("cpu", torch.float64).reshape(rank, -1)
     )
     width = current.shape[1]
     if stats.unknowns != width + (1 if stats.with_ones else 0) or stats.outputs != out:
@@ -100,7 +100,7 @@ def solve_low_rank(
     if bias is not None:
         assign(expand.bias, bias)
     if expand.bias is not None:
-        column = bias if bias is not None else expand.bias.detach().to(torch.float64)
+        column = bias if bias is not None else expand.bias.detach().to("cpu", torch.float64)
     else:
         column = torch.zeros(out, dtype=torch.float64)
     kernel = torch.cat([b @ a, column.unsqueeze(1)], dim=1)

@@ -49,19 +49,19 @@ class _Separable:
         self.taps = math.prod(int(k) for k in depthwise.kernel_size)
         self.out = int(pointwise.out_channels)
         self.width = self.channels * self.taps
-        self.depthwise = depthwise.weight.detach().to(torch.float64).reshape(self.channels, self.multiplier, self.taps)
+        self.depthwise = depthwise.weight.detach().to("cpu", torch.float64).reshape(self.channels, self.multiplier, self.taps)
         self.use_depthwise_bias = stats.with_ones and depthwise.bias is not None
         self.use_pointwise_bias = stats.with_ones and pointwise.bias is not None
         self.depthwise_bias = (
-            depthwise.bias.detach().to(torch.float64).clone()
+            depthwise.bias.detach().to("cpu", torch.float64).clone()
             if depthwise.bias is not None
             else torch.zeros(middle, dtype=torch.float64)
         )
         if not self.use_depthwise_bias:
             self.depthwise_bias = torch.zeros(middle, dtype=torch.float64)
-        self.pointwise = pointwise.weight.detach().to(torch.float64).reshape(self.out, middle).clone()
+        self.pointwise = pointwise.weight.detach().to("cpu", torch.float64).reshape(self.out, middle).clone()
         self.pointwise_bias = (
-            pointwise.bias.detach().to(torch.float64).clone()
+            pointwise.bias.detach().to("cpu", torch.float64).clone()
             if self.use_pointwise_bias and pointwise.bias is not None
             else torch.zeros(self.out, dtype=torch.float64)
         )
