@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -85,4 +88,134 @@ def kernel_matrix(weight: torch.Tensor, bias: torch.Tensor | None, with_ones: bo
     return torch.cat([matrix, column], dim=1)
 
 
-__all__ = ["LayerStatistics", "kernel_matrix"]
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+def _tuple(value: Any, dims: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * dims
+    return tuple(int(v) for v in value)
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """How a layer's input is unfolded into patches (rows of ``a``), the geometry of a dense layer.
+
+    ``kind``: ``"linear"`` (the patch is the feature vector, last dim) or ``"conv"``. For a conv:
+    ``dims`` (1, 2, 3), ``kernel_size``, ``stride``, ``dilation`` per spatial dim, and ``padding``
+    resolved to ``(before, after)`` pairs per spatial dim (``'same'`` and ``'valid'`` included; an
+    odd total 'same' padding puts the extra element after, as torch does). ``padding_mode`` is the
+    conv's (``zeros``, ``reflect``, ``replicate``, ``circular``). ``groups`` is recorded for
+    information; :meth:`unfold` always gives the patch over all ``in_channels``
+    (n = in_channels x taps), channel-major like ``weight.reshape(out, -1)`` of a dense conv.
+    """
+
+    kind: str
+    in_channels: int
+    out_channels: int
+    dims: int = 0
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[tuple[int, int], ...] = ()
+    dilation: tuple[int, ...] = ()
+    padding_mode: str = "zeros"
+    groups: int = 1
+
+    @staticmethod
+    def of(module: nn.Module) -> PatchGeometry:
+        """The geometry of an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (ValueError for anything else)."""
+        if isinstance(module, nn.Linear):
+            return PatchGeometry("linear", int(module.in_features), int(module.out_features))
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            dims = len(module.kernel_size)
+            kernel = _tuple(module.kernel_size, dims)
+            stride = _tuple(module.stride, dims)
+            dilation = _tuple(module.dilation, dims)
+            padding: Any = module.padding
+            if padding == "valid":
+                pairs = tuple((0, 0) for _ in range(dims))
+            elif padding == "same":
+                totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+                pairs = tuple((t // 2, t - t // 2) for t in totals)
+            else:
+                pairs = tuple((p, p) for p in _tuple(padding, dims))
+            return PatchGeometry(
+                "conv",
+                int(module.in_channels),
+                int(module.out_channels),
+                dims,
+                kernel,
+                stride,
+                pairs,
+                dilation,
+                str(module.padding_mode),
+                int(module.groups),
+            )
+        raise ValueError(f"no patch geometry for a {type(module).__name__}: only nn.Linear and nn.Conv1d/2d/3d")
+
+    @property
+    def taps(self) -> int:
+        return math.prod(self.kernel_size) if self.kind == "conv" else 1
+
+    def unknowns(self, with_ones: bool = True) -> int:
+        """n: the patch length, plus the ones column when ``with_ones``."""
+        return self.in_channels * self.taps + (1 if with_ones else 0)
+
+    def unfold(self, x: torch.Tensor, with_ones: bool = True) -> torch.Tensor:
+        """(rows, n) patches of input ``x`` (same dtype), rows ordered (sample, output position).
+
+        Channel-major within a patch (channel, then kernel taps in order), the ones column last.
+        The row order matches :meth:`target_rows` of the layer's output.
+        """
+        if self.kind == "linear":
+            rows = x.reshape(-1, self.in_channels)
+        else:
+            rows = self._conv_patches(x)
+        if with_ones:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows
+
+    def _conv_patches(self, x: torch.Tensor) -> torch.Tensor:
+        dims = self.dims
+        batched = x.dim() == dims + 2
+        if not batched:
+            x = x.unsqueeze(0)
+        pads: list[int] = []
+        for before, after in reversed(self.padding):
+            pads += [before, after]
+        if any(pads):
+            mode = _PAD_MODES[self.padding_mode]
+            x = F.pad(x, pads, mode=mode) if mode != "constant" else F.pad(x, pads)
+        for d in range(dims):
+            span = self.dilation[d] * (self.kernel_size[d] - 1) + 1
+            x = x.unfold(2 + d, span, self.stride[d])
+            if self.dilation[d] > 1:
+                x = x[..., :: self.dilation[d]]
+        # x: (N, C, P1..Pd, k1..kd) -> (N, P1..Pd, C, k1..kd)
+        order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
+        return x.permute(order).reshape(-1, self.in_channels * self.taps)
+
+    def target_rows(self, y: torch.Tensor) -> torch.Tensor:
+        """(rows, out) of a layer output ``y`` in the row order of :meth:`unfold`."""
+        if self.kind == "linear":
+            return y.reshape(-1, self.out_channels)
+        if y.dim() == self.dims + 1:
+            y = y.unsqueeze(0)
+        return y.movedim(1, -1).reshape(-1, self.out_channels)
+
+    def dense_kernel(self, module: nn.Module) -> torch.Tensor:
+        """(out, n) float64 kernel of a dense conv / linear of this geometry, grouped convs expanded."""
+        weight = module.weight.detach().to(torch.float64)
+        bias = getattr(module, "bias", None)
+        if self.kind == "conv" and self.groups > 1:
+            full = weight.new_zeros(self.out_channels, self.in_channels, *self.kernel_size)
+            per_in, per_out = self.in_channels // self.groups, self.out_channels // self.groups
+            for g in range(self.groups):
+                full[g * per_out : (g + 1) * per_out, g * per_in : (g + 1) * per_in] = weight[
+                    g * per_out : (g + 1) * per_out
+                ]
+            weight = full
+        return kernel_matrix(weight, bias)
+
+
+__all__ = ["LayerStatistics", "PatchGeometry", "kernel_matrix"]
