@@ -81,6 +81,7 @@ class FitStage(Stage):
                 steps=int(state.setting("fit-steps", 500)),
                 progress=progress,
                 targets=state.output_of,
+                statistics=state.setting("fit-method", "statistics") != "gradient",
             )
         finally:
             progress.close()
