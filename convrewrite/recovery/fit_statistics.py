@@ -42,8 +42,10 @@ from convrewrite.recovery.statistics import (
 
 
 def _solvers() -> Any:
+    import importlib
+
     try:
-        from convrewrite.recovery import solvers
+        solvers = importlib.import_module("convrewrite.recovery.solvers")
     except ImportError:
         return None
     if hasattr(solvers, "solve_from_statistics") and hasattr(solvers, "statistics_kernel"):
