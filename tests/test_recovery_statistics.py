@@ -195,3 +195,18 @@ def test_collect_statistics_one_pass_all_layers() -> None:
         # Symmetric: the target is the layer itself, so its own kernel has (almost) zero error.
         assert layer_stats.relative_error(kernel_matrix(module.weight, module.bias)) < 1e-6, name
     assert model.training  # modes restored
+
+
+def test_wide_patches_accumulate_the_lower_block_triangle_and_read_whole() -> None:
+    """n > SYMMETRIC_BLOCK: the blocked symmetric accumulation equals aᵀa, over several adds."""
+    torch.manual_seed(6)
+    conv = nn.Conv2d(64, 3, 3, padding=1).double()  # n = 577 > 512
+    geometry = PatchGeometry.of(conv)
+    accumulator = StatisticsAccumulator(geometry, chunk_elements=1 << 15)
+    xs = [torch.randn(3, 64, 5, 5, dtype=torch.float64) for _ in range(2)]
+    with torch.no_grad():
+        for x in xs:
+            accumulator.add(x, conv(x))
+    a = torch.cat([geometry.unfold(x) for x in xs])
+    assert torch.allclose(accumulator.stats.gram, a.t() @ a, rtol=1e-12, atol=1e-9)
+    assert torch.equal(accumulator.stats.gram, accumulator.stats.gram.t())
