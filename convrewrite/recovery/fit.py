@@ -1100,7 +1100,7 @@ def fit_layers(
             geometry = fit_statistics.layer_geometry(original, name, layer) if statistics else None
             found = (
                 fit_statistics.fit_layer_from_statistics(
-                    layer_data, record, geometry, ridge=ridge, world=world, product=product
+                    layer_data, record, geometry, ridge=ridge, world=world, product=product, cache=steps > 0
                 )
                 if geometry is not None
                 else None
