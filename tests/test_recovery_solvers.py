@@ -308,7 +308,10 @@ def test_separable_als_is_monotone_and_never_worse_than_the_start():
 
 
 @pytest.mark.parametrize("depthwise_bias, pointwise_bias", [(True, True), (False, True), (True, False), (False, False)])
-def test_separable_matches_a_brute_force_optimum_on_a_tiny_case(depthwise_bias, pointwise_bias):
+def test_separable_matches_a_brute_force_optimum_on_a_tiny_case(monkeypatch, depthwise_bias, pointwise_bias):
+    import convrewrite.recovery.solvers.separable as separable
+
+    monkeypatch.setattr(separable, "TOLERANCE", 1e-13)  # run to convergence, not to the default stop
     target = nn.Conv1d(2, 3, 3)
     x = torch.randn(10, 2, 12) + 0.3
     stats, _, _, y = make_case(target, x)
@@ -468,3 +471,64 @@ def test_float32_block_is_written_in_its_dtype():
     block = SeparableConv2d(3, 4, 3).float()
     solve(block, statistics(a, rows), target)
     assert block[0].weight.dtype == torch.float32
+
+
+# -- with the fit's own geometry ------------------------------------------------------------------
+
+
+def _every_block(target: nn.Conv2d) -> list[nn.Module]:
+    c, o = target.in_channels, target.out_channels
+    padded = PaddedConv((3, 3), (1, 1), (1, 1), same=False, amounts=(1, 1, 1, 1))
+    padded.conv = nn.Conv2d(c, o, 3)
+    return [
+        nn.Conv2d(c, o, 3, padding=1),
+        nn.Conv2d(c, o, 3, padding=1, groups=2),
+        GroupShuffleConv2d(c, o, 3, padding=1, groups=2),
+        WinogradConv2d(c, o, padding=1),
+        padded,
+        LowRankConv2d(c, o, 3, 3, padding=1),
+        SeparableConv2d(c, o, 3, padding=1),
+    ]
+
+
+def test_every_block_is_solved_under_a_patch_geometry_and_never_gets_worse():
+    from convrewrite.recovery.statistics import PatchGeometry
+
+    target = nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(4, 4, 6, 6)
+    stats, _, _, y = make_case(target, x)
+    geometry = PatchGeometry.of(target)
+    for block in _every_block(target):
+        assert statistics_kernel(block, geometry) is not None, type(block).__name__
+        start = data_loss(block, x, y)
+        result = solve(block, stats, geometry)
+        assert data_loss(block, x, y) < start, type(block).__name__
+        assert math.isclose(result.losses[-1], data_loss(block, x, y), rel_tol=1e-7, abs_tol=1e-12)
+    # Another stride, or another padding, is another geometry.
+    assert statistics_kernel(nn.Conv2d(4, 6, 3, padding=1, stride=2), geometry) is None
+    assert statistics_kernel(nn.Conv2d(4, 6, 3, padding=0), geometry) is None
+    assert statistics_kernel(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), geometry) is None
+    linear = nn.Linear(5, 3)
+    assert statistics_kernel(nn.Linear(5, 3), PatchGeometry.of(linear)) is not None
+
+
+@pytest.mark.parametrize("multiplier, depthwise_bias", [(1, True), (2, False)])
+def test_separable_conjugate_gradients_agree_with_cholesky(monkeypatch, multiplier, depthwise_bias):
+    """Large depthwise systems go through matrix-free CG: same solution as the direct solve."""
+    import convrewrite.recovery.solvers.separable as separable
+
+    target = nn.Conv2d(6, 5, 3, padding=1)
+    x = torch.randn(5, 6, 7, 7) + 0.2
+    stats, _, _, y = make_case(target, x)
+    start = SeparableConv2d(6, 5, 3, padding=1, multiplier=multiplier, depthwise_bias=depthwise_bias)
+    direct = SeparableConv2d(6, 5, 3, padding=1, multiplier=multiplier, depthwise_bias=depthwise_bias)
+    direct.load_state_dict(start.state_dict())
+    solve(direct, stats, target, rounds=3)
+    monkeypatch.setattr(separable, "DIRECT_LIMIT", 0)
+    iterative = SeparableConv2d(6, 5, 3, padding=1, multiplier=multiplier, depthwise_bias=depthwise_bias)
+    iterative.load_state_dict(start.state_dict())
+    solve(iterative, stats, target, rounds=3)
+    assert math.isclose(data_loss(iterative, x, y), data_loss(direct, x, y), rel_tol=1e-7)
+    # Biases are partly redundant (P b_d + b_p): compare what the block computes, its dense kernel.
+    for got, want in zip(iterative.to_dense(), direct.to_dense()):
+        assert torch.allclose(got, want, atol=1e-6)

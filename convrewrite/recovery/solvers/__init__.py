@@ -59,10 +59,11 @@ def solve_from_statistics(
     """Set ``block``'s parameters in place to the statistics fit; None = no statistics path for it.
 
     The solves run in float64 on the CPU (statistics on an accelerator are copied; the block's
-    parameters stay where they are). ``geometry`` describes the patches the statistics were unfolded from (a ``PatchGeometry``, or the
-    original conv/Linear). ``ridge`` is relative to the mean diagonal of each normal matrix and pulls
-    towards the current value; ``rounds`` bounds the alternating solvers. ``losses[0]`` of the result
-    is the start's squared error, ``losses[-1]`` that of the block as left (in its own dtype).
+    parameters stay where they are). ``geometry`` describes the patches the statistics were
+    unfolded from (a ``PatchGeometry``, or the original conv/Linear). ``ridge`` is relative to the
+    mean diagonal of each normal matrix and pulls towards the current value; ``rounds`` bounds the
+    alternating solvers. ``losses[0]`` of the result is the start's squared error, ``losses[-1]``
+    that of the block as left (in its own dtype).
     """
     start_kernel = statistics_kernel(block, geometry)
     if start_kernel is None or start_kernel.shape[1] - (0 if stats.with_ones else 1) != stats.unknowns:

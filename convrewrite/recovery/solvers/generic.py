@@ -42,7 +42,9 @@ TOLERANCE = 1e-9
 def _kernel(block: nn.Module, with_ones: bool) -> torch.Tensor:
     dense = dense_of(block)
     assert dense is not None
-    matrix = kernel_matrix(dense[0].to("cpu", torch.float64), dense[1].to("cpu", torch.float64) if dense[1] is not None else None)
+    matrix = kernel_matrix(
+        dense[0].to("cpu", torch.float64), dense[1].to("cpu", torch.float64) if dense[1] is not None else None
+    )
     return matrix if with_ones else matrix[:, :-1]
 
 

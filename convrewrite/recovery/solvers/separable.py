@@ -35,7 +35,13 @@ from convrewrite.recovery.solvers.dense import is_plain
 from convrewrite.recovery.statistics import LayerStatistics
 
 #: A round that improves the loss by less than this fraction of it ends the alternation.
-TOLERANCE = 1e-9
+TOLERANCE = 1e-6
+#: Depthwise systems up to this many unknowns are solved by Cholesky; larger ones by
+#: preconditioned conjugate gradients (the normal matrix is never formed).
+DIRECT_LIMIT = 2048
+#: Conjugate gradients stop at this relative residual (float64 CG stalls near 1e-9) or after this many iterations.
+CG_TOLERANCE = 1e-8
+CG_ITERATIONS = 500
 
 
 class _Separable:
@@ -49,7 +55,9 @@ class _Separable:
         self.taps = math.prod(int(k) for k in depthwise.kernel_size)
         self.out = int(pointwise.out_channels)
         self.width = self.channels * self.taps
-        self.depthwise = depthwise.weight.detach().to("cpu", torch.float64).reshape(self.channels, self.multiplier, self.taps)
+        self.depthwise = (
+            depthwise.weight.detach().to("cpu", torch.float64).reshape(self.channels, self.multiplier, self.taps)
+        )
         self.use_depthwise_bias = stats.with_ones and depthwise.bias is not None
         self.use_pointwise_bias = stats.with_ones and pointwise.bias is not None
         self.depthwise_bias = (
@@ -112,23 +120,22 @@ class _Separable:
         if self.use_pointwise_bias:
             self.pointwise_bias = solution[:, self.middle].contiguous()
 
-    def solve_depthwise(self, ridge: float) -> None:
-        """D̂ given P (the pointwise bias held): the gram at D's support masked by PᵀP."""
-        stats, c, m, t = self.stats, self.channels, self.multiplier, self.taps
+    def _support(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, s) of every depthwise unknown: middle channel q, patch entry s (taps, then biases)."""
+        t, m = self.taps, self.multiplier
         middle = torch.arange(self.middle)
-        # Unknown e = (q, tap): middle channel q, patch entry s = channel(q)·T + tap.
         q_index = middle.repeat_interleave(t)
         s_index = (middle // m).repeat_interleave(t) * t + torch.arange(t).repeat(self.middle)
         if self.use_depthwise_bias:
             q_index = torch.cat([q_index, middle])
             s_index = torch.cat([s_index, torch.full((self.middle,), self.width, dtype=torch.long)])
+        return q_index, s_index
+
+    def solve_depthwise(self, ridge: float) -> None:
+        """D̂ given P (the pointwise bias held): the gram at D's support masked by PᵀP."""
+        stats, c, m, t = self.stats, self.channels, self.multiplier, self.taps
+        q_index, s_index = self._support()
         mix = self.pointwise.t() @ self.pointwise  # PᵀP (Cm, Cm)
-        gram_rows = stats.gram.index_select(0, s_index)
-        normal = gram_rows.index_select(1, s_index)
-        del gram_rows
-        mix_rows = mix.index_select(0, q_index)
-        normal.mul_(mix_rows.index_select(1, q_index))
-        del mix_rows
         # Right-hand side: (Pᵀ (Cᵀ - bp e₁ᵀ G))[q, s] at the support.
         target = self.pointwise.t() @ stats.cross.t()  # (Cm, n)
         if self.use_pointwise_bias:
@@ -137,11 +144,93 @@ class _Separable:
         current = self.depthwise.reshape(-1)
         if self.use_depthwise_bias:
             current = torch.cat([current, self.depthwise_bias])
-        solution = solve_spd(normal, rhs, current, ridge)
+        if len(q_index) <= DIRECT_LIMIT:
+            normal = stats.gram.index_select(0, s_index).index_select(1, s_index)
+            normal.mul_(mix.index_select(0, q_index).index_select(1, q_index))
+            solution = solve_spd(normal, rhs, current, ridge)
+        else:
+            solution = self._conjugate_gradients(mix, rhs, current, ridge)
         count = self.middle * t
         self.depthwise = solution[:count].reshape(c, m, t).contiguous()
         if self.use_depthwise_bias:
             self.depthwise_bias = solution[count:].contiguous()
+
+    def _normal_product(self, mix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        """H v for the depthwise normal matrix, without forming H: (PᵀP (V G)) at the support."""
+        stats, c, m, t, n = self.stats, self.channels, self.multiplier, self.taps, self.stats.unknowns
+        count = self.middle * t
+        taps = vector[:count].reshape(c, m, t)
+        product = torch.einsum("cjt,ctn->cjn", taps, stats.gram[: self.width].reshape(c, t, n)).reshape(self.middle, n)
+        if self.use_depthwise_bias:
+            product = product + torch.outer(vector[count:], stats.gram[self.width])
+        gathered = product[:, : self.width].reshape(self.middle, c, t)
+        result = torch.einsum("cjq,qct->cjt", mix.reshape(c, m, self.middle), gathered).reshape(-1)
+        if self.use_depthwise_bias:
+            result = torch.cat([result, mix @ product[:, self.width]])
+        return result
+
+    def _conjugate_gradients(
+        self, mix: torch.Tensor, rhs: torch.Tensor, current: torch.Tensor, ridge: float
+    ) -> torch.Tensor:
+        """Preconditioned conjugate gradients on ``(H + λI) x = rhs + λ current`` from ``current``.
+
+        Each iterate lowers the quadratic from the warm start, so the loss never rises even if the
+        iteration stops early. The preconditioner is H's diagonal blocks, one per middle channel
+        (``PᵀP[q,q]`` times the gram at that channel's taps and the ones column), factored at once.
+        """
+        stats, t = self.stats, self.taps
+        q_index, s_index = self._support()
+        diagonal = mix.diagonal()[q_index] * stats.gram[s_index, s_index]
+        scale = ridge * float(diagonal.mean()) if float(diagonal.mean()) > 0 else 1e-30
+        middle = torch.arange(self.middle)
+        local = (middle // self.multiplier).unsqueeze(1) * t + torch.arange(t).unsqueeze(0)  # (Cm, T)
+        if self.use_depthwise_bias:
+            local = torch.cat([local, torch.full((self.middle, 1), self.width, dtype=torch.long)], dim=1)
+        blocks = stats.gram[local.unsqueeze(2), local.unsqueeze(1)] * mix.diagonal().reshape(-1, 1, 1)
+        blocks = blocks + scale * torch.eye(local.shape[1], dtype=blocks.dtype)
+        factor, info = torch.linalg.cholesky_ex(blocks)
+        usable = bool((info == 0).all())
+        count = self.middle * t
+
+        def to_blocks(vector: torch.Tensor) -> torch.Tensor:
+            parts = vector[:count].reshape(self.middle, t)
+            if self.use_depthwise_bias:
+                parts = torch.cat([parts, vector[count:].unsqueeze(1)], dim=1)
+            return parts
+
+        def from_blocks(parts: torch.Tensor) -> torch.Tensor:
+            if self.use_depthwise_bias:
+                return torch.cat([parts[:, :t].reshape(-1), parts[:, t]])
+            return parts.reshape(-1)
+
+        def precondition(vector: torch.Tensor) -> torch.Tensor:
+            if not usable:
+                return vector
+            return from_blocks(torch.cholesky_solve(to_blocks(vector).unsqueeze(2), factor).squeeze(2))
+
+        right = rhs + scale * current
+        x = current.clone()
+        residual = right - (self._normal_product(mix, x) + scale * x)
+        goal = CG_TOLERANCE * float(right.norm())
+        z = precondition(residual)
+        direction = z.clone()
+        rz = float(residual @ z)
+        for _ in range(CG_ITERATIONS):
+            if float(residual.norm()) <= goal:
+                break
+            applied = self._normal_product(mix, direction) + scale * direction
+            curvature = float(direction @ applied)
+            if curvature <= 0:
+                break
+            step = rz / curvature
+            x = x + step * direction
+            residual = residual - step * applied
+            z = precondition(residual)
+            rz_next = float(residual @ z)
+            direction = z + (rz_next / rz) * direction
+            rz = rz_next
+        self.cg_residual = float(residual.norm()) / max(float(right.norm()), 1e-300)
+        return x
 
     def write(self, block: nn.Module) -> None:
         depthwise, pointwise = block[0], block[1]  # type: ignore[index]
@@ -188,4 +277,4 @@ def solve_separable(
     return f"alternating least squares ({len(losses)} rounds)", losses
 
 
-__all__ = ["TOLERANCE", "solve_separable"]
+__all__ = ["CG_ITERATIONS", "CG_TOLERANCE", "DIRECT_LIMIT", "TOLERANCE", "solve_separable"]
