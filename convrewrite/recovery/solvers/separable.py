@@ -13,13 +13,17 @@ by alternating two exact solves, each from the same statistics:
 - **depthwise given pointwise** (pointwise bias held): the depthwise entries (q, s) are the
   unknowns; the normal matrix is ``H[(q,s),(q',s')] = (PᵀP)[q,q'] · G[s,s']``, the gram gathered
   at the depthwise support and masked by ``PᵀP``: size CmT (+ Cm for the biases), never a
-  Kronecker product of the full gram.
+  Kronecker product of the full gram. Up to ``DIRECT_LIMIT`` unknowns it is formed and factored
+  (Cholesky); above, it is never formed: preconditioned conjugate gradients apply it as
+  ``PᵀP (V G)`` gathered at the support (m n² + (Cm)² T per product), preconditioned by its
+  per-channel diagonal blocks, warm-started at the current value, to a relative residual of 1e-8.
 
 Each step minimizes the loss plus a proximal ridge towards the current value, so the loss never
-increases from one step to the next. The first round starts from the block's current (transferred)
-weights; the solver stops after ``rounds`` rounds or when a round improves the loss by less than
-1e-9 of it. Cost per round: a Cholesky of size CmT (+ Cm) (4,608 for 512 channels x 3x3, about
-2 s on one core) and one of size Cm + 1.
+increases from one step to the next (every CG iterate also lowers the quadratic from its warm
+start). The first round starts from the block's current (transferred) weights; the solver stops
+after ``rounds`` rounds or when a round improves the loss by less than ``TOLERANCE`` (1e-6) of
+it. Cost per round for 512 channels x 3x3 (4,608 depthwise unknowns): about 1 s of CG on one
+core, against 2-8 s for a Cholesky of that size, and a Cholesky of size Cm + 1 for the pointwise.
 """
 
 from __future__ import annotations
