@@ -26,8 +26,6 @@ from convrewrite.layers.winograd import WinogradConv2d
 from convrewrite.recovery.solvers import SolveResult, register_solver, solve_from_statistics, statistics_kernel
 from convrewrite.recovery.statistics import LayerStatistics
 
-torch.set_default_dtype(torch.float64)
-
 
 def patches(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """(rows, n) unfolded patches of ``x`` for ``layer``'s geometry, ones column last (brute force)."""
@@ -96,30 +94,38 @@ def _closure(optimizer, block, x, y):
 def solve(block, stats, geometry, **options) -> SolveResult:
     result = solve_from_statistics(block, stats, geometry=geometry, **options)
     assert result is not None
-    assert all(b <= a * (1 + 1e-12) + 1e-18 for a, b in zip(result.losses, result.losses[1:])), result.losses
+    # Non-increasing, up to the float64 rounding of E - 2 tr(K C) + tr(K G Kᵀ) near zero.
+    slack = 1e-12 * float(stats.energy.sum())
+    assert all(b <= a + slack for a, b in zip(result.losses, result.losses[1:])), result.losses
     return result
 
 
 @pytest.fixture(autouse=True)
 def seeded():
+    """float64 modules and tensors, a fixed seed; the default dtype is restored for other test files."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(previous)
 
 
 # -- full capacity: exact ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "target, shape",
+    "make_target, shape",
     [
-        (nn.Conv2d(3, 5, 3, padding=1), (6, 3, 7, 7)),
-        (nn.Conv2d(4, 6, 3, stride=2, bias=False), (6, 4, 9, 9)),
-        (nn.Conv1d(3, 4, 5, padding=2), (8, 3, 20)),
-        (nn.Linear(7, 4), (50, 7)),
-        (nn.Conv2d(8, 8, 3, padding=1, groups=4), (6, 8, 6, 6)),
-        (nn.Conv2d(6, 6, 3, padding=1, groups=6), (6, 6, 6, 6)),
+        (lambda: nn.Conv2d(3, 5, 3, padding=1), (6, 3, 7, 7)),
+        (lambda: nn.Conv2d(4, 6, 3, stride=2, bias=False), (6, 4, 9, 9)),
+        (lambda: nn.Conv1d(3, 4, 5, padding=2), (8, 3, 20)),
+        (lambda: nn.Linear(7, 4), (50, 7)),
+        (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=4), (6, 8, 6, 6)),
+        (lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6), (6, 6, 6, 6)),
     ],
 )
-def test_full_capacity_replacement_is_exact(target, shape):
+def test_full_capacity_replacement_is_exact(make_target, shape):
+    target = make_target()
     x = torch.randn(*shape)
     stats, _, _, y = make_case(target, x)
     block = type(target)(*_arguments(target))
@@ -532,3 +538,19 @@ def test_separable_conjugate_gradients_agree_with_cholesky(monkeypatch, multipli
     # Biases are partly redundant (P b_d + b_p): compare what the block computes, its dense kernel.
     for got, want in zip(iterative.to_dense(), direct.to_dense()):
         assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_docs_plugin_example_runs(capsys):
+    """The plugin example of docs/solvers.md, run as written: the generic path solves it exactly."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "solvers.md").read_text(encoding="utf-8")
+    code = text.split("<!-- plugin-example -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "docs/solvers.md", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert printed.startswith("least squares through to_dense()")
+    block, images, original = namespace["block"], namespace["images"], namespace["original"]
+    with torch.no_grad():
+        target = original(images)
+    assert stationarity(block.double(), images.double(), target.double()) < 1e-6

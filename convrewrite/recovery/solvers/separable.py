@@ -92,11 +92,11 @@ class _Separable:
         bias = self.pointwise @ self.depthwise_bias + self.pointwise_bias
         return torch.cat([weight, bias.unsqueeze(1)], dim=1)
 
-    def loss(self) -> float:
-        return self.stats.squared_error(self.kernel())
+    def middle_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gram and cross of the middle features ``z = D̂ a`` (a ones entry last when the stats have one).
 
-    def solve_pointwise(self, ridge: float) -> None:
-        """P (and its bias) given D̂: least squares on the middle features' statistics."""
+        ``D̂ G D̂ᵀ`` and ``D̂ C`` by two einsums over the (C, T) view of the gram: m n² operations.
+        """
         stats, c, t, n = self.stats, self.channels, self.taps, self.stats.unknowns
         gram_rows = stats.gram[: self.width].reshape(c, t, n)
         dg = torch.einsum("cjt,ctn->cjn", self.depthwise, gram_rows).reshape(self.middle, n)
@@ -109,16 +109,34 @@ class _Separable:
         if stats.with_ones:
             middle_gram = middle_gram + torch.outer(dg[:, self.width], self.depthwise_bias)
             middle_cross = middle_cross + torch.outer(self.depthwise_bias, stats.cross[self.width])
-        if self.use_pointwise_bias:
             ones_row = torch.cat([dg[:, self.width], stats.gram[self.width, self.width].reshape(1)])
             middle_gram = torch.cat(
                 [torch.cat([middle_gram, dg[:, self.width : self.width + 1]], dim=1), ones_row.unsqueeze(0)]
             )
             middle_cross = torch.cat([middle_cross, stats.cross[self.width].unsqueeze(0)])
+        return (middle_gram + middle_gram.t()) / 2, middle_cross
+
+    def loss(self) -> float:
+        """Squared error of the current state, from the middle features' statistics (no out x n² product)."""
+        middle_gram, middle_cross = self.middle_statistics()
+        pointwise = self.pointwise
+        if self.stats.with_ones:
+            pointwise = torch.cat([pointwise, self.pointwise_bias.unsqueeze(1)], dim=1)
+        value = (
+            self.stats.energy.sum()
+            - 2 * (pointwise * middle_cross.t()).sum()
+            + (pointwise * (pointwise @ middle_gram)).sum()
+        )
+        return max(float(value), 0.0)
+
+    def solve_pointwise(self, ridge: float) -> None:
+        """P (and its bias) given D̂: least squares on the middle features' statistics."""
+        middle_gram, middle_cross = self.middle_statistics()
+        if self.use_pointwise_bias:
             start = torch.cat([self.pointwise, self.pointwise_bias.unsqueeze(1)], dim=1).t()
         else:
             start = self.pointwise.t()
-        middle_gram = (middle_gram + middle_gram.t()) / 2
+            middle_gram, middle_cross = middle_gram[: self.middle, : self.middle], middle_cross[: self.middle]
         solution = solve_spd(middle_gram, middle_cross, start, ridge).t()
         self.pointwise = solution[:, : self.middle].contiguous()
         if self.use_pointwise_bias:
@@ -141,10 +159,13 @@ class _Separable:
         q_index, s_index = self._support()
         mix = self.pointwise.t() @ self.pointwise  # PᵀP (Cm, Cm)
         # Right-hand side: (Pᵀ (Cᵀ - bp e₁ᵀ G))[q, s] at the support.
-        target = self.pointwise.t() @ stats.cross.t()  # (Cm, n)
+        # Gathered at the support only: (C, m, T) from P (out, C, m) and the cross's (C, T, out) view.
+        pointwise = self.pointwise.reshape(self.out, c, m)
+        rhs = torch.einsum("ocj,cto->cjt", pointwise, stats.cross[: self.width].reshape(c, t, self.out)).reshape(-1)
+        if self.use_depthwise_bias:
+            rhs = torch.cat([rhs, self.pointwise.t() @ stats.cross[self.width]])
         if self.use_pointwise_bias:
-            target = target - torch.outer(self.pointwise.t() @ self.pointwise_bias, stats.gram[self.width])
-        rhs = target[q_index, s_index]
+            rhs = rhs - (self.pointwise.t() @ self.pointwise_bias)[q_index] * stats.gram[self.width, s_index]
         current = self.depthwise.reshape(-1)
         if self.use_depthwise_bias:
             current = torch.cat([current, self.depthwise_bias])
