@@ -46,6 +46,8 @@ DIRECT_LIMIT = 2048
 #: Conjugate gradients stop at this relative residual (float64 CG stalls near 1e-9) or after this many iterations.
 CG_TOLERANCE = 1e-8
 CG_ITERATIONS = 500
+#: After each round, move further along its step when the loss keeps falling (``_line_search``).
+EXTRAPOLATE = True
 
 
 class _Separable:
@@ -267,6 +269,41 @@ class _Separable:
             assign(pointwise.bias, self.pointwise_bias)
 
 
+def _line_search(state: _Separable, saved: tuple, loss: float) -> float:
+    """Extrapolate along the round's step: the exact minimum of the loss on that line, if lower.
+
+    With ``θ(α) = θ₀ + α (θ₁ − θ₀)`` for the state before (θ₀) and after (θ₁) a round, the kernel
+    ``P(α) D̂(α)`` is quadratic in α, so the loss is a quartic: five evaluations determine it, its
+    minimum over α in [1, 8] is found on a fine grid and kept only if it beats α = 1 (the enhanced
+    line search of alternating least squares for tensor decompositions). Returns the loss kept.
+    """
+    after = (state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias)
+    steps = [a - b for a, b in zip(after, saved)]
+
+    def place(alpha: float) -> None:
+        state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias = (
+            b + alpha * d for b, d in zip(saved, steps)
+        )
+
+    nodes = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    values = []
+    for alpha in nodes.tolist():
+        place(alpha)
+        values.append(state.loss())
+    vandermonde = nodes.unsqueeze(1) ** torch.arange(5, dtype=torch.float64)
+    coefficients = torch.linalg.solve(vandermonde, torch.tensor(values, dtype=torch.float64))
+    grid = torch.linspace(1.0, 8.0, 701, dtype=torch.float64)
+    curve = (grid.unsqueeze(1) ** torch.arange(5, dtype=torch.float64)) @ coefficients
+    best = float(grid[int(torch.argmin(curve))])
+    if best > 1.0:
+        place(best)
+        extrapolated = state.loss()  # measured, not the polynomial's value
+        if extrapolated < loss:
+            return extrapolated
+    state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias = after
+    return loss
+
+
 @register_solver(_SeparableConvNd)
 def solve_separable(
     block: nn.Module, stats: LayerStatistics, ridge: float, rounds: int
@@ -287,8 +324,11 @@ def solve_separable(
         state.solve_pointwise(ridge)
         state.solve_depthwise(ridge)
         loss = state.loss()
+        if EXTRAPOLATE and loss <= previous:
+            loss = _line_search(state, saved, loss)
         if loss > previous:
-            # Each step minimizes the loss plus a proximal term that is zero at the current value,
+            # After each round an exact line search along the round's step (the loss is a quartic in the step
+length) extrapolates when that is lower. Each step minimizes the loss plus a proximal term that is zero at the current value,
             # so a rise can only be rounding at the optimum: keep the previous round and stop.
             state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias = saved
             break
@@ -302,4 +342,4 @@ def solve_separable(
     return f"alternating least squares ({len(losses)} rounds)", losses
 
 
-__all__ = ["CG_ITERATIONS", "CG_TOLERANCE", "DIRECT_LIMIT", "TOLERANCE", "solve_separable"]
+__all__ = ["CG_ITERATIONS", "CG_TOLERANCE", "DIRECT_LIMIT", "EXTRAPOLATE", "TOLERANCE", "solve_separable"]
