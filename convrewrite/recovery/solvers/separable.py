@@ -18,12 +18,14 @@ by alternating two exact solves, each from the same statistics:
   ``PᵀP (V G)`` gathered at the support (m n² + (Cm)² T per product), preconditioned by its
   per-channel diagonal blocks, warm-started at the current value, to a relative residual of 1e-8.
 
-Each step minimizes the loss plus a proximal ridge towards the current value, so the loss never
-increases from one step to the next (every CG iterate also lowers the quadratic from its warm
-start). The first round starts from the block's current (transferred) weights; the solver stops
-after ``rounds`` rounds or when a round improves the loss by less than ``TOLERANCE`` (1e-6) of
-it. Cost per round for 512 channels x 3x3 (4,608 depthwise unknowns): about 1 s of CG on one
-core, against 2-8 s for a Cholesky of that size, and a Cholesky of size Cm + 1 for the pointwise.
+After each round an exact line search along the round's step (the loss is a quartic in the step
+length) extrapolates when that is lower. Each step minimizes the loss plus a proximal ridge
+towards the current value, so the loss never increases from one step to the next (every CG iterate
+also lowers the quadratic from its warm start). The first round starts from the block's current
+(transferred) weights; the solver stops after ``rounds`` rounds or when a round improves the loss
+by less than ``TOLERANCE`` (1e-6) of it. Cost per round for 512 channels x 3x3 (4,608 depthwise
+unknowns): about 1 s of CG on one core, against 2-8 s for a Cholesky of that size, and a Cholesky
+of size Cm + 1 for the pointwise.
 """
 
 from __future__ import annotations
@@ -327,8 +329,7 @@ def solve_separable(
         if EXTRAPOLATE and loss <= previous:
             loss = _line_search(state, saved, loss)
         if loss > previous:
-            # After each round an exact line search along the round's step (the loss is a quartic in the step
-length) extrapolates when that is lower. Each step minimizes the loss plus a proximal term that is zero at the current value,
+            # Each step minimizes the loss plus a proximal term that is zero at the current value,
             # so a rise can only be rounding at the optimum: keep the previous round and stop.
             state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias = saved
             break
