@@ -558,3 +558,29 @@ def test_refinement_steps_after_the_closed_form_never_make_it_worse() -> None:
     layer = fit_layers(original, rewritten, ["conv2"], data, steps=10).layers[0]
     assert layer.gradient_steps == 10 and layer.kept in ("closed-form", "closed-form+gradient")
     assert layer.holdout_error_after < 1e-4  # float32 chunk products (the default): a floor near 1e-5
+
+
+class _ThirdParty(nn.Module):
+    """A block that declares no linear structure (no to_dense): no statistics path."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = copy.deepcopy(conv)
+        self.scale = nn.Parameter(torch.ones(conv.out_channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * torch.tanh(self.scale)
+
+
+def test_a_block_without_statistics_path_keeps_the_gradient_path_and_its_steps() -> None:
+    torch.manual_seed(17)
+    original = Net2d().eval()
+    rewritten = copy.deepcopy(original)
+    rewritten.conv2 = _ThirdParty(original.conv2)
+    with torch.no_grad():
+        rewritten.conv2.conv.weight.mul_(0.5)
+    x = smooth_images(32, 4, 8)
+    data = TensorBatches((x,), batch_size=16, holdout=0.25)
+    layer = fit_layers(original, rewritten, ["conv2"], data, steps=0).layers[0]
+    assert layer.method == "gradient" and layer.gradient_steps == 500  # FALLBACK_STEPS
+    assert layer.holdout_error_after < 0.5 * layer.holdout_error_before
