@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="Adam steps per layer of the old path")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--only", default="", help="run only rule sets whose spec contains this")
+    parser.add_argument("--only", default="", help="run only rule sets whose specs contain one of these (commas)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cache = Path(tempfile.gettempdir()) / "convrewrite-bench-cache"
@@ -119,7 +119,7 @@ def main() -> None:
             )
             print(header)
             for specs in RULES[name]:
-                if args.only and not any(args.only in spec for spec in specs):
+                if args.only and not any(word in spec for word in args.only.split(",") for spec in specs):
                     continue
                 rewritten_result = convrewrite.rewrite(original, specs, example_inputs=train_x[:1])
                 state = rewritten_result.state
