@@ -65,14 +65,17 @@ def main() -> None:
         f"CRNN (sample_models/crnn_bilstm, {sum(p.numel() for p in model.parameters()):,} params): {how}; "
         f"one torch thread; machine shared (load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores)"
     )
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for first in range(0, len(strips), args.batch_size):
             model(strips[first : first + args.batch_size])
-    forward = time.perf_counter() - began
-    print(f"one forward of the original over {args.samples} strips 1x32x128: {forward:.1f} s")
+    forward, forward_cpu = time.perf_counter() - began, time.process_time() - began_cpu
+    print(
+        f"one forward of the original over {args.samples} strips 1x32x128: {forward:.1f} s wall, "
+        f"{forward_cpu:.1f} s CPU"
+    )
     plain = convrewrite.rewrite(model, [args.rule], example_inputs=strips[:1])
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     fitted = convrewrite.rewrite(
         model,
         [args.rule],
@@ -83,7 +86,7 @@ def main() -> None:
         fit_method=args.fit_method,
         device="cpu",
     )
-    call = time.perf_counter() - began
+    call, call_cpu = time.perf_counter() - began, time.process_time() - began_cpu
     stages = {stage["name"]: stage["seconds"] for stage in fitted.report.stages}
     fitting = fitted.report.sections["fitting"]
     layers = fitting["layers"]
@@ -91,7 +94,8 @@ def main() -> None:
         f"rule {args.rule}, fit method {args.fit_method}, {args.fit_steps} refinement steps: fit stage "
         f"{stages.get('fit', float('nan')):.1f} s (layers {layers['seconds']:.1f} s, {layers['passes']:.2f} passes "
         f"= {layers['passes'] * forward:.1f} s of forwards at the time measured above; BatchNorm "
-        f"{fitting['batchnorm']['seconds']:.1f} s); whole call {call:.1f} s"
+        f"{fitting['batchnorm']['seconds']:.1f} s); whole call {call:.1f} s wall, {call_cpu:.1f} s CPU "
+        f"(load average now {os.getloadavg()[0]:.2f})"
     )
     print(f"  {'layer':<8} {'method':<34} {'held-out before':>15} {'after':>8} {'passes':>7} {'s':>6}")
     for layer in layers["layers"]:
