@@ -19,8 +19,8 @@ One torch thread; the machine is shared with other work (load average printed).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -28,16 +28,19 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "sample_models" / "crnn_bilstm"))
-from model import CRNN, make_strips, sequence_accuracy  # noqa: E402
-from train import train_and_save  # noqa: E402
+_spec = importlib.util.spec_from_file_location("crnn_bilstm_train", ROOT / "sample_models" / "crnn_bilstm" / "train.py")
+assert _spec is not None and _spec.loader is not None
+_train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_train)
+CRNN, make_strips, sequence_accuracy = _train.CRNN, _train.make_strips, _train.sequence_accuracy
+train_and_save = _train.train_and_save
 
 import convrewrite  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache" / "crnn_bilstm"
 
 
-def trained() -> tuple[CRNN, str]:
+def trained() -> tuple[torch.nn.Module, str]:
     path = CACHE / "crnn.safetensors"
     how = f"loaded from {path}"
     if not path.is_file():

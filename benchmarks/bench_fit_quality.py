@@ -72,9 +72,7 @@ def models(args: argparse.Namespace, cache: Path, work: Path) -> Any:
     """(name, trained original, unlabeled calibration inputs, test accuracy function, how loaded)."""
     wanted = set(args.model.split(","))
     if "crnn" in wanted:
-        sys.path.insert(0, str(ROOT / "sample_models" / "crnn_bilstm"))
-        from bench_fit_crnn import trained
-        from model import make_strips, sequence_accuracy
+        from bench_fit_crnn import make_strips, sequence_accuracy, trained
 
         model, how = trained()
         strips, _ = make_strips(1024, seed=3)
