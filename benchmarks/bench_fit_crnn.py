@@ -19,8 +19,8 @@ One torch thread; the machine is shared with other work (load average printed).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -28,16 +28,19 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "sample_models" / "crnn_bilstm"))
-from model import CRNN, make_strips, sequence_accuracy  # noqa: E402
-from train import train_and_save  # noqa: E402
+_spec = importlib.util.spec_from_file_location("crnn_bilstm_train", ROOT / "sample_models" / "crnn_bilstm" / "train.py")
+assert _spec is not None and _spec.loader is not None
+_train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_train)
+CRNN, make_strips, sequence_accuracy = _train.CRNN, _train.make_strips, _train.sequence_accuracy
+train_and_save = _train.train_and_save
 
 import convrewrite  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache" / "crnn_bilstm"
 
 
-def trained() -> tuple[CRNN, str]:
+def trained() -> tuple[torch.nn.Module, str]:
     path = CACHE / "crnn.safetensors"
     how = f"loaded from {path}"
     if not path.is_file():
@@ -65,14 +68,17 @@ def main() -> None:
         f"CRNN (sample_models/crnn_bilstm, {sum(p.numel() for p in model.parameters()):,} params): {how}; "
         f"one torch thread; machine shared (load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores)"
     )
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for first in range(0, len(strips), args.batch_size):
             model(strips[first : first + args.batch_size])
-    forward = time.perf_counter() - began
-    print(f"one forward of the original over {args.samples} strips 1x32x128: {forward:.1f} s")
+    forward, forward_cpu = time.perf_counter() - began, time.process_time() - began_cpu
+    print(
+        f"one forward of the original over {args.samples} strips 1x32x128: {forward:.1f} s wall, "
+        f"{forward_cpu:.1f} s CPU"
+    )
     plain = convrewrite.rewrite(model, [args.rule], example_inputs=strips[:1])
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     fitted = convrewrite.rewrite(
         model,
         [args.rule],
@@ -83,7 +89,7 @@ def main() -> None:
         fit_method=args.fit_method,
         device="cpu",
     )
-    call = time.perf_counter() - began
+    call, call_cpu = time.perf_counter() - began, time.process_time() - began_cpu
     stages = {stage["name"]: stage["seconds"] for stage in fitted.report.stages}
     fitting = fitted.report.sections["fitting"]
     layers = fitting["layers"]
@@ -91,7 +97,8 @@ def main() -> None:
         f"rule {args.rule}, fit method {args.fit_method}, {args.fit_steps} refinement steps: fit stage "
         f"{stages.get('fit', float('nan')):.1f} s (layers {layers['seconds']:.1f} s, {layers['passes']:.2f} passes "
         f"= {layers['passes'] * forward:.1f} s of forwards at the time measured above; BatchNorm "
-        f"{fitting['batchnorm']['seconds']:.1f} s); whole call {call:.1f} s"
+        f"{fitting['batchnorm']['seconds']:.1f} s); whole call {call:.1f} s wall, {call_cpu:.1f} s CPU "
+        f"(load average now {os.getloadavg()[0]:.2f})"
     )
     print(f"  {'layer':<8} {'method':<34} {'held-out before':>15} {'after':>8} {'passes':>7} {'s':>6}")
     for layer in layers["layers"]:

@@ -100,7 +100,7 @@ def rewrite(
     holdout: float = 0.1,
     batch_size: int | None = None,
     fit: bool = True,
-    fit_steps: int = 500,
+    fit_steps: int = 0,
     fit_method: str = "statistics",
     distill: int = 0,
     distill_loss: str = "auto",

@@ -183,8 +183,9 @@ def _schema() -> tuple[Setting, ...]:
         Setting(
             "fit-steps",
             "int",
-            "Gradient steps per rewritten layer when fitting (closed-form solves come on top).",
-            default=500,
+            "Gradient steps per rewritten layer after its closed-form fit (0: the closed form alone; "
+            "blocks without one get the gradient path's default of 500).",
+            default=0,
             minimum=0,
             inherited=True,
             group="data",

@@ -344,7 +344,9 @@ def test_streaming_without_a_cache_matches_and_reopens_the_source() -> None:
     before = len(opened)
     streamed = fit_layers(original, rewritten, names, source, steps=0, cache_mb=0)
     passes = len(opened) - before
-    assert passes >= 4 * len(names)  # every pass of every layer called the function again
+    # The probe, then ONE pass over each split per layer (the statistics fit): every pass called
+    # the function again. (The gradient path opened it at least 4 times per layer.)
+    assert passes == 1 + 2 * len(names)
     reference = fit_layers(original, cached, names, source, steps=0)
     for a, b in zip(streamed.layers, reference.layers):
         assert a.holdout_error_after == pytest.approx(b.holdout_error_after, rel=1e-5)
@@ -484,7 +486,10 @@ def test_statistics_fit_of_full_capacity_replacements_is_exact_end_to_end() -> N
     assert [layer.name for layer in result.layers] == names
     for layer in result.layers:
         assert layer.method.startswith("statistics"), layer
-        assert layer.holdout_error_before > 0.05 and layer.holdout_error_after < 1e-6, layer
+        # Exact up to the solvers' relative ridge (1e-7 of the mean diagonal, pulling towards the
+        # start: from a start at error ~5 that leaves ~1e-5; the head's nearly dead ReLU inputs
+        # keep their perturbed weights, ~3e-5 on held-out samples).
+        assert layer.holdout_error_before > 0.05 and layer.holdout_error_after < 1e-4, layer
         assert layer.kept == "closed-form" and layer.gradient_steps == 0
     with torch.no_grad():
         assert torch.allclose(rewritten(x), original(x), atol=1e-4)
@@ -553,3 +558,29 @@ def test_refinement_steps_after_the_closed_form_never_make_it_worse() -> None:
     layer = fit_layers(original, rewritten, ["conv2"], data, steps=10).layers[0]
     assert layer.gradient_steps == 10 and layer.kept in ("closed-form", "closed-form+gradient")
     assert layer.holdout_error_after < 1e-4  # float32 chunk products (the default): a floor near 1e-5
+
+
+class _ThirdParty(nn.Module):
+    """A block that declares no linear structure (no to_dense): no statistics path."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = copy.deepcopy(conv)
+        self.scale = nn.Parameter(torch.ones(conv.out_channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * torch.tanh(self.scale)
+
+
+def test_a_block_without_statistics_path_keeps_the_gradient_path_and_its_steps() -> None:
+    torch.manual_seed(17)
+    original = Net2d().eval()
+    rewritten = copy.deepcopy(original)
+    rewritten.conv2 = _ThirdParty(original.conv2)
+    with torch.no_grad():
+        rewritten.conv2.conv.weight.mul_(0.5)
+    x = smooth_images(32, 4, 8)
+    data = TensorBatches((x,), batch_size=16, holdout=0.25)
+    layer = fit_layers(original, rewritten, ["conv2"], data, steps=0).layers[0]
+    assert layer.method == "gradient" and layer.gradient_steps == 500  # FALLBACK_STEPS
+    assert layer.holdout_error_after < 0.5 * layer.holdout_error_before

@@ -72,6 +72,9 @@ from convrewrite.recovery.batches import Batch, BatchSource, Split
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 #: Rounds of (gradient steps, closed-form solve) when a layer's fit split is cached.
 _ROUNDS = 4
+#: Gradient steps of a block with no statistics path when ``steps`` (the refinement after a
+#: closed form) is 0: the default of the gradient path before the statistics fit.
+FALLBACK_STEPS = 500
 #: Rows x unknowns of one float64 chunk of patches (32 MiB): bounds im2col's memory per step.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -984,7 +987,7 @@ def fit_layers(
     data: BatchSource,
     *,
     device: torch.device | str = "cpu",
-    steps: int = 500,
+    steps: int = 0,
     lr: float = 2e-2,
     ridge: float = 1e-7,
     cache_mb: float = 512.0,
@@ -1008,7 +1011,8 @@ def fit_layers(
 
     ``statistics`` (default): blocks with a statistics path (``recovery/fit_statistics.py``) are
     fitted in one streaming pass and a closed-form solve, ``steps`` gradient steps refining them
-    afterwards when > 0; ``statistics=False`` fits every block by the gradient path (the behaviour
+    afterwards when > 0 (blocks without a path get ``steps``, or ``FALLBACK_STEPS`` when it is
+    0); ``statistics=False`` fits every block by the gradient path (the behaviour
     before the statistics fit, kept for third-party blocks and for comparison). ``product``: the
     dtype of the statistics' per-chunk products, float64 sums either way. float32 (the default)
     is ~1.8x faster to accumulate and leaves a relative layer-error floor of ~5e-6 on a
@@ -1111,7 +1115,9 @@ def fit_layers(
                 _fit_layer(
                     layer_data,
                     record,
-                    steps=steps,
+                    # A block without a closed form needs its gradient steps even when the
+                    # closed-form blocks get no refinement.
+                    steps=steps if (steps > 0 or not statistics) else FALLBACK_STEPS,
                     lr=lr,
                     ridge=ridge,
                     max_closed_form_dim=max_closed_form_dim,

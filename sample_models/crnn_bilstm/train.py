@@ -9,19 +9,34 @@ held-out strips (what the benchmarks measure on) from seed 1. A few minutes on o
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model import CRNN, make_strips, sequence_accuracy  # noqa: E402
+
+def model_module() -> ModuleType:
+    """model.py beside this file, by path (other sample models also have a ``model`` module)."""
+    name = "crnn_bilstm_model"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "model.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def train(model: CRNN, images: torch.Tensor, labels: list[list[int]], epochs: int, lr: float = 2e-3) -> None:
+_model = model_module()
+CRNN, make_strips, sequence_accuracy = _model.CRNN, _model.make_strips, _model.sequence_accuracy
+
+
+def train(model: torch.nn.Module, images: torch.Tensor, labels: list[list[int]], epochs: int, lr: float = 2e-3) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(2)
     steps = epochs * ((len(images) + 63) // 64)

@@ -78,7 +78,7 @@ class FitStage(Stage):
                 list(state.originals),
                 data,
                 device=device,
-                steps=int(state.setting("fit-steps", 500)),
+                steps=int(state.setting("fit-steps", 0)),
                 progress=progress,
                 targets=state.output_of,
                 statistics=state.setting("fit-method", "statistics") != "gradient",
