@@ -276,8 +276,9 @@ def _line_search(state: _Separable, saved: tuple, loss: float) -> float:
 
     With ``θ(α) = θ₀ + α (θ₁ − θ₀)`` for the state before (θ₀) and after (θ₁) a round, the kernel
     ``P(α) D̂(α)`` is quadratic in α, so the loss is a quartic: five evaluations determine it, its
-    minimum over α in [1, 8] is found on a fine grid and kept only if it beats α = 1 (the enhanced
-    line search of alternating least squares for tensor decompositions). Returns the loss kept.
+    minimum over α in [1, 8] is found on a fine grid, polished by Newton steps, and kept only if
+    it beats α = 1 (the enhanced line search of alternating least squares for tensor
+    decompositions). Returns the loss kept.
     """
     after = (state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias)
     steps = [a - b for a, b in zip(after, saved)]
@@ -297,6 +298,15 @@ def _line_search(state: _Separable, saved: tuple, loss: float) -> float:
     grid = torch.linspace(1.0, 8.0, 701, dtype=torch.float64)
     curve = (grid.unsqueeze(1) ** torch.arange(5, dtype=torch.float64)) @ coefficients
     best = float(grid[int(torch.argmin(curve))])
+    # Polish the grid point to the quartic's stationary point (Newton on p'): a step length that
+    # moves continuously with the statistics, not in grid steps (which would amplify rounding).
+    a0, a1, a2, a3, a4 = (float(c) for c in coefficients)
+    for _ in range(30):
+        slope = a1 + 2 * a2 * best + 3 * a3 * best**2 + 4 * a4 * best**3
+        bend = 2 * a2 + 6 * a3 * best + 12 * a4 * best**2
+        if bend <= 0:
+            break
+        best = min(max(best - slope / bend, 1.0), 8.0)
     if best > 1.0:
         place(best)
         extrapolated = state.loss()  # measured, not the polynomial's value
