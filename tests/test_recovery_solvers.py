@@ -572,3 +572,24 @@ def test_docs_plugin_example_runs(capsys):
     with torch.no_grad():
         target = original(images)
     assert stationarity(block.double(), images.double(), target.double()) < 1e-6
+
+
+def test_padded_conv_takes_the_statistics_path_only_with_the_statistics_padding():
+    from convrewrite.recovery.statistics import PatchGeometry
+
+    padded_geometry = PatchGeometry.of(nn.Conv2d(3, 4, 3, padding=1))
+    unpadded_geometry = PatchGeometry.of(nn.Conv2d(3, 4, 3))
+
+    def padded(same: bool, stride: int = 1, amounts: tuple = ()) -> PaddedConv:
+        block = PaddedConv((3, 3), (stride, stride), (1, 1), same=same, amounts=amounts)
+        block.conv = nn.Conv2d(3, 4, 3, stride=stride)
+        return block
+
+    assert statistics_kernel(padded(False, amounts=(1, 1, 1, 1)), padded_geometry) is not None
+    assert statistics_kernel(padded(True), padded_geometry) is not None  # stride 1: 'SAME' is static
+    # The block's input is unpadded and the padding lives in the block: unfolding that input
+    # without padding (a conv subclass that pads in forward) would not describe it.
+    assert statistics_kernel(padded(True), unpadded_geometry) is None
+    assert statistics_kernel(padded(False, amounts=(0, 1, 0, 1)), padded_geometry) is None
+    # With a stride, 'SAME' padding depends on the input size: no static geometry.
+    assert statistics_kernel(padded(True, stride=2), PatchGeometry.of(nn.Conv2d(3, 4, 3, 2, 1))) is None

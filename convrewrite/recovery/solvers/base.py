@@ -109,6 +109,30 @@ def _pairs(value: Any, name: str) -> tuple:
     return () if all(p == (0, 0) for p in pairs) else pairs
 
 
+def _padded_conv_pairs(block: Any) -> tuple | None:
+    """The static (before, after) padding of a ``PaddedConv`` and its inner conv, None if it depends
+    on the input size (TensorFlow 'SAME' with a stride above 1) or cannot be read."""
+    dims = len(block.kernel_size)
+    if block.same:
+        if any(int(step) != 1 for step in block.stride):
+            return None
+        totals = [int(d) * (int(k) - 1) for d, k in zip(block.dilation, block.kernel_size)]
+        outer = [(t // 2, t - t // 2) for t in totals]
+    else:
+        amounts = [int(a) for a in block.amounts] or [0] * (2 * dims)
+        if len(amounts) != 2 * dims:
+            return None
+        outer = [(amounts[2 * i], amounts[2 * i + 1]) for i in range(dims)][::-1]  # F.pad: last dim first
+    inner = getattr(block.conv, "padding", 0)
+    if isinstance(inner, str):
+        return None
+    inner_pairs = _pairs(inner, "padding") or ((0, 0),) * dims
+    if len(inner_pairs) != dims:
+        return None
+    total = tuple((a + c, b + d) for (a, b), (c, d) in zip(outer, inner_pairs))
+    return () if all(p == (0, 0) for p in total) else total
+
+
 def dense_of(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``block``'s equivalent dense (weight, bias), or None when it declares none."""
     from convrewrite.layers.dense import dense_kernel
@@ -133,6 +157,13 @@ def statistics_kernel(block: nn.Module, geometry: Any) -> torch.Tensor | None:
     expected = geometry_shape(geometry)
     if expected is None or tuple(weight.shape) != expected:
         return None
+    if hasattr(block, "same") and hasattr(block, "amounts") and hasattr(block, "conv"):
+        # A PaddedConv pads in front of its block: the statistics path needs that padding to be
+        # static and to be what the statistics were unfolded with.
+        want = getattr(geometry, "padding", None)
+        have = _padded_conv_pairs(block)
+        if have is None or (want is not None and not isinstance(want, str) and _pairs(want, "padding") != have):
+            return None
     for name in ("stride", "dilation", "padding"):
         want, have = getattr(geometry, name, None), getattr(block, name, None)
         comparable = want is not None and have is not None and not isinstance(want, str) and not isinstance(have, str)
