@@ -78,6 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the blocks' initializations (the starts)
     c = args.channels
     print(
         f"# bench_solvers: torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores "
