@@ -92,6 +92,7 @@ def rewrite(
     batch_size: int | None = None,
     fit: bool = schema.default("fit"),
     fit_steps: int = schema.default("fit-steps"),
+    fit_method: str = schema.default("fit-method"),
     distill: int = schema.default("distill"),
     distill_loss: str = schema.default("distill-loss"),
     device: str = schema.default("device"),
@@ -140,6 +141,7 @@ def rewrite(
     settings = {
         "fit": fit,
         "fit-steps": fit_steps,
+        "fit-method": fit_method,
         "distill": distill,
         "distill-loss": distill_loss,
         "device": device,

@@ -192,9 +192,20 @@ def _schema() -> tuple[Setting, ...]:
         Setting(
             "fit-steps",
             "int",
-            "Gradient steps per rewritten layer when fitting (closed-form solves come on top).",
-            default=500,
+            "Gradient steps per rewritten layer after its closed-form fit (0: the closed form alone; "
+            "blocks without one get the gradient path's default of 500).",
+            default=0,
             minimum=0,
+            inherited=True,
+            group="data",
+        ),
+        Setting(
+            "fit-method",
+            "choice",
+            "How rewritten layers are fitted: statistics (one pass per layer and a closed-form solve, "
+            "gradient steps only where a block has no closed form) or gradient (the probing path for every block).",
+            default="statistics",
+            choices=("statistics", "gradient"),
             inherited=True,
             group="data",
         ),

@@ -34,10 +34,16 @@ class FitSettings:
 
     enabled: bool = bool(schema.default("fit"))
     steps: int = int(schema.default("fit-steps"))
+    #: ``statistics`` (closed form from one pass per layer) or ``gradient`` (the probing path).
+    method: str = str(schema.default("fit-method"))
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> FitSettings:
-        return cls(enabled=bool(_value(values, "fit")), steps=int(_value(values, "fit-steps")))
+        return cls(
+            enabled=bool(_value(values, "fit")),
+            steps=int(_value(values, "fit-steps")),
+            method=str(_value(values, "fit-method")),
+        )
 
 
 @dataclass(frozen=True)

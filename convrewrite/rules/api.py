@@ -5,6 +5,23 @@ skip with a reason), a builder that returns the replacement module with its weig
 and the analytic parameter and MAC counts of that replacement. Rules are plugins in the entry-point
 group ``convrewrite.rules``; the built-in rules register through the same group. On the command
 line a rule is ``NAME[:key=value,...]``; list values (globs) are separated by ``|``.
+
+Replacement blocks and the statistics fit
+------------------------------------------
+Fitting solves each replacement from the statistics of the layer it replaces (no data pass per
+step; ``convrewrite.recovery.solvers``, ``docs/solvers.md``). A block takes part when it declares
+its linear structure:
+
+- ``to_dense() -> (weight, bias)``: the single dense layer the block computes, with the original
+  layer's geometry: ``weight`` of shape (out, in, *kernel) for a conv with the same kernel size,
+  stride and dilation (padding applied the same way), (out, in) for a Linear; ``bias`` (out,) or
+  None. That alone gives the block the generic path: exact least squares in every parameter
+  tensor that ``to_dense()`` is linear in and that is small (its Jacobian is probed), L-BFGS on
+  the statistics loss for larger tensors when ``to_dense()`` is differentiable, never worse than
+  the transferred weights. A block without ``to_dense()`` is fitted by gradient steps.
+- optionally an exact solver: ``@register_solver(MyBlock)`` on a function
+  ``(block, stats, ridge, rounds) -> (method, losses) | None`` that sets the block's parameters
+  from ``stats`` (a ``LayerStatistics``) in place; None hands it to the generic path.
 """
 
 from __future__ import annotations

@@ -1,0 +1,122 @@
+"""Time the statistics solvers on layers of real size (512 -> 512 3x3, a 64-tap Conv1d).
+
+No data pass is timed: the solvers read only a ``LayerStatistics``. The statistics here are
+synthetic but consistent (what a large sample of inputs with a channel covariance ``S_c``, a tap
+covariance ``S_t`` and a mean would give; the target is a random dense conv plus independent
+noise of 10% of its energy), built directly as sums: ``gram = R (S_c ⊗ S_t + μμᵀ)`` with the ones
+column, ``cross = gram Kᵀ``, ``energy = diag(K gram Kᵀ) + noise``. The Kronecker product is only
+how this benchmark makes a full-rank, correlated gram; the solvers never form one.
+
+Per block: the method the dispatcher chose, the wall time of ``solve_from_statistics``, the
+number of rounds, and the relative layer error sqrt(loss / energy) at the start (the block's own
+initialization) and after the solve (0.316 is the noise floor: 10% of the energy is noise).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_solvers.py [--threads 1] [--channels 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import time
+
+import torch
+from torch import nn
+
+from convrewrite.layers.channelwise import ChannelwiseConv2d
+from convrewrite.layers.low_rank import LowRankConv2d
+from convrewrite.layers.separable import SeparableConv1d, SeparableConv2d
+from convrewrite.recovery.solvers import solve_from_statistics
+from convrewrite.recovery.statistics import LayerStatistics, PatchGeometry
+
+
+def correlation(size: int, rho: float) -> torch.Tensor:
+    index = torch.arange(size, dtype=torch.float64)
+    return rho ** (index.unsqueeze(0) - index.unsqueeze(1)).abs()
+
+
+def synthetic_statistics(original: nn.Module, rows: int, generator: torch.Generator) -> LayerStatistics:
+    out, cin = int(original.out_channels), int(original.in_channels)
+    taps = math.prod(original.kernel_size)
+    scales = torch.logspace(0, -1.5, cin, dtype=torch.float64)
+    channels = correlation(cin, 0.6) * torch.outer(scales, scales)
+    covariance = torch.kron(channels, correlation(taps, 0.8))
+    mean = 0.3 * torch.randn(cin * taps, generator=generator, dtype=torch.float64)
+    n = cin * taps + 1
+    gram = torch.empty(n, n, dtype=torch.float64)
+    gram[:-1, :-1] = rows * (covariance + torch.outer(mean, mean))
+    gram[:-1, -1] = gram[-1, :-1] = rows * mean
+    gram[-1, -1] = rows
+    kernel = torch.randn(out, n, generator=generator, dtype=torch.float64) / math.sqrt(n)
+    cross = gram @ kernel.t()
+    clean = (kernel * (kernel @ gram)).sum(1)
+    energy = clean / 0.9  # 10% of each output's energy is noise no kernel can explain
+    return LayerStatistics(gram=gram, cross=cross, energy=energy, rows=rows)
+
+
+def run(name: str, block: nn.Module, stats: LayerStatistics, geometry: PatchGeometry, rounds: int) -> None:
+    began = time.perf_counter()
+    result = solve_from_statistics(block, stats, geometry=geometry, rounds=rounds)
+    wall = time.perf_counter() - began
+    assert result is not None
+    energy = float(stats.energy.sum())
+    start, end = (math.sqrt(v / energy) for v in (result.losses[0], result.losses[-1]))
+    print(
+        f"{name:<34} {stats.unknowns:>6,} {wall:>8.2f} {len(result.losses) - 1:>6} {start:>10.4f} {end:>10.4f}  "
+        f"{result.method}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--channels", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the blocks' initializations (the starts)
+    c = args.channels
+    print(
+        f"# bench_solvers: torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores "
+        f"(machine shared with other jobs), {args.threads} thread(s), float64"
+    )
+    print(f"{'block':<34} {'n':>6} {'wall s':>8} {'rounds':>6} {'rel start':>10} {'rel after':>10}  method")
+    conv = nn.Conv2d(c, c, 3, padding=1).double()
+    stats = synthetic_statistics(conv, 100_000, generator)
+    geometry = PatchGeometry.of(conv)
+    run(f"Conv2d {c}->{c} 3x3 (least squares)", nn.Conv2d(c, c, 3, padding=1).double(), stats, geometry, args.rounds)
+    run(f"SeparableConv2d {c}->{c} 3x3", SeparableConv2d(c, c, 3, padding=1).double(), stats, geometry, args.rounds)
+    run(
+        f"LowRankConv2d {c}->{c} 3x3 rank {c // 4}",
+        LowRankConv2d(c, c, 3, c // 4, padding=1).double(),
+        stats,
+        geometry,
+        args.rounds,
+    )
+    run(f"Conv2d {c}->{c} 3x3 groups 8", nn.Conv2d(c, c, 3, padding=1, groups=8).double(), stats, geometry, args.rounds)
+    pointwise = nn.Conv2d(c, c, 1).double()
+    stats1 = synthetic_statistics(pointwise, 100_000, generator)
+    run(
+        f"ChannelwiseConv2d {c}->{c} (dc 7, g 2)",
+        ChannelwiseConv2d(c, c, 7, groups=2).double(),
+        stats1,
+        PatchGeometry.of(pointwise),
+        args.rounds,
+    )
+    tdnn = nn.Conv1d(64, 64, 64, padding=32).double()
+    stats_1d = synthetic_statistics(tdnn, 100_000, generator)
+    run(
+        "SeparableConv1d 64->64, 64 taps",
+        SeparableConv1d(64, 64, 64, padding=32).double(),
+        stats_1d,
+        PatchGeometry.of(tdnn),
+        args.rounds,
+    )
+
+
+if __name__ == "__main__":
+    main()
