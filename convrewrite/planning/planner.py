@@ -170,25 +170,30 @@ def _smallest_check(table: list[list[_Candidate]], limits: dict[str, float]) -> 
             raise Infeasible(k, limit, smallest[k], smallest)
 
 
-def make_plan(
+@dataclass
+class PlanSetup:
+    """What planning knows before any data: the sites, their candidates and costs, the limits."""
+
+    loaded: LoadedModel
+    layers: list[_Layer]
+    totals: dict[str, float]
+    fixed: dict[str, float]
+    limits: dict[str, float]
+    budgets: list[PlanBudget]
+    seconds: dict[str, float]
+
+
+def prepare_plan(
     loaded: LoadedModel,
-    data: BatchSource,
     budgets: Sequence[BudgetSpec],
     *,
     candidates: Sequence[CandidateSpec] | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
-    device: str | None = "auto",
-    sensitivity: str = "hutchinson",
-    max_error: float = 0.95,
-    sensitivity_batches: int = 4,
-) -> Plan:
-    """The plan for ``loaded.model`` under ``budgets`` (see the module doc). Leaves the model as it is."""
-    from convrewrite.recovery.device import resolve_device
-
+) -> PlanSetup:
+    """Profile the model and cost every candidate; a usage error now if a budget cannot be met."""
     if not budgets:
         raise UsageError("plan needs at least one --budget", hint="for example --budget params=0.25x")
-    seconds: dict[str, float] = {}
     start = time.perf_counter()
     model = loaded.model
     model.eval()
@@ -203,14 +208,55 @@ def make_plan(
     }
     limits, plan_budgets = _limits(budgets, totals, fixed)
     check_feasible(layers, limits, plan_budgets, fixed)
-    seconds["candidates"] = time.perf_counter() - start
+    return PlanSetup(loaded, layers, totals, fixed, limits, plan_budgets, {"candidates": time.perf_counter() - start})
 
+
+def make_plan(
+    loaded: LoadedModel,
+    data: BatchSource,
+    budgets: Sequence[BudgetSpec],
+    *,
+    candidates: Sequence[CandidateSpec] | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    device: str | None = "auto",
+    sensitivity: str = "hutchinson",
+    max_error: float = 0.95,
+    sensitivity_batches: int = 4,
+) -> Plan:
+    """The plan for ``loaded.model`` under ``budgets`` (see the module doc). Leaves the model as it is."""
+    setup = prepare_plan(loaded, budgets, candidates=candidates, include=include, exclude=exclude)
+    return finish_plan(
+        setup,
+        data,
+        device=device,
+        sensitivity=sensitivity,
+        max_error=max_error,
+        sensitivity_batches=sensitivity_batches,
+    )
+
+
+def finish_plan(
+    setup: PlanSetup,
+    data: BatchSource,
+    *,
+    device: str | None = "auto",
+    sensitivity: str = "hutchinson",
+    max_error: float = 0.95,
+    sensitivity_batches: int = 4,
+) -> Plan:
+    """Statistics, sensitivity, scores and the knapsack over a prepared setup."""
+    from convrewrite.recovery.device import resolve_device
+
+    loaded, layers, totals, fixed, limits = setup.loaded, setup.layers, setup.totals, setup.fixed, setup.limits
+    plan_budgets, seconds = setup.budgets, dict(setup.seconds)
+    model = loaded.model
     target = resolve_device(device)
     open_layers = [layer for layer in layers if layer.protected is None]
     names = [layer.site.name for layer in open_layers]
     moved = model.to(target)
     start = time.perf_counter()
-    statistics, collector = scoring.collect(moved, names, data, device=target)
+    statistics = scoring.collect(moved, names, data, device=target)
     seconds["statistics"] = time.perf_counter() - start
     start = time.perf_counter()
     if sensitivity == "hutchinson":
@@ -295,7 +341,7 @@ def make_plan(
         samples={"fit": data.count("fit") or 0, "holdout": data.count("holdout") or 0, "sensitivity": weights.samples},
         seconds=seconds,
         optimal=result.optimal,
-        notes=notes + [f"statistics collected by the {collector} pass"],
+        notes=notes,
     )
     for budget in plan.budgets:
         budget.planned = float(plan.params if budget.metric == "params" else plan.macs)

@@ -1,15 +1,12 @@
 """Score candidates without a data pass per candidate: layer statistics and output sensitivity.
 
-**Statistics.** One pass of the original model over the calibration data collects, for every
-planned layer and for both splits (fit, holdout), the ``LayerStatistics`` of its unfolded input
-against its own output (symmetric: inputs of the original). ``convrewrite.recovery.statistics``'s
-``collect_statistics`` does it when it is installed (the statistics fit); until then a local
-pass with forward hooks does the same sums for Conv1d/Conv2d (any padding mode, ``'same'``
-included) and Linear layers. A candidate's predicted layer error is the relative error
-``sqrt(Σ||K a − y||² / Σ||y||²)`` of its equivalent dense kernel ``K`` on the **holdout**
-statistics, after its weights are solved on the **fit** statistics (``solve_from_statistics`` of
-``convrewrite.recovery.solvers`` when installed; otherwise the rule's own data-free weight
-transfer is scored, and the plan says which).
+**Statistics.** One pass of the original model per split (fit, holdout) collects, for every
+planned layer, the ``LayerStatistics`` of its unfolded input against its own output (symmetric:
+inputs of the original; ``recovery.statistics.collect_statistics``). A candidate's predicted
+layer error is the relative error ``sqrt(Σ||K a − y||² / Σ||y||²)`` of its equivalent dense
+kernel ``K`` on the **holdout** statistics, after its weights are solved on the **fit**
+statistics (``solve_from_statistics`` of ``convrewrite.recovery.solvers`` when installed;
+otherwise the rule's own data-free weight transfer is scored, and the plan says which).
 
 **Sensitivity (Hutchinson).** How much an error at layer ``l`` moves the model's output: one
 forward and backward pass per fit batch with a random Rademacher probe ``v`` on the output gives
@@ -30,126 +27,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from convrewrite.core.compare import tensor_leaves
 from convrewrite.recovery.batches import BatchSource
-from convrewrite.recovery.statistics import LayerStatistics, kernel_matrix
-
-#: float64 elements of unfolded patches processed at once (128 MiB).
-_CHUNK_ELEMENTS = 1 << 24
+from convrewrite.recovery.statistics import LayerStatistics, PatchGeometry, collect_statistics, kernel_matrix
 
 
 def supported(module: nn.Module) -> str | None:
-    """Why the local statistics pass cannot unfold ``module``'s input, or None."""
-    if isinstance(module, nn.Linear):
-        return None
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and not isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
-        return None
-    return f"{type(module).__name__}: no statistics for this layer type"
-
-
-def _pad_amounts(module: nn.Conv1d | nn.Conv2d) -> list[int]:
-    """F.pad amounts (last dim first) that the conv's padding applies."""
-    dims = len(module.kernel_size)
-    amounts: list[int] = []
-    for d in reversed(range(dims)):
-        if module.padding == "same":
-            total = module.dilation[d] * (module.kernel_size[d] - 1)
-            amounts += [total // 2, total - total // 2]
-        elif module.padding == "valid":
-            amounts += [0, 0]
-        else:
-            p = int(module.padding[d])
-            amounts += [p, p]
-    return amounts
-
-
-def unfold_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(rows, n) float64: every patch of ``x`` that ``module`` multiplies by its kernel, channel-major."""
-    if isinstance(module, nn.Linear):
-        return x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-    assert isinstance(module, (nn.Conv1d, nn.Conv2d))
-    x = x.detach().to(torch.float64)
-    amounts = _pad_amounts(module)
-    if any(amounts):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, amounts, mode=mode)
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(2)
-        kernel, dilation, stride = (1, module.kernel_size[0]), (1, module.dilation[0]), (1, module.stride[0])
-    else:
-        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride  # type: ignore[assignment]
-    patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C*k, L)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-
-
-def output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """(rows, out) float64: the layer's output in the same row order as ``unfold_input``."""
-    y = y.detach().to(torch.float64)
-    if isinstance(module, nn.Linear):
-        return y.reshape(-1, y.shape[-1])
-    return y.reshape(y.shape[0], y.shape[1], -1).transpose(1, 2).reshape(-1, y.shape[1])
-
-
-class _Accumulator:
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.stats: LayerStatistics | None = None
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        patches = unfold_input(self.module, x)
-        target = output_rows(self.module, y)
-        patches = torch.cat([patches, patches.new_ones(patches.shape[0], 1)], dim=1)
-        if self.stats is None:
-            n, out = patches.shape[1], target.shape[1]
-            zeros = patches.new_zeros
-            self.stats = LayerStatistics(zeros(n, n), zeros(n, out), zeros(out), 0)
-        step = max(1, _CHUNK_ELEMENTS // max(patches.shape[1], 1))
-        for start in range(0, patches.shape[0], step):
-            a, t = patches[start : start + step], target[start : start + step]
-            self.stats.gram.addmm_(a.t(), a)
-            self.stats.cross.addmm_(a.t(), t)
-            self.stats.energy.add_((t * t).sum(0))
-        self.stats.rows += int(patches.shape[0])
-
-
-def local_statistics(
-    model: nn.Module, layer_names: Sequence[str], data: BatchSource, *, device: torch.device
-) -> dict[str, dict[str, LayerStatistics]]:
-    """One pass per split of ``model`` over ``data``: each layer's statistics (module doc)."""
-    result: dict[str, dict[str, LayerStatistics]] = {name: {} for name in layer_names}
-    for split in ("fit", "holdout"):
-        accumulators = {name: _Accumulator(model.get_submodule(name)) for name in layer_names}
-        handles = [
-            model.get_submodule(name).register_forward_hook(
-                lambda module, args, output, acc=acc: acc.add(args[0], output)
-            )
-            for name, acc in accumulators.items()
-        ]
-        try:
-            with torch.no_grad():
-                for batch in data.batches(split):
-                    batch.to(device).call(model)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for name, acc in accumulators.items():
-            if acc.stats is not None:
-                result[name][split] = acc.stats
-    return result
+    """Why no statistics can be collected for ``module``'s input, or None."""
+    try:
+        PatchGeometry.of(module)
+    except ValueError:
+        return f"{type(module).__name__}: no patch statistics for this layer type"
+    return None
 
 
 def collect(
     model: nn.Module, layer_names: Sequence[str], data: BatchSource, *, device: torch.device
-) -> tuple[dict[str, dict[str, LayerStatistics]], str]:
-    """The statistics of every layer and split, and which implementation collected them."""
-    try:
-        from convrewrite.recovery.statistics import collect_statistics  # type: ignore[attr-defined]
-    except ImportError:
-        return local_statistics(model, layer_names, data, device=device), "local"
-    return collect_statistics(model, list(layer_names), data, device=device, splits=("fit", "holdout")), "recovery"
+) -> dict[str, dict[str, LayerStatistics]]:
+    """The statistics of every layer and split: ONE pass of the original per split."""
+    return collect_statistics(model, list(layer_names), data, device=device, splits=("fit", "holdout"))
 
 
 @dataclass
@@ -249,11 +147,12 @@ def uniform_sensitivity(layer_names: Sequence[str]) -> Sensitivity:
 
 
 def _solver() -> Any:
+    import importlib
+
     try:
-        from convrewrite.recovery import solvers
+        return importlib.import_module("convrewrite.recovery.solvers")
     except ImportError:
         return None
-    return solvers
 
 
 def scoring_method() -> str:
@@ -269,13 +168,7 @@ def candidate_error(
     solvers = _solver()
     kernel = None
     if solvers is not None:
-        geometry = None
-        try:
-            from convrewrite.recovery.statistics import PatchGeometry  # type: ignore[attr-defined]
-
-            geometry = PatchGeometry.of(original)
-        except ImportError:
-            pass
+        geometry = PatchGeometry.of(original)
         solvers.solve_from_statistics(block, stats["fit"], geometry=geometry, ridge=ridge, rounds=rounds)
         kernel = solvers.statistics_kernel(block, geometry)
     if kernel is None:
@@ -292,8 +185,6 @@ __all__ = [
     "candidate_error",
     "collect",
     "hutchinson_sensitivity",
-    "local_statistics",
     "scoring_method",
     "uniform_sensitivity",
-    "unfold_input",
 ]
