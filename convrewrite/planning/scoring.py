@@ -115,7 +115,7 @@ def hutchinson_sensitivity(
                         (t * (torch.randint(0, 2, t.shape, generator=generator, dtype=torch.int8).to(t) * 2 - 1)).sum()
                         for t in leaves
                     )
-                    probe.backward()  # type: ignore[union-attr]
+                    probe.backward()
                 finally:
                     for p, flag in zip(model.parameters(), flags):
                         p.requires_grad_(flag)
