@@ -19,7 +19,7 @@ from typing import Any
 
 from convrewrite.errors import UsageError
 
-SCHEMA_ID = "convrewrite-plan-1"
+SCHEMA_ID = "convrewrite.plan/1"
 FORMATS = ("table", "json", "markdown", "html")
 
 
