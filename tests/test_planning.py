@@ -225,3 +225,18 @@ def test_predicted_error_is_finite_and_protected_layers_say_why(tdnn_plan: Plan)
     for layer in tdnn_plan.layers:
         if layer.protected:
             assert layer.chosen.spec == "keep" and layer.protected
+
+
+def test_apply_with_a_saved_plan_and_with_a_budget(cli, tmp_path: Path) -> None:
+    data = _data_file(tmp_path, (39, 50), count=64)
+    plan_file = tmp_path / "PLAN.toml"
+    planned = cli("plan", TDNN, "--data", data, "--budget", "params=0.5x", "--save", plan_file, "--format", "json")
+    assert planned.code == 0, planned.err
+    target = json.loads(planned.out)["planned"]["params"]
+    for flags, out in ((("--plan", plan_file), "a"), (("--budget", "params=0.5x"), "b")):
+        result = cli("apply", TDNN, "--data", data, *flags, "--out", tmp_path / out, "--format", "json")
+        assert result.code == 0, result.err
+        report = json.loads((tmp_path / out / "report.json").read_text())
+        assert report["after"]["params"] == target
+    both = cli("apply", TDNN, "--data", data, "--plan", plan_file, "--rule", "separable", "--out", tmp_path / "c")
+    assert both.code == 2 and "drop --rule" in both.err

@@ -210,6 +210,12 @@ def apply(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    plan_file: Annotated[
+        Path | None, typer.Option("--plan", help="Apply the rules of a PLAN.toml written by `plan --save`.")
+    ] = None,
+    budget: Annotated[
+        list[str] | None, typer.Option("--budget", help="Plan to this budget (params=0.25x...) and apply the plan.")
+    ] = None,
 ) -> None:
     """Rewrite MODEL with the rules and write readable source, safetensors weights and a JSON report."""
 
@@ -221,6 +227,11 @@ def apply(
 
         check_destination(out, force)
         job = _job("apply", settings, config, verbose)
+        if plan_file is not None or budget:
+            import_engine()
+            from convrewrite.commands.plan import rules_for_apply
+
+            rules_for_apply(job, plan_file, budget or [])
         if not job["rules"]:
             raise UsageError("apply needs at least one --rule", hint="see `convrewrite rules`")
         from convrewrite.export.base import exporters_for

@@ -80,4 +80,46 @@ def run_plan(
     return plan
 
 
-__all__ = ["parse_shape", "run_plan"]
+def rules_for_apply(job: Any, plan_file: Path | None, budgets: list[str]) -> None:
+    """``apply --plan PLAN.toml`` / ``apply --budget ...``: put the plan's rules into ``job``.
+
+    A saved plan is read with ``rules_from_file`` (registered rule names only); a budget is
+    planned now from the job's model, data and layer selection, and the plan is printed on stderr.
+    """
+    import dataclasses
+
+    if plan_file is None and not budgets:
+        return
+    if plan_file is not None and budgets:
+        raise UsageError("give --plan or --budget, not both")
+    if job.get("rules"):
+        raise UsageError("--plan and --budget choose the rules themselves: drop --rule")
+    if plan_file is not None:
+        import tomllib
+
+        from convrewrite.planning.plan import rules_from_file
+
+        rules_from_file(plan_file)  # validates: registered names, known options
+        tables = tomllib.loads(plan_file.read_text())["tool"]["convrewrite"]["rules"]
+        source = f"--plan {plan_file}"
+    else:
+        from convrewrite.gate.job import load_job_model, open_data
+        from convrewrite.planning.budgets import parse_budgets
+        from convrewrite.planning.planner import finish_plan, prepare_plan
+
+        specs = parse_budgets(budgets)
+        loaded = load_job_model(job, str(job["model"]))
+        setup = prepare_plan(loaded, specs, include=job.get("include", ()), exclude=job.get("exclude", ()))
+        data = open_data(job, loaded)
+        if data is None:
+            raise UsageError("--budget needs calibration data", hint="pass --data SPEC (or define calibration_data())")
+        plan = finish_plan(setup, data, device=job.get("device"))
+        sys.stderr.write(plan.render("table"))
+        tables = plan.rule_tables()
+        if not tables:
+            raise UsageError("the plan keeps every layer: nothing to apply", hint="lower the --budget")
+        source = "--budget " + " ".join(budgets)
+    job.values["rules"] = dataclasses.replace(job.values["rules"], value=tables, source=source)
+
+
+__all__ = ["parse_shape", "rules_for_apply", "run_plan"]
