@@ -101,6 +101,7 @@ def rewrite(
     batch_size: int | None = None,
     fit: bool = True,
     fit_steps: int = 500,
+    fit_method: str = "statistics",
     distill: int = 0,
     distill_loss: str = "auto",
     device: str = "auto",
@@ -147,6 +148,7 @@ def rewrite(
     settings = {
         "fit": fit,
         "fit-steps": fit_steps,
+        "fit-method": fit_method,
         "distill": distill,
         "distill-loss": distill_loss,
         "device": device,

@@ -190,6 +190,16 @@ def _schema() -> tuple[Setting, ...]:
             group="data",
         ),
         Setting(
+            "fit-method",
+            "choice",
+            "How rewritten layers are fitted: statistics (one pass per layer and a closed-form solve, "
+            "gradient steps only where a block has no closed form) or gradient (the probing path for every block).",
+            default="statistics",
+            choices=("statistics", "gradient"),
+            inherited=True,
+            group="data",
+        ),
+        Setting(
             "distill",
             "int",
             "Distill from the original model for this many steps on the calibration data.",

@@ -456,3 +456,100 @@ def test_two_processes_all_reduce_to_one_model(tmp_path: Path) -> None:
         # Batch variances depend on which samples share a batch, and shards interleave samples.
         if value.is_floating_point() and not key.endswith("running_var"):
             assert torch.allclose(value, shared[key], atol=1e-4, rtol=1e-4), key
+
+
+# --------------------------------------------------------------------------- the statistics path
+
+
+def _perturbed(model: nn.Module, names: list[str], seed: int = 7) -> nn.Module:
+    """A copy whose named convs/linears carry wrong weights: full-capacity 'replacements'."""
+    rewritten = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in names:
+            module = rewritten.get_submodule(name)
+            module.weight.add_(0.5 * torch.randn(module.weight.shape, generator=generator))
+            module.bias.add_(0.5 * torch.randn(module.bias.shape, generator=generator))
+    return rewritten
+
+
+def test_statistics_fit_of_full_capacity_replacements_is_exact_end_to_end() -> None:
+    torch.manual_seed(12)
+    original = Net2d().eval()
+    names = ["conv1", "conv2", "mix", "head"]
+    rewritten = _perturbed(original, names)
+    x = smooth_images(64, 4, 8)
+    data = TensorBatches((x,), batch_size=16, holdout=0.25, shuffle=False)
+    result = fit_layers(original, rewritten, names, data, steps=0)
+    assert [layer.name for layer in result.layers] == names
+    for layer in result.layers:
+        assert layer.method.startswith("statistics"), layer
+        assert layer.holdout_error_before > 0.05 and layer.holdout_error_after < 1e-6, layer
+        assert layer.kept == "closed-form" and layer.gradient_steps == 0
+    with torch.no_grad():
+        assert torch.allclose(rewritten(x), original(x), atol=1e-4)
+    # The original's own weights come back where the data determines them (the first layer sees
+    # the full-rank input; later ones see ReLU outputs with dead channels, whose weights are free).
+    assert torch.allclose(rewritten.conv1.weight, original.conv1.weight, atol=1e-3)
+
+
+def test_statistics_fit_counts_one_pass_of_each_prefix_per_layer() -> None:
+    torch.manual_seed(13)
+    original = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 8, 3, padding=1), nn.ReLU()).eval()
+    rewritten = _perturbed(original, ["0", "2"])
+    x = torch.randn(40, 4, 16)
+    data = TensorBatches((x,), batch_size=8, holdout=0.25)
+    calls = {"original": 0, "rewritten": 0}
+    original.register_forward_pre_hook(lambda m, a: calls.__setitem__("original", calls["original"] + 1))
+    rewritten.register_forward_pre_hook(lambda m, a: calls.__setitem__("rewritten", calls["rewritten"] + 1))
+    result = fit_layers(original, rewritten, ["0", "2"], data, steps=0)
+    batches = len(list(data.batches("fit"))) + len(list(data.batches("holdout")))
+    # One probe forward, then one streamed pass over both splits per layer, in each model.
+    assert calls == {"original": 1 + 2 * batches, "rewritten": 1 + 2 * batches}
+    # Hand MACs: conv "0" costs 16*8*(4*3) per sample, conv "2" 16*8*(8*3); a full forward both.
+    first, second = 16 * 8 * 12, 16 * 8 * 24
+    full = first + second
+    expected = [(first + 0) / full, (full + first) / full]  # (original through the target + rewritten up to the block)
+    assert [layer.passes for layer in result.layers] == pytest.approx(expected)
+    assert result.passes == pytest.approx(sum(expected))
+
+
+def test_a_fused_batchnorm_target_is_reproduced_from_statistics() -> None:
+    torch.manual_seed(14)
+    original = Net2d().eval()
+    x = smooth_images(48, 4, 8)
+    with torch.no_grad():
+        original.bn1.running_mean.normal_()
+        original.bn1.running_var.uniform_(0.5, 2.0)
+    rewritten = copy.deepcopy(original)
+    rewritten.bn1 = nn.Identity()  # conv1 must now compute conv1 + bn1 (what fuse-bn's conv does)
+    data = TensorBatches((x,), batch_size=16, holdout=0.25)
+    result = fit_layers(original, rewritten, ["conv1"], data, steps=0, targets={"conv1": "bn1"})
+    layer = result.layers[0]
+    assert layer.method.startswith("statistics") and layer.holdout_error_after < 1e-6, layer
+    with torch.no_grad():
+        assert torch.allclose(rewritten(x), original(x), atol=1e-4)
+
+
+def test_the_gradient_path_stays_selectable() -> None:
+    torch.manual_seed(15)
+    original = Net2d().eval()
+    rewritten = _perturbed(original, ["conv2"])
+    x = smooth_images(48, 4, 8)
+    data = TensorBatches((x,), batch_size=16, holdout=0.25)
+    result = fit_layers(original, rewritten, ["conv2"], data, steps=5, statistics=False)
+    layer = result.layers[0]
+    assert layer.method == "gradient" and layer.closed_form == ["(block)"]
+    assert layer.holdout_error_after < 1e-4
+    assert layer.passes > 1  # the probing path streams the data more than once
+
+
+def test_refinement_steps_after_the_closed_form_never_make_it_worse() -> None:
+    torch.manual_seed(16)
+    original = Net2d().eval()
+    rewritten = _perturbed(original, ["conv2"])
+    x = smooth_images(48, 4, 8)
+    data = TensorBatches((x,), batch_size=16, holdout=0.25)
+    layer = fit_layers(original, rewritten, ["conv2"], data, steps=10).layers[0]
+    assert layer.gradient_steps == 10 and layer.kept in ("closed-form", "closed-form+gradient")
+    assert layer.holdout_error_after < 1e-5

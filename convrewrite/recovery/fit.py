@@ -105,6 +105,10 @@ class LayerFit:
     seconds: float = 0.0
     cached: str = "none"
     note: str | None = None
+    #: ``statistics:<solver method>`` (one pass, closed form) or ``gradient`` (the probing path).
+    method: str = "gradient"
+    #: Forward prefixes run for this layer, in units of one full original forward over the data.
+    passes: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +126,8 @@ class FitResult:
     device: str = "cpu"
     world_size: int = 1
     seconds: float = 0.0
+    #: All layers' forward prefixes, in units of one full original forward over the data.
+    passes: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -264,6 +270,58 @@ def _call_order(model: nn.Module, blocks: dict[str, nn.Module], batch: Batch) ->
         for handle in handles:
             handle.remove()
     return order, calls
+
+
+def _leaf_macs(module: nn.Module, output: Any) -> float:
+    """Multiply-accumulates of one call of a conv or linear module (0 for anything else)."""
+    if not isinstance(output, torch.Tensor) or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return 0.0
+    weight = module.weight
+    return float(output.numel()) * float(weight[0].numel())
+
+
+def _call_order_and_costs(
+    model: nn.Module, modules: dict[str, nn.Module], batch: Batch, when: str
+) -> tuple[list[str], dict[str, int], float, dict[str, list[float]]]:
+    """One probe forward: the names in call order, their call counts, the model's cost, and the
+    cost run up to each call of each module (``before`` it: a block's input; ``after``: a target).
+
+    Cost counts passes in units of a full forward: MACs of convs and linears, or module calls in
+    a model without any.
+    """
+    order: list[str] = []
+    calls: dict[str, int] = dict.fromkeys(modules, 0)
+    total = [0.0, 0.0]  # MACs, leaf calls
+    at: dict[str, list[list[float]]] = {name: [] for name in modules}
+    handles = []
+
+    def leaf(module: nn.Module, args: tuple, output: Any) -> None:
+        total[0] += _leaf_macs(module, output)
+        total[1] += 1
+
+    for module in model.modules():
+        if not list(module.children()):
+            handles.append(module.register_forward_hook(leaf))
+    for name, module in modules.items():
+
+        def mark(*hook_args: Any, name: str = name) -> None:
+            if calls[name] == 0:
+                order.append(name)
+            calls[name] += 1
+            at[name].append(list(total))
+
+        if when == "before":
+            handles.append(module.register_forward_pre_hook(mark))
+        else:
+            handles.append(module.register_forward_hook(mark))
+    try:
+        with torch.no_grad():
+            batch.call(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    use = 0 if total[0] > 0 else 1
+    return order, calls, total[use], {name: [v[use] for v in values] for name, values in at.items()}
 
 
 def _own(value: Any) -> Any:
@@ -629,6 +687,8 @@ class _LayerData:
         self.cache: dict[Split, list[list[Pair]]] = {"fit": [], "holdout": []}
         self.complete: dict[Split, bool] = {"fit": False, "holdout": False}
         self.used = 0
+        #: Samples streamed through the two prefixes, per split (what the passes count).
+        self.streamed: dict[Split, int] = {"fit": 0, "holdout": 0}
 
     def _pairs(self, batch: Batch) -> list[Pair]:
         batch = batch.to(self.device)
@@ -647,6 +707,7 @@ class _LayerData:
         else:
             batches = self.data.batches("holdout")
         for batch in batches:
+            self.streamed[split] += batch.size
             yield self._pairs(batch)
 
     def pairs(self, split: Split) -> Iterator[list[Pair]]:
@@ -930,6 +991,8 @@ def fit_layers(
     max_closed_form_dim: int = 4096,
     progress: Callable[[FitProgress], None] | None = None,
     targets: Mapping[str, str | None] | None = None,
+    statistics: bool = True,
+    product: torch.dtype = torch.float64,
 ) -> FitResult:
     """Fit every rewritten block to reproduce the original layer's output; see the module docstring.
 
@@ -942,7 +1005,15 @@ def fit_layers(
     changed in place and keeps the best weights found; ``original`` is only read. Both models are
     moved to ``device`` for the work and back afterwards. ``lr`` is relative to each parameter's
     RMS. Only the fit split is fitted on; errors are measured on the holdout split.
+
+    ``statistics`` (default): blocks with a statistics path (``recovery/fit_statistics.py``) are
+    fitted in one streaming pass and a closed-form solve, ``steps`` gradient steps refining them
+    afterwards when > 0; ``statistics=False`` fits every block by the gradient path (the behaviour
+    before the statistics fit, kept for third-party blocks and for comparison). ``product``: the
+    dtype of the statistics' per-chunk products (float64 sums either way).
     """
+    from convrewrite.recovery import fit_statistics
+
     start = time.perf_counter()
     device = torch.device(device)
     rank, world = distributed_world()
@@ -993,8 +1064,13 @@ def fit_layers(
         unique: dict[int, str] = {}
         for name, block in blocks.items():
             unique.setdefault(id(block), name)
-        order, calls = _call_order(rewritten, {n: blocks[n] for n in unique.values()}, probe)
-        _, original_calls = _call_order(original, {n: layers[n] for n in unique.values()}, probe)
+        order, calls, _, rewritten_at = _call_order_and_costs(
+            rewritten, {n: blocks[n] for n in unique.values()}, probe, "before"
+        )
+        _, original_calls, full, original_at = _call_order_and_costs(
+            original, {n: layers[n] for n in unique.values()}, probe, "after"
+        )
+        per_pass = (data.count("holdout") or 0) + math.ceil((data.count("fit") or 0) / world)
         del probe
         skipped = [n for n in names if n not in order]
         total = len(order)
@@ -1018,15 +1094,35 @@ def fit_layers(
             layer_data = _LayerData(
                 original, rewritten, layer, block, calls[name], data, device, budget, rank, world, name
             )
-            _fit_layer(
-                layer_data,
-                record,
-                steps=steps,
-                lr=lr,
-                ridge=ridge,
-                max_closed_form_dim=max_closed_form_dim,
-                world=world,
+            geometry = fit_statistics.layer_geometry(original, name, layer) if statistics else None
+            found = (
+                fit_statistics.fit_layer_from_statistics(
+                    layer_data, record, geometry, ridge=ridge, world=world, product=product
+                )
+                if geometry is not None
+                else None
             )
+            if found is None:
+                if layer_data.streamed["fit"]:
+                    record.note = "; ".join(filter(None, [record.note, "no closed form: fitted by gradient steps"]))
+                _fit_layer(
+                    layer_data,
+                    record,
+                    steps=steps,
+                    lr=lr,
+                    ridge=ridge,
+                    max_closed_form_dim=max_closed_form_dim,
+                    world=world,
+                )
+            elif found and steps > 0 and geometry is not None:
+                fit_statistics.refine(layer_data, record, geometry, found, steps=steps, lr=lr, world=world)
+            streamed = layer_data.streamed["fit"] + layer_data.streamed["holdout"]
+            # The forwards stop at the last call: after the target's, before the block's.
+            ends = original_at.get(name) or [full]
+            starts = rewritten_at.get(name) or [full]
+            prefix = (ends[-1] + starts[-1]) / max(full, 1e-30)
+            record.passes = streamed / max(per_pass, 1) * prefix
+            result.passes += record.passes
             del layer_data
             record.seconds = time.perf_counter() - began
             result.layers.append(record)

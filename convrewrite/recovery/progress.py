@@ -1,4 +1,4 @@
-"""What a long-running distillation shows while it runs, on stderr and on rank 0 only.
+"""What a long-running distillation or fit shows while it runs, on stderr and on rank 0 only.
 
 ``bar``: a rich progress bar with the step, the training loss, the last held-out fidelity and the
 time left. ``lines``: one plain line per held-out evaluation (for logs and CI, where stderr is
@@ -112,6 +112,80 @@ class DistillProgress:
             self._bar.console.print(text, markup=False, highlight=False)
         elif self.mode != "none":
             print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+class FitLayersProgress:
+    """Layer-by-layer display of fitting: ``bar`` (layer i of L, its name, passes so far, time
+    left) on a terminal, one plain line per fitted layer in ``lines`` mode, nothing in ``none``.
+
+    Fed with ``recovery.fit.FitProgress`` updates (the ``progress`` callback of ``fit_layers``).
+    """
+
+    def __init__(self, mode: str, *, is_main: bool = True, label: str = "fit") -> None:
+        if mode not in PROGRESS_MODES:
+            raise ValueError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {mode!r}")
+        if not is_main:
+            mode = "none"
+        elif mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode
+        self.label = label
+        self.started = time.perf_counter()
+        self.passes = 0.0
+        self._bar: Any = None
+        self._task: Any = None
+
+    def _open(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(bar_width=16),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[layer]}"),
+            TextColumn("{task.fields[passes]} passes"),
+            TimeRemainingColumn(),
+            TextColumn("left"),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(self.label, total=total, completed=0, layer="", passes="0.0")
+
+    def __call__(self, update: Any) -> None:
+        if self.mode == "none":
+            return
+        if self.mode == "bar" and self._bar is None:
+            self._open(update.total)
+        if update.phase == "start":
+            if self._bar is not None:
+                self._bar.update(self._task, completed=update.index, layer=update.layer)
+            return
+        record = update.layer_fit
+        if record is not None:
+            self.passes += float(getattr(record, "passes", 0.0) or 0.0)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=update.index + 1, passes=f"{self.passes:.1f}")
+            if update.index + 1 >= update.total:
+                self.close()
+            return
+        before = getattr(record, "holdout_error_before", None)
+        after = getattr(record, "holdout_error_after", None)
+        errors = f"held-out error {before:.4g} -> {after:.4g}" if before is not None and after is not None else "--"
+        method = getattr(record, "method", "") if record is not None else ""
+        seconds = getattr(record, "seconds", 0.0) if record is not None else 0.0
+        print(
+            f"{self.label}: layer {update.index + 1}/{update.total} {update.layer}  {errors}  "
+            f"({method}, {self.passes:.1f} passes so far, {_duration(seconds)})",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self._bar is not None:

@@ -10,7 +10,6 @@ plain transfer and of the fitted model go into the report's ``fitting`` section.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +17,9 @@ from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
 from convrewrite.engine.stages.profile import run_profile
 from convrewrite.engine.state import RunState
 from convrewrite.recovery.device import resolve_device
-from convrewrite.recovery.fit import BatchNormResult, FitProgress, FitResult, fit_layers, reestimate_batchnorm
+from convrewrite.recovery.fit import BatchNormResult, FitResult, fit_layers, reestimate_batchnorm
 from convrewrite.recovery.metrics import HoldoutFidelity, measure_fidelity
+from convrewrite.recovery.progress import FitLayersProgress
 
 
 @dataclass
@@ -42,15 +42,12 @@ class FittingSection:
         }
 
 
-def _progress(state: RunState) -> Any:
-    if state.settings.get("quiet") or not sys.stderr.isatty():
-        return None
+def _progress(state: RunState) -> FitLayersProgress:
+    """A bar on a terminal, one line per layer otherwise, nothing with ``--quiet``; rank 0 only."""
+    from convrewrite.recovery.fit import distributed_world
 
-    def show(update: FitProgress) -> None:
-        text = f"fitting layer {update.index + 1}/{update.total}: {update.layer} ({update.phase})"
-        print(f"\r{text:<100}", end="", file=sys.stderr, flush=True)
-
-    return show
+    mode = "none" if state.settings.get("quiet") else "auto"
+    return FitLayersProgress(mode, is_main=distributed_world()[0] == 0)
 
 
 @register_stage
@@ -73,25 +70,28 @@ class FitStage(Stage):
         device = resolve_device(state.setting("device"))
         reference, model, data = state.reference, state.model, state.data
         transfer = measure_fidelity(reference, model, data, device=device)
-        fit = fit_layers(
-            reference,
-            model,
-            list(state.originals),
-            data,
-            device=device,
-            steps=int(state.setting("fit-steps", 500)),
-            progress=_progress(state),
-            targets=state.output_of,
-        )
+        progress = _progress(state)
+        try:
+            fit = fit_layers(
+                reference,
+                model,
+                list(state.originals),
+                data,
+                device=device,
+                steps=int(state.setting("fit-steps", 500)),
+                progress=progress,
+                targets=state.output_of,
+                statistics=state.setting("fit-method", "statistics") != "gradient",
+            )
+        finally:
+            progress.close()
         batchnorm = reestimate_batchnorm(model, data, device=device, reference=reference)
         fitted = measure_fidelity(reference, model, data, device=device)
-        if _progress(state) is not None:
-            print(file=sys.stderr)
         state.sections["fitting"] = FittingSection(transfer, fitted, fit, batchnorm)
         # The weights changed: the rewritten model's recorded output (which apply's reload check
         # and the fidelity on the example input compare against) must be measured again.
         state.after = state.current = run_profile(model, state.loaded.inputs, "the fitted model")
-        summary = f"{len(fit.layers)} layer(s) fitted in {fit.seconds:.1f} s"
+        summary = f"{len(fit.layers)} layer(s) fitted in {fit.seconds:.1f} s ({fit.passes:.1f} passes)"
         if transfer and fitted:
             before, after = transfer.output_relative_error, fitted.output_relative_error
             summary += f"; held-out output error {before:.3g} -> {after:.3g}"

@@ -1,0 +1,291 @@
+"""The statistics path of fitting: one streaming pass per layer, then a closed-form solve.
+
+For a rewritten block that is linear in its input with the geometry of the dense layer it replaces
+(every built-in rule's block is), the squared error of any weights against the original layer's
+target is a quadratic form in three sums (``recovery/statistics.py``): the gram of the *rewritten*
+model's unfolded block input, its cross moment with the *original* target, and the target energy.
+So fitting layer k costs ONE streaming pass over the fit and holdout batches (the rewritten
+prefix up to the block's input and the original prefix through the target, both stopped at the
+layer), accumulating the fit and the holdout statistics side by side; then the block is solved
+from the fit statistics (``recovery/solvers``: least squares, whitened SVD, alternating least
+squares, per-group blocks, no data pass per round), and its held-out error before and after is
+read from the holdout statistics, exactly, without another pass.
+
+Blocks without a statistics path (``statistics_kernel`` is None: a third-party block that does
+not declare its linear structure, a geometry that differs from the original layer's, a patch
+beyond the size cap) keep the gradient path of ``recovery/fit.py``.
+
+Optional refinement: ``steps`` > 0 Adam steps on the layer error after the closed form (the
+gradient path's machinery, more passes), kept only if they lower the fit-split error and not
+kept if the held-out error then gets worse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from convrewrite.core.threads import torch_threads
+from convrewrite.recovery.statistics import (
+    LayerStatistics,
+    PatchGeometry,
+    StatisticsAccumulator,
+    StatisticsTooLarge,
+    all_reduce_statistics,
+)
+
+# --------------------------------------------------------------------------- the solvers' API
+
+
+def _solvers() -> Any:
+    try:
+        from convrewrite.recovery import solvers
+    except ImportError:
+        return None
+    if hasattr(solvers, "solve_from_statistics") and hasattr(solvers, "statistics_kernel"):
+        return solvers
+    return None
+
+
+class StandInResult:
+    """What :func:`solve_from_statistics` returns (``SolveResult`` of ``recovery/solvers``)."""
+
+    def __init__(self, method: str, losses: list[float], seconds: float) -> None:
+        self.method, self.losses, self.seconds = method, losses, seconds
+
+
+def _plain(block: nn.Module) -> PatchGeometry | None:
+    from convrewrite.recovery.fit import _plain_linear
+
+    if _plain_linear(block) is None:
+        return None
+    return PatchGeometry.of(block)
+
+
+def _same_geometry(block_geometry: PatchGeometry, geometry: PatchGeometry) -> bool:
+    return block_geometry == PatchGeometry(**{**geometry.__dict__, "groups": block_geometry.groups})
+
+
+def _standin_kernel(block: nn.Module, geometry: PatchGeometry) -> torch.Tensor | None:
+    own = _plain(block)
+    if own is None or not _same_geometry(own, geometry):
+        return None
+    return own.dense_kernel(block)
+
+
+def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Least squares with a ridge relative to the mean diagonal, plus one iterated-Tikhonov step."""
+    scale = float(gram.diagonal().mean().clamp_min(1e-30))
+    regularised = gram + ridge * scale * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    with torch_threads(1) if gram.shape[0] <= 512 else contextlib.nullcontext():
+        factor, info = torch.linalg.cholesky_ex(regularised)
+        if int(info) != 0:
+            return torch.linalg.lstsq(regularised.cpu(), cross.cpu()).solution.to(gram.device)
+        solution = torch.cholesky_solve(cross, factor)
+        return solution + torch.cholesky_solve(cross - gram @ solution, factor)
+
+
+def _standin_solve(block: nn.Module, stats: LayerStatistics, geometry: PatchGeometry, ridge: float) -> Any:
+    """Plain conv / linear blocks of the layer's geometry: exact least squares (per group)."""
+    own = _plain(block)
+    if own is None or not _same_geometry(own, geometry):
+        return None
+    began = time.perf_counter()
+    weight: Any = block.weight
+    bias = getattr(block, "bias", None)
+    taps, groups = own.taps, own.groups
+    per_in, per_out = own.in_channels // groups, own.out_channels // groups
+    ones = stats.unknowns - 1 if stats.with_ones else None
+    with torch.no_grad():
+        for g in range(groups):
+            index = list(range(g * per_in * taps, (g + 1) * per_in * taps))
+            if bias is not None and ones is not None:
+                index.append(ones)
+            columns = torch.tensor(index, device=stats.gram.device)
+            outputs = torch.arange(g * per_out, (g + 1) * per_out, device=stats.gram.device)
+            gram = stats.gram.index_select(0, columns).index_select(1, columns)
+            cross = stats.cross.index_select(0, columns).index_select(1, outputs)
+            solution = _ridge_solve(gram, cross, ridge).t()  # (per_out, unknowns)
+            core = solution[:, : per_in * taps]
+            weight[g * per_out : (g + 1) * per_out].copy_(core.reshape(per_out, *weight.shape[1:]).to(weight.dtype))
+            if bias is not None:
+                bias[g * per_out : (g + 1) * per_out].copy_(solution[:, -1].to(bias.dtype))
+    kernel = own.dense_kernel(block)
+    return StandInResult("least-squares", [stats.squared_error(kernel)], time.perf_counter() - began)
+
+
+def statistics_kernel(block: nn.Module, geometry: PatchGeometry) -> torch.Tensor | None:
+    """(out, n) float64 dense kernel of ``block`` under ``geometry``, or None (no statistics path)."""
+    solvers = _solvers()
+    if solvers is not None:
+        kernel = solvers.statistics_kernel(block, geometry)
+        if kernel is not None:
+            return kernel
+    return _standin_kernel(block, geometry)
+
+
+def solve_from_statistics(block: nn.Module, stats: LayerStatistics, *, geometry: PatchGeometry, ridge: float) -> Any:
+    """Set ``block``'s parameters to the least-squares fit under ``stats``; None = no path."""
+    solvers = _solvers()
+    if solvers is not None:
+        result = solvers.solve_from_statistics(block, stats, geometry=geometry, ridge=ridge)
+        if result is not None:
+            return result
+    return _standin_solve(block, stats, geometry, ridge)
+
+
+# --------------------------------------------------------------------------- one layer
+
+
+def layer_geometry(original: nn.Module, name: str, target: nn.Module) -> PatchGeometry | None:
+    """The patch geometry of the dense layer a block replaces (the original module ``name``; a
+    fuse-bn target, a BatchNorm, keeps the geometry of the conv before it), or None."""
+    for candidate in (target, _get(original, name)):
+        if isinstance(candidate, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return PatchGeometry.of(candidate)
+    return None
+
+
+def _get(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def fit_layer_from_statistics(
+    layer_data: Any,
+    record: Any,
+    geometry: PatchGeometry,
+    *,
+    ridge: float,
+    world: int,
+    product: torch.dtype = torch.float64,
+    max_unknowns: int | None = None,
+) -> dict[str, Any] | None:
+    """Fit one layer from its statistics; None (nothing done, no pass spent) without a path.
+
+    Returns what the optional refinement needs: the fit and holdout statistics, the snapshots.
+    """
+    from convrewrite.recovery.fit import _snapshot
+    from convrewrite.recovery.statistics import MAX_UNKNOWNS
+
+    block, device = layer_data.block, layer_data.device
+    kernel = statistics_kernel(block, geometry)
+    if kernel is None:
+        return None
+    try:
+        accumulators = {
+            split: StatisticsAccumulator(
+                geometry,
+                device=device,
+                product=product,
+                max_unknowns=max_unknowns if max_unknowns is not None else MAX_UNKNOWNS,
+            )
+            for split in ("fit", "holdout")
+        }
+    except StatisticsTooLarge as exc:
+        record.note = f"{exc}; fitted by gradient steps"
+        return None
+    for split, accumulator in accumulators.items():
+        for pairs in layer_data.stream(split):
+            for args, kwargs, target in pairs:
+                x = args[0] if args else next(iter(kwargs.values()))
+                accumulator.add(x, target)
+    fit = all_reduce_statistics(accumulators["fit"].stats, world)
+    holdout = accumulators["holdout"].stats
+    if fit.rows == 0:
+        record.note = "no fit batches reached this layer"
+        record.method = "statistics"
+        return {}
+    has_holdout = holdout.rows > 0
+    transfer = _snapshot(block)
+    record.fit_error_before = fit.relative_error(kernel)
+    if has_holdout:
+        record.holdout_error_before = holdout.relative_error(kernel)
+    solved = solve_from_statistics(block, fit, geometry=geometry, ridge=ridge)
+    if solved is None:
+        return None
+    after = statistics_kernel(block, geometry)
+    assert after is not None
+    record.method = f"statistics:{solved.method}"
+    record.closed_form = [solved.method]
+    fit_after = fit.relative_error(after)
+    if fit_after <= record.fit_error_before:
+        record.kept = "closed-form"
+        record.fit_error_after = fit_after
+        if has_holdout:
+            record.holdout_error_after = holdout.relative_error(after)
+    else:
+        block.load_state_dict(transfer)
+        record.fit_error_after = record.fit_error_before
+        record.holdout_error_after = record.holdout_error_before
+    revert_if_worse_on_holdout(block, record, transfer)
+    return {"fit": fit, "holdout": holdout, "transfer": transfer}
+
+
+def revert_if_worse_on_holdout(block: nn.Module, record: Any, transfer: dict[str, torch.Tensor]) -> None:
+    """The held-out revert: a fit that made held-out layer error worse keeps the transfer."""
+    before, after = record.holdout_error_before, record.holdout_error_after
+    if record.kept != "transfer" and before is not None and after is not None and after > before:
+        block.load_state_dict(transfer)
+        record.kept = "transfer"
+        record.note = "; ".join(
+            filter(None, [record.note, f"fit reverted: held-out layer error {before:.3g} -> {after:.3g}"])
+        )
+        record.holdout_error_after = before
+        record.fit_error_after = record.fit_error_before
+
+
+def refine(
+    layer_data: Any,
+    record: Any,
+    geometry: PatchGeometry,
+    found: dict[str, Any],
+    *,
+    steps: int,
+    lr: float,
+    world: int,
+) -> None:
+    """``steps`` Adam steps after the closed form; kept only where the statistics say they help."""
+    from convrewrite.recovery.fit import _gradient_steps, _snapshot
+
+    block = layer_data.block
+    fit, holdout = found["fit"], found["holdout"]
+    energy_per_element = float(fit.energy.sum()) / max(fit.rows * fit.outputs, 1)
+    solved = _snapshot(block)
+    record.gradient_steps = _gradient_steps(
+        block, layer_data.cycle(epoch_start=0), steps, lr, energy_per_element, world
+    )
+    kernel = statistics_kernel(block, geometry)
+    if kernel is None:
+        block.load_state_dict(solved)
+        return
+    fit_error = fit.relative_error(kernel)
+    current = record.fit_error_after if record.fit_error_after is not None else float("inf")
+    holdout_error = holdout.relative_error(kernel) if holdout.rows else None
+    worse_held_out = (
+        holdout_error is not None
+        and record.holdout_error_after is not None
+        and holdout_error > record.holdout_error_after
+    )
+    if fit_error < current and not worse_held_out:
+        record.kept = "closed-form+gradient"
+        record.fit_error_after = fit_error
+        record.holdout_error_after = holdout_error
+    else:
+        block.load_state_dict(solved)
+
+
+__all__ = [
+    "fit_layer_from_statistics",
+    "layer_geometry",
+    "refine",
+    "revert_if_worse_on_holdout",
+    "solve_from_statistics",
+    "statistics_kernel",
+]
