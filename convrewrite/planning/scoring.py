@@ -146,31 +146,32 @@ def uniform_sensitivity(layer_names: Sequence[str]) -> Sensitivity:
     return Sensitivity(dict.fromkeys(layer_names, 1.0), dict.fromkeys(layer_names, 1.0), 1.0, 0)
 
 
-def _solver() -> Any:
-    import importlib
+def _solvers_installed() -> bool:
+    import importlib.util
 
-    try:
-        return importlib.import_module("convrewrite.recovery.solvers")
-    except ImportError:
-        return None
+    return importlib.util.find_spec("convrewrite.recovery.solvers") is not None
 
 
 def scoring_method() -> str:
-    return "closed-form fit" if _solver() is not None else "data-free transfer"
+    """``closed-form fit`` when the rules' solvers are installed, else ``data-free transfer``."""
+    return "closed-form fit" if _solvers_installed() else "data-free transfer"
 
 
 def candidate_error(
-    block: nn.Module, original: nn.Module, stats: dict[str, LayerStatistics], *, ridge: float = 1e-6, rounds: int = 4
+    block: nn.Module, original: nn.Module, stats: dict[str, LayerStatistics], *, ridge: float = 1e-6
 ) -> float:
-    """The block's relative error on the holdout statistics after solving it on the fit ones."""
-    from convrewrite.layers.dense import dense_kernel
+    """The block's relative error on the holdout statistics after solving it on the fit ones.
 
-    solvers = _solver()
+    Without a statistics path for the block (no solvers installed, or a block that declares no
+    linear structure) its weights stay as the rule built them (the data-free transfer).
+    """
+    from convrewrite.layers.dense import dense_kernel
+    from convrewrite.recovery.fit_statistics import solve_from_statistics, statistics_kernel
+
+    geometry = PatchGeometry.of(original)
     kernel = None
-    if solvers is not None:
-        geometry = PatchGeometry.of(original)
-        solvers.solve_from_statistics(block, stats["fit"], geometry=geometry, ridge=ridge, rounds=rounds)
-        kernel = solvers.statistics_kernel(block, geometry)
+    if solve_from_statistics(block, stats["fit"], geometry=geometry, ridge=ridge) is not None:
+        kernel = statistics_kernel(block, geometry)
     if kernel is None:
         weight, bias = dense_kernel(block)
         kernel = kernel_matrix(weight, bias)
