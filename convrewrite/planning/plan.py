@@ -89,6 +89,8 @@ class Plan:
     seconds: dict[str, float] = field(default_factory=dict)
     optimal: bool = False
     notes: list[str] = field(default_factory=list)
+    #: Every scored option per layer (not serialized): what benchmarks sample other plans from.
+    options: dict[str, list[PlanOption]] = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ totals
 

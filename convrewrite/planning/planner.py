@@ -343,9 +343,17 @@ def finish_plan(
         optimal=result.optimal,
         notes=notes,
     )
+    for layer in layers:
+        plan.options[layer.site.name] = [_plan_option(option) for option in layer.options]
     for budget in plan.budgets:
         budget.planned = float(plan.params if budget.metric == "params" else plan.macs)
     return plan
+
+
+def _plan_option(option: _Candidate) -> PlanOption:
+    spec, options = _option_spec(option.rule) if option.rule is not None else ("keep", {})
+    rule = option.rule.name if option.rule is not None else None
+    return PlanOption(spec, rule, options, option.params, option.macs, option.error, option.loss)
 
 
 def _front_totals(layers: list[_Layer], picks: Sequence[int], fixed: dict[str, float], loss: float) -> dict[str, float]:
