@@ -47,6 +47,7 @@ from bench_recovery import Task, tasks, trained_model  # noqa: E402
 from bench_trained_digits import accuracy  # noqa: E402
 
 import convrewrite  # noqa: E402
+from convrewrite.rules.api import make_rule  # noqa: E402
 
 SINGLE_RULES = ["separable", "group-shuffle", "log-group", "low-rank"]
 
@@ -151,28 +152,30 @@ def one_model(task: Task, args: argparse.Namespace) -> None:
 def ranking(task: Task, original: torch.nn.Module, plan: Any, args: argparse.Namespace) -> None:
     rng = random.Random(0)
     weights = {layer.name: layer.sensitivity for layer in plan.layers}
-    predicted_h, predicted_u, measured = [], [], []
+    predicted: dict[str, list[float]] = {"hutchinson (probe moments)": [], "isotropic": [], "uniform": []}
+    measured: list[float] = []
     for _ in range(args.samples):
         tables: dict[str, dict[str, Any]] = {}
-        loss_h = loss_u = 0.0
+        losses = dict.fromkeys(predicted, 0.0)
         for name, options in plan.options.items():
             option = rng.choice(options)
-            loss_h += weights[name] * option.error**2
-            loss_u += option.error**2
+            losses["hutchinson (probe moments)"] += option.loss
+            losses["isotropic"] += weights[name] * option.error**2
+            losses["uniform"] += option.error**2
             if option.rule is not None:
                 table = tables.setdefault(option.spec, {"name": option.rule, **option.options, "include": []})
                 table["include"].append(name)
         if not tables:
             continue
-        rules = [convrewrite.rules.api.make_rule(table) for table in tables.values()]  # type: ignore[attr-defined]
+        rules = [make_rule(table) for table in tables.values()]
         model = apply_rules(original, rules, task, 0)
-        predicted_h.append(loss_h)
-        predicted_u.append(loss_u)
+        for key, value in losses.items():
+            predicted[key].append(value)
         measured.append(output_error(original, model, task.test_x) ** 2)
+    shown = ", ".join(f"{key} {spearman(values, measured):.3f}" for key, values in predicted.items())
     print(
-        f"\nranking on {len(measured)} random plans (held-out squared output error after fitting): "
-        f"Spearman rho hutchinson-weighted {spearman(predicted_h, measured):.3f}, "
-        f"unweighted {spearman(predicted_u, measured):.3f}"
+        f"\nranking on {len(measured)} random plans (predicted vs measured held-out squared output error "
+        f"after fitting), Spearman rho: {shown}"
     )
 
 
@@ -185,7 +188,6 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "convrewrite-bench-cache")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    import convrewrite.rules.api  # noqa: F401
 
     print("bench_plan: one torch thread on a shared 2-core machine (times are indicative)")
     work = Path(tempfile.mkdtemp(prefix="bench-plan-"))

@@ -88,7 +88,7 @@ def test_candidate_error_equals_the_error_of_running_the_block_on_held_out_sampl
     stats = collect(model, ["0"], data, device=torch.device("cpu"))["0"]
     site = ConvSite("0", conv, (1, 6, 30), (1, 8, 30))
     block = make_rule("separable").build(site).module.double()
-    predicted = candidate_error(block, conv, stats)
+    predicted, _ = candidate_error(block, conv, stats)
     held = x[data.indices["holdout"]]
     with torch.no_grad():
         expected = float((block(held) - conv(held)).norm() / conv(held).norm())
@@ -240,3 +240,21 @@ def test_apply_with_a_saved_plan_and_with_a_budget(cli, tmp_path: Path) -> None:
         assert report["after"]["params"] == target
     both = cli("apply", TDNN, "--data", data, "--plan", plan_file, "--rule", "separable", "--out", tmp_path / "c")
     assert both.code == 2 and "drop --rule" in both.err
+
+
+def test_structured_probe_loss_matches_the_exact_output_error_of_a_linear_model() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).double()
+    x = torch.randn(4096, 6, dtype=torch.float64)
+    data = TensorBatches((x,), batch_size=32, holdout=0.1, shuffle=False)
+    sensitivity = hutchinson_sensitivity(model, ["0"], data, device=torch.device("cpu"), max_batches=120)
+    first = model[0]
+    original = torch.cat([first.weight, first.bias[:, None]], 1).detach()
+    # a structured error: one output channel of the first layer off by a rank-one change
+    change = torch.zeros_like(original)
+    change[2] = torch.randn(7, dtype=torch.float64)
+    with torch.no_grad():
+        exact_delta = model[1].weight @ (change[:, :6] @ x.t() + change[:, 6:])  # (4, samples)
+        exact = float((exact_delta**2).sum() / (model(x) ** 2).sum())
+    predicted = sensitivity.loss("0", original + change, original, 0.0)
+    assert predicted == pytest.approx(exact, rel=0.2)

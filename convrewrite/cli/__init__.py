@@ -496,7 +496,7 @@ def plan(
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Calibration batch size.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     sensitivity: Annotated[
-        str, typer.Option("--sensitivity", help="Layer weighting: hutchinson (measured) or uniform.")
+        str, typer.Option("--sensitivity", help="Layer weighting: hutchinson (probe moments), isotropic or uniform.")
     ] = "hutchinson",
     save: Annotated[Path | None, typer.Option("--save", help="Write the plan as PLAN.toml rule specs.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --save file.")] = False,

@@ -54,8 +54,8 @@ def run_plan(
     specs = parse_budgets(budgets)
     if not specs:
         raise UsageError("plan needs at least one --budget", hint="for example --budget params=0.25x")
-    if sensitivity not in ("hutchinson", "uniform"):
-        raise UsageError(f"unknown --sensitivity {sensitivity!r}", hint="hutchinson or uniform")
+    if sensitivity not in ("hutchinson", "isotropic", "uniform"):
+        raise UsageError(f"unknown --sensitivity {sensitivity!r}", hint="hutchinson, isotropic or uniform")
     chosen = parse_candidates(candidates) if candidates else None
     if save is not None and save.exists() and not force:
         raise UsageError(f"{save} exists", hint="pass --force to replace it, or choose another --save path")

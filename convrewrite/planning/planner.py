@@ -35,6 +35,7 @@ from convrewrite.planning.budgets import BudgetSpec
 from convrewrite.planning.candidates import CandidateSpec, default_candidates, rules_for_site
 from convrewrite.planning.plan import Plan, PlanBudget, PlanLayer, PlanOption
 from convrewrite.recovery.batches import BatchSource
+from convrewrite.recovery.statistics import PatchGeometry
 from convrewrite.rules.api import ConvSite, Rule, config_as_dict, selection_reason
 from convrewrite.rules.low_rank import LowRankRule
 
@@ -259,12 +260,14 @@ def finish_plan(
     statistics = scoring.collect(moved, names, data, device=target)
     seconds["statistics"] = time.perf_counter() - start
     start = time.perf_counter()
-    if sensitivity == "hutchinson":
-        weights = scoring.hutchinson_sensitivity(moved, names, data, device=target, max_batches=sensitivity_batches)
+    if sensitivity in ("hutchinson", "isotropic"):
+        weights = scoring.hutchinson_sensitivity(
+            moved, names, data, device=target, max_batches=sensitivity_batches, structured=sensitivity == "hutchinson"
+        )
     elif sensitivity == "uniform":
         weights = scoring.uniform_sensitivity(names)
     else:
-        raise UsageError(f"unknown sensitivity {sensitivity!r}", hint="hutchinson or uniform")
+        raise UsageError(f"unknown sensitivity {sensitivity!r}", hint="hutchinson, isotropic or uniform")
     seconds["sensitivity"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -277,16 +280,17 @@ def finish_plan(
             layer.protected, layer.options = "never ran on the calibration data", [layer.keep]
             continue
         layer.sensitivity = weights.weight(name)
+        reference = PatchGeometry.of(layer.site.module).dense_kernel(layer.site.module).to(target)
         kept = [layer.keep]
         for option in layer.options[1:]:
             assert option.rule is not None
             with torch.no_grad():
                 block = option.rule.build(layer.site).module.to(device=target, dtype=torch.float64)
-                option.error = scoring.candidate_error(block, layer.site.module, stats)
+                option.error, kernel = scoring.candidate_error(block, layer.site.module, stats)
             if not math.isfinite(option.error) or option.error >= max_error:
                 dropped += 1
                 continue
-            option.loss = layer.sensitivity * option.error**2
+            option.loss = weights.loss(name, kernel, reference, option.error)
             kept.append(option)
         layer.options = kept
         if len(kept) == 1:

@@ -8,22 +8,25 @@ kernel ``K`` on the **holdout** statistics, after its weights are solved on the 
 statistics (``solve_from_statistics`` of ``convrewrite.recovery.solvers`` when installed;
 otherwise the rule's own data-free weight transfer is scored, and the plan says which).
 
-**Sensitivity (Hutchinson).** How much an error at layer ``l`` moves the model's output: one
-forward and backward pass per fit batch with a random Rademacher probe ``v`` on the output gives
-``g_l = J_lᵀ v`` at every layer output, and ``E_v ||J_lᵀ v||² = ||J_l||_F²``. An error ``δ`` of
-relative size ``e`` and no preferred direction then moves the output by about
-``||J_l||_F² e² ||y_l||² / dim(y_l)`` in squared norm, so each layer's loss is
-``gain_l · e² · Ē_l / Ē_out``, with ``gain_l`` the mean of ``g_l²`` over elements, ``Ē_l`` the
-layer output's energy per sample (holdout) and ``Ē_out`` the model output's. The losses add up
-to the predicted squared relative output error (first order, errors of different layers taken as
-uncorrelated).
+**Sensitivity (Hutchinson probes).** How much an error at layer ``l`` moves the model's output:
+one forward and backward pass per fit batch with a random Rademacher probe ``v`` on the output
+gives ``g = J_lᵀ v`` at the layer output, and ``E_v (vᵀ J_l δ)² = ||J_l δ||²`` for any layer error
+``δ``. A candidate's error is ``δ = (K − K₀) a`` at every position, so ``vᵀ J_l δ = ⟨K − K₀, Mᵀ⟩``
+with ``M = Σ_positions a gᵀ`` (n, out): one such matrix per probed batch (``probes``) predicts the
+first-order squared output error of *every* candidate of the layer, with the structure of its own
+error (a channel-wide error that survives average pooling is not averaged away). Each loss is
+``mean_b ⟨K − K₀, M_bᵀ⟩² / mean_b ||z_b||²``: a share of the squared relative output error; the
+losses of different layers add up to the plan's predicted squared relative output error (errors of
+different layers taken as uncorrelated). ``isotropic`` is the cheaper estimate that assumes an
+error without structure: ``||J_l||_F² e² ||y_l||² / dim(y_l)`` (``Sensitivity.weight`` x e²);
+``uniform`` weights every layer's e² by 1. The benchmark compares the three rankings.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,6 +61,29 @@ class Sensitivity:
     layer_energy: dict[str, float]
     output_energy: float
     samples: int
+    #: Per layer, one (n, out) matrix per probed batch: ``M_b = Σ_rows a gᵀ`` of the unfolded
+    #: layer input and the probe gradient at the layer output (the ``structured`` estimate).
+    probes: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    #: The model output's energy in each probed batch.
+    batch_energy: list[float] = field(default_factory=list)
+    #: ``structured`` (the probe moments), ``isotropic`` (gain x e²) or ``uniform``.
+    method: str = "structured"
+
+    def loss(self, name: str, kernel: torch.Tensor, original: torch.Tensor, error: float) -> float:
+        """A candidate's predicted share of the squared relative output error.
+
+        ``structured``: ``mean_b ⟨K − K₀, M_bᵀ⟩² / mean_b E_b``, an unbiased first-order estimate
+        of ``Σ ||J δ||² / Σ ||z||²`` for this candidate's own error ``δ = (K − K₀) a`` whatever its
+        structure (a probe ``v`` gives ``E_v (vᵀ J δ)² = ||J δ||²``; one probe per batch, so the
+        cross terms between samples vanish in expectation). ``isotropic``: ``weight · e²``.
+        """
+        probes = self.probes.get(name)
+        if self.method != "structured" or not probes or not self.batch_energy:
+            return self.weight(name) * error**2
+        delta = (kernel.to(torch.float64) - original.to(torch.float64)).t()
+        values = [float((delta * probe.to(delta.device, torch.float64)).sum()) ** 2 for probe in probes]
+        energy = sum(self.batch_energy) / len(self.batch_energy)
+        return (sum(values) / len(values)) / energy if energy > 0 else 0.0
 
     def weight(self, name: str) -> float:
         """The factor ``gain · Ē_l / Ē_out`` that turns a layer's e² into a share of output error²."""
@@ -72,12 +98,17 @@ def hutchinson_sensitivity(
     data: BatchSource,
     *,
     device: torch.device,
-    max_batches: int = 4,
+    max_batches: int = 8,
     seed: int = 0,
+    structured: bool = True,
 ) -> Sensitivity:
     """The Hutchinson estimate of the module doc, over the first ``max_batches`` fit batches."""
     generator = torch.Generator().manual_seed(seed)
     outputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    geometries = {name: PatchGeometry.of(model.get_submodule(name)) for name in layer_names} if structured else {}
+    probes: dict[str, list[torch.Tensor]] = {name: [] for name in layer_names}
+    batch_energy: list[float] = []
     squares = dict.fromkeys(layer_names, 0.0)
     elements = dict.fromkeys(layer_names, 0)
     energy = dict.fromkeys(layer_names, 0.0)
@@ -89,6 +120,8 @@ def hutchinson_sensitivity(
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.retain_grad()
                 outputs[name] = output
+                if structured and args and isinstance(args[0], torch.Tensor):
+                    inputs[name] = args[0].detach()
 
         return hook
 
@@ -100,6 +133,7 @@ def hutchinson_sensitivity(
             if index >= max_batches:
                 break
             outputs.clear()
+            inputs.clear()
             moved = batch.to(device)
             with torch.enable_grad():
                 # Gradients reach the layer outputs only through parameters that need them.
@@ -121,10 +155,14 @@ def hutchinson_sensitivity(
                         p.requires_grad_(flag)
                         p.grad = None
             samples += batch.size
-            output_energy += sum(float((t.detach().double() ** 2).sum()) for t in leaves)
+            energy_here = sum(float((t.detach().double() ** 2).sum()) for t in leaves)
+            output_energy += energy_here
+            batch_energy.append(energy_here)
             for name, output in outputs.items():
                 if output.grad is None:
                     continue
+                if structured and name in inputs:
+                    probes[name].append(_probe_moment(geometries[name], inputs[name], output.grad))
                 squares[name] += float((output.grad.double() ** 2).sum())
                 elements[name] += output.grad.numel()
                 energy[name] += float((output.detach().double() ** 2).sum())
@@ -138,12 +176,28 @@ def hutchinson_sensitivity(
         layer_energy={n: energy[n] / per_sample for n in layer_names},
         output_energy=output_energy / per_sample,
         samples=samples,
+        probes=probes if structured else {},
+        batch_energy=batch_energy,
+        method="structured" if structured else "isotropic",
     )
+
+
+def _probe_moment(geometry: PatchGeometry, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``Σ_rows a gᵀ`` (n, out), float32, one sample at a time (the patches of a whole batch of a
+    wide layer would not fit)."""
+    total = None
+    for index in range(x.shape[0]):
+        a = geometry.unfold(x[index : index + 1].to(torch.float64))
+        g = geometry.target_rows(grad[index : index + 1].to(torch.float64))
+        part = a.t() @ g
+        total = part if total is None else total + part
+    assert total is not None
+    return total.to(torch.float32)
 
 
 def uniform_sensitivity(layer_names: Sequence[str]) -> Sensitivity:
     """Every layer weighted 1 (the ablation the benchmark compares against)."""
-    return Sensitivity(dict.fromkeys(layer_names, 1.0), dict.fromkeys(layer_names, 1.0), 1.0, 0)
+    return Sensitivity(dict.fromkeys(layer_names, 1.0), dict.fromkeys(layer_names, 1.0), 1.0, 0, method="uniform")
 
 
 def _solvers_installed() -> bool:
@@ -159,8 +213,9 @@ def scoring_method() -> str:
 
 def candidate_error(
     block: nn.Module, original: nn.Module, stats: dict[str, LayerStatistics], *, ridge: float = 1e-6
-) -> float:
-    """The block's relative error on the holdout statistics after solving it on the fit ones.
+) -> tuple[float, torch.Tensor]:
+    """The block's relative error on the holdout statistics after solving it on the fit ones, and
+    its (out, n) kernel.
 
     Without a statistics path for the block (no solvers installed, or a block that declares no
     linear structure) its weights stay as the rule built them (the data-free transfer).
@@ -177,8 +232,8 @@ def candidate_error(
         kernel = kernel_matrix(weight, bias)
     holdout = stats.get("holdout") or stats["fit"]
     if kernel.shape[1] != holdout.unknowns:
-        return math.inf
-    return holdout.relative_error(kernel)
+        return math.inf, kernel
+    return holdout.relative_error(kernel), kernel
 
 
 __all__ = [
