@@ -179,20 +179,53 @@ def ranking(task: Task, original: torch.nn.Module, plan: Any, args: argparse.Nam
     )
 
 
+def resnet_cost(images: int) -> None:
+    """Planning cost on a ResNet-50 at 224x224 (random weights: cost only) against forward passes."""
+    from bench_fit_scale import build_resnet50
+
+    model = build_resnet50()
+    x = torch.randn(images, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, images, 32):
+            model(x[i : i + 32])
+    forward = time.perf_counter() - start
+    began = time.perf_counter()
+    plan = convrewrite.plan(
+        model,
+        data=x,
+        budget={"params": 0.5},
+        example_inputs=x[:1],
+        device="cpu",
+        batch_size=32,
+        candidates=["separable", "low-rank"],
+    )
+    total = time.perf_counter() - began
+    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in plan.seconds.items())
+    print(
+        f"\n## ResNet-50 at 224x224, {images} images: one forward pass {forward:.1f} s; "
+        f"plan (candidates separable, low-rank; params=0.5x) {total:.1f} s = {total / forward:.1f} forward passes "
+        f"({seconds}); {len(plan.rewritten)} of {len(plan.layers)} layers rewritten"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="digits,tdnn,tdnn-chirps")
     parser.add_argument("--distill", type=int, default=0)
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--resnet", type=int, default=0, help="also time planning a ResNet-50 on this many images")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "convrewrite-bench-cache")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     print("bench_plan: one torch thread on a shared 2-core machine (times are indicative)")
     work = Path(tempfile.mkdtemp(prefix="bench-plan-"))
-    for task in tasks(set(args.model.split(",")), work):
+    for task in tasks(set(args.model.split(",")) - {""}, work):
         one_model(copy.copy(task), args)
+    if args.resnet:
+        resnet_cost(args.resnet)
 
 
 if __name__ == "__main__":
