@@ -54,6 +54,8 @@ def run_plan(
     specs = parse_budgets(budgets)
     if not specs:
         raise UsageError("plan needs at least one --budget", hint="for example --budget params=0.25x")
+    if any(spec.metric == "latency" for spec in specs):
+        raise UsageError("latency budgets are not planned yet", hint="use params=... or macs=... budgets")
     if sensitivity not in ("hutchinson", "isotropic", "uniform"):
         raise UsageError(f"unknown --sensitivity {sensitivity!r}", hint="hutchinson, isotropic or uniform")
     chosen = parse_candidates(candidates) if candidates else None
