@@ -260,3 +260,17 @@ def test_structured_probe_loss_matches_the_exact_output_error_of_a_linear_model(
         exact = float((exact_delta**2).sum() / (model(x) ** 2).sum())
     predicted = sensitivity.loss("0", original + change, original, 0.0)
     assert predicted == pytest.approx(exact, rel=0.2)
+
+
+def test_python_api_plans_without_touching_the_module() -> None:
+    import convrewrite
+
+    loaded = load_model(str(TDNN))
+    module = loaded.model
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    x = torch.randn(64, 39, 50, generator=torch.Generator().manual_seed(5))
+    plan = convrewrite.plan(module, data=x, budget={"params": 0.5, "macs": "0.6x"}, example_inputs=x[:1], device="cpu")
+    assert plan.met and [b.metric for b in plan.budgets] == ["params", "macs"]
+    assert plan.macs <= 0.6 * plan.original_macs
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert all(type(m).__name__ != "SeparableConv1d" for m in module.modules())
