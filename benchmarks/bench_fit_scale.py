@@ -14,10 +14,14 @@ reference copy of the model, the rewritten model, activations, the per-layer cac
 
 ``--layers N`` fits only the first N rewritable layers in call order (``include=`` their names,
 the ``--include`` of the command line) for a prefix study on a slow machine; the per-layer times
-in the report then say what the prefix cost. ``--fit-steps`` sets the gradient steps per layer.
+in the report then say what the prefix cost. ``--fit-steps`` sets the gradient steps per layer
+(refinement steps after the closed form with the statistics path), ``--fit-method`` the path:
+``statistics`` (the default: one pass per layer, closed-form solves) or ``gradient`` (the path
+before the statistics fit; its recorded whole-model figure at 256 images with 500 steps is
+1,734 s and 2,920 MiB peak, ``benchmarks/results/bench_fit_scale.txt``).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_fit_scale.py [--images 64 128 256] [--layers 0]
-        [--fit-steps 500] [--batch-size 32] [--threads 1]
+        [--fit-steps 0] [--fit-method statistics] [--batch-size 32] [--threads 1]
 """
 
 from __future__ import annotations
@@ -137,6 +141,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         data=images,
         fit=True,
         fit_steps=args.fit_steps,
+        fit_method=args.fit_method,
         batch_size=args.batch_size,
         include=include,
         device="cpu",
@@ -155,7 +160,11 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_before_mib": before,
         "images_mib": images.numel() * 4 / (1 << 20),
         "params": sum(p.numel() for p in model.parameters()),
-        "per_layer_s": [(layer["name"], round(layer["seconds"], 1), layer["cached"]) for layer in layers],
+        "per_layer_s": [
+            (layer["name"], round(layer["seconds"], 1), layer.get("method"), round(layer.get("passes", 0.0), 2))
+            for layer in layers
+        ],
+        "passes": fitting["layers"].get("passes"),
         "batchnorm_s": fitting["batchnorm"]["seconds"],
         "held_out_error": (
             fitting["fidelity"]["transfer"]["output_relative_error"],
@@ -168,7 +177,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--rule", default="separable")
-    parser.add_argument("--fit-steps", type=int, default=500)
+    parser.add_argument("--fit-steps", type=int, default=0)
+    parser.add_argument("--fit-method", default="statistics", choices=("statistics", "gradient"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layers", type=int, default=0, help="fit only the first N rewritable layers (0: all)")
@@ -188,12 +198,13 @@ def main() -> None:
         return
     print(
         f"ResNet-50 at 224x224 through convrewrite.rewrite(..., data=images, fit=True): rule {args.rule}, "
-        f"{args.fit_steps} gradient steps per layer, batch {args.batch_size}, {args.threads} thread(s), "
+        f"fit method {args.fit_method}, {args.fit_steps} gradient steps per layer, batch {args.batch_size}, "
+        f"{args.threads} thread(s), machine shared with other work, "
         f"layers fitted: {args.layers or 'all'}; load average {os.getloadavg()[0]:.2f}"
     )
     header = (
         f"{'images':>6} {'layers':>6} {'fit s':>8} {'call s':>8} {'process CPU s':>13} {'RSS before MiB':>14} "
-        f"{'peak RSS MiB':>12} {'added MiB':>9} {'images MiB':>10} {'held-out error':>15}"
+        f"{'peak RSS MiB':>12} {'added MiB':>9} {'images MiB':>10} {'held-out error':>15} {'passes':>7}"
     )
     # The layer names are found here, not in the measured processes (one more ResNet-50 there
     # would count in their peak memory).
@@ -204,7 +215,8 @@ def main() -> None:
     print("-" * len(header))
     for images in args.images:
         command = [sys.executable, __file__, "--child", str(images), "--rule", args.rule]
-        command += ["--fit-steps", str(args.fit_steps), "--batch-size", str(args.batch_size)]
+        command += ["--fit-steps", str(args.fit_steps), "--fit-method", args.fit_method]
+        command += ["--batch-size", str(args.batch_size)]
         command += ["--threads", str(args.threads), "--names", ",".join(names)]
         with tempfile.TemporaryFile(mode="w+") as errors:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
@@ -221,11 +233,11 @@ def main() -> None:
         print(
             f"{row['images']:>6} {row['layers']:>6} {row['fit_s']:>8.1f} {row['call_s']:>8.1f} {cpu:>13.1f} "
             f"{row['rss_before_mib']:>14,.0f} {peak:>12,.0f} {peak - row['rss_before_mib']:>9,.0f} "
-            f"{row['images_mib']:>10,.0f} {error[0]:>7.3f}->{error[1]:.3f}",
+            f"{row['images_mib']:>10,.0f} {error[0]:>7.3f}->{error[1]:.3f} {row['passes'] or 0:>7.2f}",
             flush=True,
         )
         if args.per_layer:
-            print(f"       per layer (name, s, cache): {row['per_layer_s']}", flush=True)
+            print(f"       per layer (name, s, method, passes): {row['per_layer_s']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -480,7 +480,7 @@ def test_statistics_fit_of_full_capacity_replacements_is_exact_end_to_end() -> N
     rewritten = _perturbed(original, names)
     x = smooth_images(64, 4, 8)
     data = TensorBatches((x,), batch_size=16, holdout=0.25, shuffle=False)
-    result = fit_layers(original, rewritten, names, data, steps=0)
+    result = fit_layers(original, rewritten, names, data, steps=0, product=torch.float64)
     assert [layer.name for layer in result.layers] == names
     for layer in result.layers:
         assert layer.method.startswith("statistics"), layer
@@ -524,7 +524,7 @@ def test_a_fused_batchnorm_target_is_reproduced_from_statistics() -> None:
     rewritten = copy.deepcopy(original)
     rewritten.bn1 = nn.Identity()  # conv1 must now compute conv1 + bn1 (what fuse-bn's conv does)
     data = TensorBatches((x,), batch_size=16, holdout=0.25)
-    result = fit_layers(original, rewritten, ["conv1"], data, steps=0, targets={"conv1": "bn1"})
+    result = fit_layers(original, rewritten, ["conv1"], data, steps=0, targets={"conv1": "bn1"}, product=torch.float64)
     layer = result.layers[0]
     assert layer.method.startswith("statistics") and layer.holdout_error_after < 1e-6, layer
     with torch.no_grad():
@@ -552,4 +552,4 @@ def test_refinement_steps_after_the_closed_form_never_make_it_worse() -> None:
     data = TensorBatches((x,), batch_size=16, holdout=0.25)
     layer = fit_layers(original, rewritten, ["conv2"], data, steps=10).layers[0]
     assert layer.gradient_steps == 10 and layer.kept in ("closed-form", "closed-form+gradient")
-    assert layer.holdout_error_after < 1e-5
+    assert layer.holdout_error_after < 1e-4  # float32 chunk products (the default): a floor near 1e-5

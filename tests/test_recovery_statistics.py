@@ -8,7 +8,10 @@ whole tensors, and the sum of two half-sets.
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 import tracemalloc
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +24,7 @@ from convrewrite.recovery.statistics import (
     PatchGeometry,
     StatisticsAccumulator,
     StatisticsTooLarge,
+    all_reduce_statistics,
     collect_statistics,
     kernel_matrix,
 )
@@ -195,3 +199,66 @@ def test_collect_statistics_one_pass_all_layers() -> None:
         # Symmetric: the target is the layer itself, so its own kernel has (almost) zero error.
         assert layer_stats.relative_error(kernel_matrix(module.weight, module.bias)) < 1e-6, name
     assert model.training  # modes restored
+
+
+def test_wide_patches_accumulate_the_lower_block_triangle_and_read_whole() -> None:
+    """n > SYMMETRIC_BLOCK: the blocked symmetric accumulation equals aᵀa, over several adds."""
+    torch.manual_seed(6)
+    conv = nn.Conv2d(64, 3, 3, padding=1).double()  # n = 577 > 512
+    geometry = PatchGeometry.of(conv)
+    accumulator = StatisticsAccumulator(geometry, chunk_elements=1 << 15)
+    xs = [torch.randn(3, 64, 5, 5, dtype=torch.float64) for _ in range(2)]
+    with torch.no_grad():
+        for x in xs:
+            accumulator.add(x, conv(x))
+    a = torch.cat([geometry.unfold(x) for x in xs])
+    assert torch.allclose(accumulator.stats.gram, a.t() @ a, rtol=1e-12, atol=1e-9)
+    assert torch.equal(accumulator.stats.gram, accumulator.stats.gram.t())
+
+
+def _half_statistics(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(8)
+        conv = nn.Conv1d(3, 4, 5, padding=2)
+        x = torch.randn(12, 3, 20)
+        with torch.no_grad():
+            y = conv(x)
+        accumulator = StatisticsAccumulator(PatchGeometry.of(conv))
+        half = slice(0, 5) if rank == 0 else slice(5, 12)
+        accumulator.add(x[half], y[half])
+        stats = all_reduce_statistics(accumulator.stats)
+        torch.save(
+            {"gram": stats.gram, "cross": stats.cross, "energy": stats.energy, "rows": stats.rows},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_two_processes_all_reduce_to_the_whole_set(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.start_processes(
+        _half_statistics,
+        args=(2, str(tmp_path / "init"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method="fork" if sys.platform == "linux" else "spawn",
+    )
+    torch.manual_seed(8)
+    conv = nn.Conv1d(3, 4, 5, padding=2)
+    x = torch.randn(12, 3, 20)
+    with torch.no_grad():
+        y = conv(x)
+    whole = StatisticsAccumulator(PatchGeometry.of(conv))
+    whole.add(x, y)
+    for rank in (0, 1):
+        shared = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert shared["rows"] == whole.stats.rows == 12 * 20
+        for name in ("gram", "cross", "energy"):
+            assert torch.allclose(shared[name], getattr(whole.stats, name), rtol=1e-10, atol=1e-9), (rank, name)

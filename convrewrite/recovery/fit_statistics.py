@@ -42,8 +42,10 @@ from convrewrite.recovery.statistics import (
 
 
 def _solvers() -> Any:
+    import importlib
+
     try:
-        from convrewrite.recovery import solvers
+        solvers = importlib.import_module("convrewrite.recovery.solvers")
     except ImportError:
         return None
     if hasattr(solvers, "solve_from_statistics") and hasattr(solvers, "statistics_kernel"):
@@ -166,10 +168,13 @@ def fit_layer_from_statistics(
     world: int,
     product: torch.dtype = torch.float64,
     max_unknowns: int | None = None,
+    cache: bool = False,
 ) -> dict[str, Any] | None:
     """Fit one layer from its statistics; None (nothing done, no pass spent) without a path.
 
     Returns what the optional refinement needs: the fit and holdout statistics, the snapshots.
+    ``cache``: keep the streamed (input, target) pairs in ``layer_data``'s bounded cache, for
+    refinement steps to come (without, the pass holds one batch at a time).
     """
     from convrewrite.recovery.fit import _snapshot
     from convrewrite.recovery.statistics import MAX_UNKNOWNS
@@ -192,7 +197,7 @@ def fit_layer_from_statistics(
         record.note = f"{exc}; fitted by gradient steps"
         return None
     for split, accumulator in accumulators.items():
-        for pairs in layer_data.stream(split):
+        for pairs in layer_data.pairs(split) if cache else layer_data.stream(split):
             for args, kwargs, target in pairs:
                 x = args[0] if args else next(iter(kwargs.values()))
                 accumulator.add(x, target)

@@ -221,6 +221,9 @@ class PatchGeometry:
 #: Rows x unknowns of one chunk of patches (4 Mi elements: 32 MiB in float64), the bound on the
 #: memory of one accumulation step beyond the statistics themselves.
 CHUNK_ELEMENTS = 1 << 22
+#: Patches longer than this accumulate their gram by column blocks of this width, lower block
+#: triangle only (the gram is symmetric): ~half the multiply-adds of a whole ``aᵀa``.
+SYMMETRIC_BLOCK = 512
 #: Largest patch length (ones column included) accumulated: a gram of 8,192² float64 is 512 MiB.
 MAX_UNKNOWNS = 8192
 
@@ -267,7 +270,8 @@ class StatisticsAccumulator:
         self.product = product
         device = torch.device(device)
         out = geometry.out_channels
-        self.stats = LayerStatistics(
+        self._symmetric = True
+        self._stats = LayerStatistics(
             gram=torch.zeros(n, n, dtype=torch.float64, device=device),
             cross=torch.zeros(n, out, dtype=torch.float64, device=device),
             energy=torch.zeros(out, dtype=torch.float64, device=device),
@@ -288,7 +292,7 @@ class StatisticsAccumulator:
             return
         samples = x.shape[0]
         rows_per_sample = max(1, target[0].numel() // max(geometry.out_channels, 1))
-        step = max(1, self.chunk_elements // (rows_per_sample * self.stats.unknowns))
+        step = max(1, self.chunk_elements // (rows_per_sample * self._stats.unknowns))
         for start in range(0, samples, step):
             rows = geometry.unfold(x[start : start + step], self.with_ones)
             wanted = geometry.target_rows(target[start : start + step])
@@ -300,14 +304,37 @@ class StatisticsAccumulator:
                 f"the layer input gives {rows.shape[0]} patches, its target {wanted.shape[0]} rows: "
                 "the block's input does not have the original layer's geometry"
             )
-        stats = self.stats
+        stats = self._stats
         dtype = self.product
         rows = rows.to(device=stats.gram.device, dtype=dtype)
         wanted = wanted.to(device=stats.gram.device, dtype=dtype)
-        stats.gram.add_((rows.t() @ rows).to(torch.float64))
+        n = rows.shape[1]
+        if n <= SYMMETRIC_BLOCK:
+            stats.gram.add_((rows.t() @ rows).to(torch.float64))
+        else:
+            # Only the lower block triangle (about half the products); mirrored when read.
+            for first in range(0, n, SYMMETRIC_BLOCK):
+                block = rows[:, first : first + SYMMETRIC_BLOCK]
+                stats.gram[first:, first : first + block.shape[1]].add_((rows[:, first:].t() @ block).to(torch.float64))
+            self._symmetric = False
         stats.cross.add_((rows.t() @ wanted).to(torch.float64))
         stats.energy.add_(wanted.to(torch.float64).pow(2).sum(dim=0))
         stats.rows += int(rows.shape[0])
+
+    @property
+    def stats(self) -> LayerStatistics:
+        """The statistics so far (the gram made whole from its accumulated lower block triangle)."""
+        if not self._symmetric:
+            gram = self._stats.gram
+            n = gram.shape[0]
+            for first in range(0, n, SYMMETRIC_BLOCK):
+                last = min(first + SYMMETRIC_BLOCK, n)
+                # The diagonal block was computed whole; above it, copy the mirrored lower part.
+                gram[first:last, last:] = gram[last:, first:last].t()
+                diagonal = gram[first:last, first:last]
+                diagonal.copy_((diagonal + diagonal.t()) / 2)
+            self._symmetric = True
+        return self._stats
 
     def all_reduce(self, world: int | None = None) -> LayerStatistics:
         """Sum the statistics over the ranks of ``torch.distributed`` (a no-op with one process)."""

@@ -1,0 +1,470 @@
+"""Statistics solvers: every structure against oracles that do not go through the code under test.
+
+The statistics are built here by brute force (im2col with ``torch.nn.functional.unfold`` or
+``Tensor.unfold``, a ones column, plain sums), from random inputs and targets made by random
+dense convs. Optimality is checked on the raw data through the block's own ``forward`` (the
+gradient of the data loss vanishes at a least-squares optimum), by ``torch.linalg.lstsq``, or by
+long L-BFGS runs, never by the statistics formulas the solvers use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convrewrite.layers.channelwise import ChannelwiseConv2d
+from convrewrite.layers.log_group import LogGroupConv1d
+from convrewrite.layers.low_rank import LowRankConv2d, LowRankLinear
+from convrewrite.layers.padding import PaddedConv
+from convrewrite.layers.separable import SeparableConv1d, SeparableConv2d
+from convrewrite.layers.shuffle import GroupShuffleConv2d
+from convrewrite.layers.winograd import WinogradConv2d
+from convrewrite.recovery.solvers import SolveResult, register_solver, solve_from_statistics, statistics_kernel
+from convrewrite.recovery.statistics import LayerStatistics
+
+torch.set_default_dtype(torch.float64)
+
+
+def patches(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """(rows, n) unfolded patches of ``x`` for ``layer``'s geometry, ones column last (brute force)."""
+    if isinstance(layer, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])
+    elif x.ndim == 3:
+        (k,), (s,), (p,), (d,) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+        assert d == 1
+        padded = F.pad(x, (p, p))
+        windows = padded.unfold(2, k, s)  # (N, C, L, k)
+        rows = windows.permute(0, 2, 1, 3).reshape(-1, x.shape[1] * k)
+    else:
+        unfolded = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        rows = unfolded.transpose(1, 2).reshape(-1, unfolded.shape[1])
+    return torch.cat([rows, torch.ones(rows.shape[0], 1)], dim=1)
+
+
+def targets(y: torch.Tensor) -> torch.Tensor:
+    """(rows, out) target rows in the order ``patches`` unfolds positions."""
+    if y.ndim == 2:
+        return y
+    return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+
+
+def statistics(a: torch.Tensor, y: torch.Tensor) -> LayerStatistics:
+    return LayerStatistics(gram=a.t() @ a, cross=a.t() @ y, energy=(y * y).sum(0), rows=a.shape[0])
+
+
+def make_case(target: nn.Module, x: torch.Tensor, geometry: nn.Module | None = None):
+    geometry = geometry if geometry is not None else target
+    with torch.no_grad():
+        y = target(x)
+    a, rows = patches(x, geometry), targets(y)
+    return statistics(a, rows), a, rows, y
+
+
+def data_loss(block: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(((block(x) - y) ** 2).sum())
+
+
+def relative(block: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return math.sqrt(data_loss(block, x, y) / float((y**2).sum()))
+
+
+def stationarity(block: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Largest gradient of the data loss over any parameter, relative to the target's energy."""
+    block.zero_grad()
+    with torch.enable_grad():
+        loss = ((block(x) - y) ** 2).sum()
+        loss.backward()
+    worst = max(float(p.grad.abs().max()) for p in block.parameters())
+    return worst / float((y**2).sum())
+
+
+def _closure(optimizer, block, x, y):
+    def closure():
+        optimizer.zero_grad()
+        loss = ((block(x) - y) ** 2).sum()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def solve(block, stats, geometry, **options) -> SolveResult:
+    result = solve_from_statistics(block, stats, geometry=geometry, **options)
+    assert result is not None
+    assert all(b <= a * (1 + 1e-12) + 1e-18 for a, b in zip(result.losses, result.losses[1:])), result.losses
+    return result
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+# -- full capacity: exact ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "target, shape",
+    [
+        (nn.Conv2d(3, 5, 3, padding=1), (6, 3, 7, 7)),
+        (nn.Conv2d(4, 6, 3, stride=2, bias=False), (6, 4, 9, 9)),
+        (nn.Conv1d(3, 4, 5, padding=2), (8, 3, 20)),
+        (nn.Linear(7, 4), (50, 7)),
+        (nn.Conv2d(8, 8, 3, padding=1, groups=4), (6, 8, 6, 6)),
+        (nn.Conv2d(6, 6, 3, padding=1, groups=6), (6, 6, 6, 6)),
+    ],
+)
+def test_full_capacity_replacement_is_exact(target, shape):
+    x = torch.randn(*shape)
+    stats, _, _, y = make_case(target, x)
+    block = type(target)(*_arguments(target))
+    assert relative(block, x, y) > 0.1
+    result = solve(block, stats, target)
+    assert relative(block, x, y) < 1e-6
+    assert torch.allclose(block.weight, target.weight, atol=1e-6)
+    assert result.losses[-1] <= 1e-12 * float(stats.energy.sum())
+
+
+def _arguments(layer: nn.Module) -> tuple:
+    if isinstance(layer, nn.Linear):
+        return (layer.in_features, layer.out_features, layer.bias is not None)
+    return (
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+        1,
+        layer.groups,
+        layer.bias is not None,
+    )
+
+
+def test_dense_target_least_squares_matches_lstsq():
+    """A target no conv computes exactly (a nonlinearity): the solve equals torch.linalg.lstsq."""
+    target = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh())
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        y = target(x)
+    geometry = target[0]
+    a, rows = patches(x, geometry), targets(y)
+    block = nn.Conv2d(3, 4, 3)
+    solve(block, statistics(a, rows), geometry)
+    expected = torch.linalg.lstsq(a, rows).solution.t()
+    assert torch.allclose(block.weight.reshape(4, -1), expected[:, :-1], atol=1e-7)
+    assert torch.allclose(block.bias, expected[:, -1], atol=1e-7)
+
+
+def test_grouped_solve_is_block_diagonal_least_squares_of_a_dense_target():
+    """groups=2 against a dense target: each group equals lstsq on its own input channels."""
+    target = nn.Conv2d(4, 4, 3)
+    x = torch.randn(6, 4, 7, 7)
+    stats, a, rows, _ = make_case(target, x)
+    block = nn.Conv2d(4, 4, 3, groups=2)
+    solve(block, stats, target)
+    for group in range(2):
+        columns = list(range(group * 18, (group + 1) * 18)) + [36]
+        expected = torch.linalg.lstsq(a[:, columns], rows[:, group * 2 : (group + 1) * 2]).solution.t()
+        assert torch.allclose(block.weight[group * 2 : (group + 1) * 2].reshape(2, -1), expected[:, :-1], atol=1e-7)
+    assert stationarity(block, x, target(x).detach()) < 1e-6
+
+
+def test_group_shuffle_and_log_group_exact_when_the_target_has_their_structure():
+    shuffle_target = GroupShuffleConv2d(8, 8, 3, padding=1, groups=4)
+    x = torch.randn(5, 8, 6, 6)
+    stats, _, _, y = make_case(shuffle_target, x, geometry=nn.Conv2d(8, 8, 3, padding=1))
+    block = GroupShuffleConv2d(8, 8, 3, padding=1, groups=4)
+    solve(block, stats, nn.Conv2d(8, 8, 3, padding=1))
+    assert relative(block, x, y) < 1e-6
+
+    log_target = LogGroupConv1d(10, 12, 3, groups=3)
+    x1 = torch.randn(6, 10, 16)
+    geometry = nn.Conv1d(10, 12, 3)
+    stats, _, _, y = make_case(log_target, x1, geometry=geometry)
+    block = LogGroupConv1d(10, 12, 3, groups=3)
+    result = solve(block, stats, geometry)
+    assert "branch" in result.method
+    assert relative(block, x1, y) < 1e-6
+
+
+def test_shuffled_and_log_group_solves_are_optimal_on_a_dense_target():
+    target = nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(5, 8, 6, 6)
+    stats, _, _, y = make_case(target, x)
+    for block in (GroupShuffleConv2d(8, 8, 3, padding=1, groups=4), nn.Conv2d(8, 8, 3, padding=1, groups=4)):
+        start = data_loss(block, x, y)
+        solve(block, stats, target)
+        assert data_loss(block, x, y) < start
+        assert stationarity(block, x, y) < 1e-6
+    target1 = nn.Conv1d(10, 12, 3)
+    x1 = torch.randn(6, 10, 16)
+    stats, _, _, y1 = make_case(target1, x1)
+    block = LogGroupConv1d(10, 12, 3, groups=3)
+    solve(block, stats, target1)
+    assert stationarity(block, x1, y1) < 1e-6
+
+
+def test_winograd_and_padded_conv_are_solved_in_their_dense_kernel():
+    target = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(4, 3, 8, 8)
+    stats, _, _, y = make_case(target, x)
+    winograd = WinogradConv2d(3, 4, padding=1)
+    solve(winograd, stats, target)
+    assert relative(winograd, x, y) < 1e-6
+
+    padded = PaddedConv((3, 3), (1, 1), (1, 1), same=False, amounts=(1, 1, 1, 1))
+    padded.conv = nn.Conv2d(3, 4, 3)
+    solve(padded, stats, target)
+    assert relative(padded, x, y) < 1e-6
+
+
+# -- low rank -------------------------------------------------------------------------------------
+
+
+def _optimal_bias_loss(weight: torch.Tensor, a: torch.Tensor, rows: torch.Tensor) -> float:
+    """Data loss of a weight (out, n_w) with the best bias for it (the mean residual)."""
+    residual = rows - a[:, :-1] @ weight.t()
+    centred = residual - residual.mean(0)
+    return float((centred**2).sum())
+
+
+def _correlated_input(shape) -> torch.Tensor:
+    """Inputs with very unequal channel scales and correlations, where plain SVD is far from optimal."""
+    x = torch.randn(*shape)
+    mix = torch.randn(shape[1], shape[1]) * torch.logspace(0, -2, shape[1]).unsqueeze(0)
+    return torch.einsum("dc,nc...->nd...", mix, x) + 0.5
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_low_rank_beats_truncated_svd_and_is_optimal(rank):
+    target = nn.Conv2d(4, 6, 3)
+    x = _correlated_input((4, 4, 6, 6))
+    stats, a, rows, y = make_case(target, x)
+    block = LowRankConv2d(4, 6, 3, rank)
+    solve(block, stats, target)
+    solved = data_loss(block, x, y)
+
+    # Truncated SVD of the least-squares solution, with the best bias for it.
+    full = torch.linalg.lstsq(a, rows).solution.t()[:, :-1]
+    u, s, vh = torch.linalg.svd(full, full_matrices=False)
+    svd = _optimal_bias_loss(u[:, :rank] * s[:rank] @ vh[:rank], a, rows)
+    assert solved <= svd * (1 + 1e-9)
+    if rank < 4:
+        assert solved < svd * 0.999
+
+    # A long L-BFGS on the data loss, from the solution perturbed and from random starts, finds nothing lower.
+    best = math.inf
+    for trial in range(3):
+        other = LowRankConv2d(4, 6, 3, rank)
+        if trial == 0:
+            other.load_state_dict(block.state_dict())
+            with torch.no_grad():
+                for p in other.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+        optimizer = torch.optim.LBFGS(
+            other.parameters(),
+            max_iter=800,
+            tolerance_grad=1e-14,
+            tolerance_change=1e-16,
+            line_search_fn="strong_wolfe",
+        )
+
+        optimizer.step(_closure(optimizer, other, x, y))
+        best = min(best, data_loss(other, x, y))
+    assert solved <= best * (1 + 1e-6)
+
+
+def test_low_rank_at_full_rank_is_exact_and_linear_too():
+    target = nn.Linear(6, 5)
+    x = torch.randn(40, 6)
+    stats, _, _, y = make_case(target, x)
+    block = LowRankLinear(6, 5, 5)
+    solve(block, stats, target)
+    assert relative(block, x, y) < 1e-6
+    low = LowRankLinear(6, 5, 2)
+    solve(low, stats, target)
+    assert stationarity(low, x, y) < 1e-6
+
+
+# -- separable ------------------------------------------------------------------------------------
+
+
+def test_separable_als_is_monotone_and_never_worse_than_the_start():
+    target = nn.Conv2d(6, 8, 3, padding=1)
+    x = torch.randn(5, 6, 7, 7)
+    stats, _, _, y = make_case(target, x)
+    block = SeparableConv2d(6, 8, 3, padding=1, multiplier=2)
+    start = data_loss(block, x, y)
+    result = solve(block, stats, target, rounds=12)
+    assert len(result.losses) >= 3
+    assert math.isclose(result.losses[0], start, rel_tol=1e-9)
+    assert math.isclose(result.losses[-1], data_loss(block, x, y), rel_tol=1e-9)
+    assert result.losses[-1] < start
+
+
+@pytest.mark.parametrize("depthwise_bias, pointwise_bias", [(True, True), (False, True), (True, False), (False, False)])
+def test_separable_matches_a_brute_force_optimum_on_a_tiny_case(depthwise_bias, pointwise_bias):
+    target = nn.Conv1d(2, 3, 3)
+    x = torch.randn(10, 2, 12) + 0.3
+    stats, _, _, y = make_case(target, x)
+    block = SeparableConv1d(2, 3, 3, depthwise_bias=depthwise_bias, pointwise_bias=pointwise_bias)
+    solve(block, stats, target, rounds=400)
+    solved = data_loss(block, x, y)
+    best = math.inf
+    for _ in range(8):
+        other = SeparableConv1d(2, 3, 3, depthwise_bias=depthwise_bias, pointwise_bias=pointwise_bias)
+        optimizer = torch.optim.LBFGS(
+            other.parameters(),
+            max_iter=2000,
+            tolerance_grad=1e-14,
+            tolerance_change=1e-16,
+            line_search_fn="strong_wolfe",
+        )
+
+        optimizer.step(_closure(optimizer, other, x, y))
+        best = min(best, data_loss(other, x, y))
+    assert solved <= best * (1 + 1e-5)
+
+
+def test_separable_exact_when_the_target_is_separable():
+    target = SeparableConv2d(4, 5, 3, padding=1)
+    x = torch.randn(5, 4, 6, 6)
+    geometry = nn.Conv2d(4, 5, 3, padding=1)
+    stats, _, _, y = make_case(target, x, geometry=geometry)
+    block = SeparableConv2d(4, 5, 3, padding=1)
+    block.load_state_dict(target.state_dict())
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    solve(block, stats, geometry, rounds=200)
+    assert relative(block, x, y) < 1e-6
+
+    # A block that is already exact stays exactly where it is.
+    exact = SeparableConv2d(4, 5, 3, padding=1)
+    exact.load_state_dict(target.state_dict())
+    solve(exact, stats, geometry)
+    for name, value in target.state_dict().items():
+        assert torch.allclose(exact.state_dict()[name], value, atol=1e-9)
+
+
+# -- channelwise and the generic path --------------------------------------------------------------
+
+
+def test_channelwise_least_squares_in_the_shared_taps():
+    target = ChannelwiseConv2d(8, 4, 3, groups=2)
+    x = torch.randn(5, 8, 5, 5)
+    geometry = nn.Conv2d(8, 4, 1)
+    stats, _, _, y = make_case(target, x, geometry=geometry)
+    block = ChannelwiseConv2d(8, 4, 3, groups=2)
+    result = solve(block, stats, geometry)
+    assert "shared taps" in result.method
+    assert relative(block, x, y) < 1e-6
+    dense_target = nn.Conv2d(8, 4, 1)
+    stats, _, _, y = make_case(dense_target, x)
+    solve(block, stats, dense_target)
+    assert stationarity(block, x, y) < 1e-6
+
+
+class SymmetricConv2d(nn.Module):
+    """A plugin block: a KxK conv whose kernel is mirror-symmetric left to right (linear in ``left``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kernel_size, kernel_size)
+        self.left = nn.Parameter(0.1 * torch.randn(out_channels, in_channels, kernel_size, (kernel_size + 1) // 2))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+
+    def kernel(self) -> torch.Tensor:
+        mirrored = self.left.flip(-1)[..., 1:] if self.kernel_size[1] % 2 else self.left.flip(-1)
+        return torch.cat([self.left, mirrored], dim=-1)
+
+    def forward(self, x):
+        return F.conv2d(x, self.kernel(), self.bias)
+
+    def to_dense(self):
+        return self.kernel().detach(), self.bias.detach()
+
+
+def test_generic_path_solves_a_plugin_block_exactly():
+    target = nn.Conv2d(3, 4, 3)
+    x = torch.randn(5, 3, 8, 8)
+    stats, _, _, y = make_case(target, x)
+    block = SymmetricConv2d(3, 4)
+    result = solve(block, stats, target)
+    assert result.method == "least squares through to_dense()"
+    assert stationarity(block, x, y) < 1e-6
+
+
+def test_a_registered_plugin_solver_is_used():
+    class Plugin(SymmetricConv2d):
+        pass
+
+    calls = []
+
+    @register_solver(Plugin)
+    def solver(block, stats, ridge, rounds):
+        calls.append(block)
+        return None  # decline: the generic path takes over
+
+    block = Plugin(3, 4)
+    target = nn.Conv2d(3, 4, 3)
+    stats, *_ = make_case(target, torch.randn(3, 3, 6, 6))
+    result = solve(block, stats, target)
+    assert calls == [block] and result.method == "least squares through to_dense()"
+
+
+def test_composition_goes_through_the_generic_path_and_improves():
+    """A separable block whose pointwise became a channel-wise conv: bilinear, block-coordinate."""
+    target = nn.Conv2d(8, 4, 3, padding=1)
+    x = torch.randn(5, 8, 6, 6)
+    stats, _, _, y = make_case(target, x)
+    block = SeparableConv2d(8, 4, 3, padding=1)
+    block.pointwise = ChannelwiseConv2d(8, 4, 3, groups=2)
+    start = data_loss(block, x, y)
+    result = solve(block, stats, target, rounds=6)
+    assert "block-coordinate" in result.method
+    assert data_loss(block, x, y) < start
+    assert math.isclose(result.losses[-1], data_loss(block, x, y), rel_tol=1e-9)
+
+
+def test_no_statistics_path_returns_none_and_touches_nothing():
+    target = nn.Conv2d(3, 4, 3)
+    stats, *_ = make_case(target, torch.randn(3, 3, 6, 6))
+    other = nn.Conv2d(3, 4, 5)  # another kernel size: another geometry
+    before = other.weight.detach().clone()
+    assert statistics_kernel(other, target) is None
+    assert solve_from_statistics(other, stats, geometry=target) is None
+    assert torch.equal(other.weight, before)
+    assert solve_from_statistics(nn.ReLU(), stats, geometry=target) is None
+
+    class Standardized(nn.Conv2d):  # a conv subclass whose forward is not its weight: no to_dense
+        pass
+
+    assert solve_from_statistics(Standardized(3, 4, 3), stats, geometry=target) is None
+
+
+def test_statistics_without_ones_column():
+    target = nn.Linear(5, 3, bias=False)
+    x = torch.randn(30, 5)
+    with torch.no_grad():
+        y = target(x)
+    stats = LayerStatistics(gram=x.t() @ x, cross=x.t() @ y, energy=(y * y).sum(0), rows=30, with_ones=False)
+    block = nn.Linear(5, 3, bias=False)
+    solve(block, stats, target)
+    assert torch.allclose(block.weight, target.weight, atol=1e-8)
+
+
+def test_float32_block_is_written_in_its_dtype():
+    target = nn.Conv2d(3, 4, 3).float()
+    x = torch.randn(4, 3, 8, 8).float()
+    with torch.no_grad():
+        y = target(x)
+    a, rows = patches(x.double(), target), targets(y.double())
+    block = SeparableConv2d(3, 4, 3).float()
+    solve(block, statistics(a, rows), target)
+    assert block[0].weight.dtype == torch.float32
