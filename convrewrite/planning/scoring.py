@@ -212,7 +212,7 @@ def scoring_method() -> str:
 
 
 def candidate_error(
-    block: nn.Module, original: nn.Module, stats: dict[str, LayerStatistics], *, ridge: float = 1e-6
+    block: nn.Module, original: nn.Module, stats: dict[str, LayerStatistics], *, ridge: float = 1e-7, rounds: int = 3
 ) -> tuple[float, torch.Tensor]:
     """The block's relative error on the holdout statistics after solving it on the fit ones, and
     its (out, n) kernel.
@@ -225,7 +225,14 @@ def candidate_error(
 
     geometry = PatchGeometry.of(original)
     kernel = None
-    if solve_from_statistics(block, stats["fit"], geometry=geometry, ridge=ridge) is not None:
+    if _solvers_installed():
+        # Fewer alternating rounds than a final fit (8): a score needs the ranking, not the last digit.
+        from convrewrite.recovery.solvers import solve_from_statistics as solve
+
+        solved = solve(block, stats["fit"], geometry=geometry, ridge=ridge, rounds=rounds)
+    else:
+        solved = solve_from_statistics(block, stats["fit"], geometry=geometry, ridge=ridge)
+    if solved is not None:
         kernel = statistics_kernel(block, geometry)
     if kernel is None:
         weight, bias = dense_kernel(block)
