@@ -8,11 +8,11 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["RewriteResult", "__version__", "report", "rewrite"]
+__all__ = ["RewriteResult", "__version__", "plan", "report", "rewrite"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("rewrite", "report", "RewriteResult"):
+    if name in ("rewrite", "report", "plan", "RewriteResult"):
         from convrewrite import api
 
         return getattr(api, name)

@@ -178,3 +178,60 @@ def report(
     if input_shapes:
         job.values["input-shape"] = Value([tuple(s) for s in input_shapes], "command line")
     return build_report(run_job(job))
+
+
+def plan(
+    module: nn.Module,
+    *,
+    data: Any,
+    budget: Mapping[str, float | str] | Sequence[str],
+    example_inputs: Any,
+    candidates: Sequence[str] = (),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    holdout: float = schema.default("holdout"),
+    batch_size: int | None = None,
+    device: str = schema.default("device"),
+    sensitivity: str = "hutchinson",
+) -> Any:
+    """Choose rules, options and layers for ``module`` under ``budget``; returns the ``Plan``.
+
+    ``budget`` maps a metric to a factor of the original (``{"params": 0.25}``) or to a spec
+    string (``{"params": "200k"}``), or is a list of ``--budget`` specs (``["macs=0.3x"]``); every
+    budget must hold. The plan renders itself (``print(plan)``, ``plan.render("markdown")``),
+    ``plan.save("PLAN.toml")`` writes it as rule specs, ``plan.apply(module, example_inputs=...,
+    data=...)`` carries it out with ``rewrite``. Your module is not changed.
+    """
+    from convrewrite.core.loading import LoadedModel, forward_argument_names
+    from convrewrite.planning.budgets import parse_budgets
+    from convrewrite.planning.candidates import parse_candidates
+    from convrewrite.planning.planner import make_plan
+
+    if isinstance(budget, Mapping):
+        texts = [f"{k}={v}x" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in budget.items()]
+    else:
+        texts = list(budget)
+    specs = parse_budgets(texts)
+    chosen = parse_candidates(candidates) if candidates else None
+    inputs = _example_inputs(example_inputs)
+    model = copy.deepcopy(module)
+    model.eval()
+    inputs.arg_names = forward_argument_names(model)
+    loaded = LoadedModel(
+        model=model,
+        inputs=inputs,
+        spec=f"{type(module).__module__}:{type(module).__qualname__}",
+        display_name=type(module).__name__,
+        origin="passed to convrewrite.plan()",
+    )
+    source = _calibration(data, loaded, holdout, batch_size)
+    return make_plan(
+        loaded,
+        source,
+        specs,
+        candidates=chosen,
+        include=include,
+        exclude=exclude,
+        device=device,
+        sensitivity=sensitivity,
+    )

@@ -189,6 +189,12 @@ def apply(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    plan_file: Annotated[
+        Path | None, typer.Option("--plan", help="Apply the rules of a PLAN.toml written by `plan --save`.")
+    ] = None,
+    budget: Annotated[
+        list[str] | None, typer.Option("--budget", help="Plan to this budget (params=0.25x...) and apply the plan.")
+    ] = None,
 ) -> None:
     """Rewrite MODEL with the rules and write readable source, safetensors weights and a JSON report."""
 
@@ -200,6 +206,11 @@ def apply(
 
         check_destination(out, force)
         job = _job("apply", settings, config, verbose)
+        if plan_file is not None or budget:
+            import_engine()
+            from convrewrite.commands.plan import rules_for_apply
+
+            rules_for_apply(job, plan_file, budget or [])
         if not job["rules"]:
             raise UsageError("apply needs at least one --rule", hint="see `convrewrite rules`")
         from convrewrite.export.base import exporters_for
@@ -366,6 +377,64 @@ def distill(
             )
             if session.is_main:
                 print(result.summary(), file=sys.stderr)
+        return 0
+
+    raise typer.Exit(guarded(debug, body))
+
+
+@app.command("plan")
+def plan(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="path/file.py[:NAME] or package.module:NAME.")],
+    budget: Annotated[
+        list[str],
+        typer.Option("--budget", help="params=0.25x, macs=0.3x, params=200k; repeat: every budget must hold."),
+    ],
+    data: Annotated[str | None, typer.Option("--data", help="Calibration data SPEC (as for apply).")] = None,
+    candidates: Annotated[
+        list[str] | None,
+        typer.Option("--candidates", help="Rules to choose from (names or specs, comma-separated); default: all."),
+    ] = None,
+    include: Annotated[list[str] | None, typer.Option("--include", help="Only plan layers matching this glob.")] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Never rewrite layers matching this glob.")
+    ] = None,
+    input_shape: Annotated[
+        list[str] | None, typer.Option("--input-shape", help="Example input shape, batch first (1,3,224,224).")
+    ] = None,
+    weights: Annotated[str | None, typer.Option("--weights", help=".safetensors or .pt/.pth weights.")] = None,
+    holdout: Annotated[float, typer.Option("--holdout", help="Fraction of samples the scores are measured on.")] = 0.1,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Calibration batch size.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    sensitivity: Annotated[
+        str, typer.Option("--sensitivity", help="Layer weighting: hutchinson (probe moments), isotropic or uniform.")
+    ] = "hutchinson",
+    save: Annotated[Path | None, typer.Option("--save", help="Write the plan as PLAN.toml rule specs.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --save file.")] = False,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | json | markdown | html")] = "table",
+    debug: DebugOpt = False,
+) -> None:
+    """Choose the rule, its options and the layers that meet a budget with the least predicted error."""
+
+    def body() -> int:
+        from convrewrite.commands.plan import run_plan
+
+        run_plan(
+            model,
+            data=data,
+            budgets=budget,
+            candidates=candidates or [],
+            include=include or [],
+            exclude=exclude or [],
+            input_shapes=input_shape or [],
+            weights=weights,
+            holdout=holdout,
+            batch_size=batch_size,
+            device=device,
+            sensitivity=sensitivity,
+            save=save,
+            force=force,
+            fmt=fmt,
+        )
         return 0
 
     raise typer.Exit(guarded(debug, body))

@@ -1,0 +1,1 @@
+"""Plan to a budget: choose the rule, the options and the layers from measured fidelity."""
