@@ -120,6 +120,8 @@ class LayerFit:
     method: str = "gradient"
     #: Forward prefixes run for this layer, in units of one full original forward over the data.
     passes: float = 0.0
+    #: Seconds of the closed-form solve (statistics path; no data pass), part of ``seconds``.
+    solve_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -226,6 +226,7 @@ def fit_layer_from_statistics(
     after = statistics_kernel(block, geometry)
     assert after is not None
     record.method = f"statistics:{solved.method}"
+    record.solve_seconds = float(getattr(solved, "seconds", 0.0))
     record.closed_form = [solved.method]
     fit_after = fit.relative_error(after)
     if fit_after <= record.fit_error_before:
