@@ -141,6 +141,8 @@ class FitResult:
     seconds: float = 0.0
     #: All layers' forward prefixes, in units of one full original forward over the data.
     passes: float = 0.0
+    #: Set when the whole fit was undone (the fitted model was worse on held-out data).
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
