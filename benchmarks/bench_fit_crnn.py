@@ -100,13 +100,13 @@ def main() -> None:
         f"{fitting['batchnorm']['seconds']:.1f} s); whole call {call:.1f} s wall, {call_cpu:.1f} s CPU "
         f"(load average now {os.getloadavg()[0]:.2f})"
     )
-    print(f"  {'layer':<8} {'method':<34} {'held-out before':>15} {'after':>8} {'passes':>7} {'s':>6}")
+    print(f"  {'layer':<8} {'method':<34} {'held-out before':>15} {'after':>8} {'passes':>7} {'s':>6} {'solve s':>7}")
     for layer in layers["layers"]:
         before, after = layer["holdout_error_before"], layer["holdout_error_after"]
         print(
             f"  {layer['name']:<8} {layer['method'][:34]:<34} "
             f"{'--' if before is None else f'{before:.4f}':>15} {'--' if after is None else f'{after:.4f}':>8} "
-            f"{layer['passes']:>7.2f} {layer['seconds']:>6.1f}"
+            f"{layer['passes']:>7.2f} {layer['seconds']:>6.1f} {layer.get('solve_seconds', 0.0):>7.1f}"
         )
     fidelity = fitting["fidelity"]
     print(

@@ -8,7 +8,15 @@ Convolutional Networks", TPAMI 2016). Errors of earlier approximations are there
 not compounded. Every forward pass stops at the layer being fitted (a hook raises a private
 exception), so fitting layer k costs two forward prefixes up to layer k, never the whole model.
 
-Per block, generic over any ``nn.Module`` a rule returns:
+**The statistics path** (the default, ``recovery/fit_statistics.py``): a block with a declared
+linear structure (every built-in rule's; see ``recovery/solvers``) is fitted from the sufficient
+statistics of its layer (``recovery/statistics.py``), accumulated in ONE streaming pass over the
+fit and holdout splits, then solved in closed form; held-out errors come from the holdout
+statistics; ``steps`` > 0 adds Adam steps after it. Passes are counted per layer (``passes``, in
+units of one full forward of the original over the data, from the MACs each prefix runs).
+
+**The gradient path** (below; ``statistics=False``, or a block with no statistics path). Per
+block, generic over any ``nn.Module`` a rule returns:
 
 1. **Closed form.** Any plain ``nn.Conv1d/2d/3d`` or ``nn.Linear`` inside the block whose output
    reaches the block's output unchanged up to a fixed channel permutation (and an additive part
@@ -112,6 +120,8 @@ class LayerFit:
     method: str = "gradient"
     #: Forward prefixes run for this layer, in units of one full original forward over the data.
     passes: float = 0.0
+    #: Seconds of the closed-form solve (statistics path; no data pass), part of ``seconds``.
+    solve_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,6 +141,8 @@ class FitResult:
     seconds: float = 0.0
     #: All layers' forward prefixes, in units of one full original forward over the data.
     passes: float = 0.0
+    #: Set when the whole fit was undone (the fitted model was worse on held-out data).
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -251,28 +263,6 @@ def _run_until_stopped(model: nn.Module, batch: Batch, handle: Any) -> None:
         pass
     finally:
         handle.remove()
-
-
-def _call_order(model: nn.Module, blocks: dict[str, nn.Module], batch: Batch) -> tuple[list[str], dict[str, int]]:
-    """The names in the order the model first calls them, and how often each is called."""
-    order: list[str] = []
-    calls: dict[str, int] = dict.fromkeys(blocks, 0)
-    handles = []
-    for name, block in blocks.items():
-
-        def count(module: nn.Module, args: tuple, name: str = name) -> None:
-            if calls[name] == 0:
-                order.append(name)
-            calls[name] += 1
-
-        handles.append(block.register_forward_pre_hook(count))
-    try:
-        with torch.no_grad():
-            batch.call(model)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order, calls
 
 
 def _leaf_macs(module: nn.Module, output: Any) -> float:

@@ -154,8 +154,12 @@ def solve_from_statistics(
 def layer_geometry(original: nn.Module, name: str, target: nn.Module) -> PatchGeometry | None:
     """The patch geometry of the dense layer a block replaces (the original module ``name``; a
     fuse-bn target, a BatchNorm, keeps the geometry of the conv before it), or None."""
+    from convrewrite.recovery.fit import _plain_linear
+
     for candidate in (target, _get(original, name)):
-        if isinstance(candidate, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        # Only a module whose forward IS the plain conv/linear has the geometry its attributes say
+        # (a subclass may pad or stride itself): others keep the gradient path.
+        if candidate is not None and _plain_linear(candidate) is not None:
             return PatchGeometry.of(candidate)
     return None
 
@@ -204,11 +208,15 @@ def fit_layer_from_statistics(
     except StatisticsTooLarge as exc:
         record.note = f"{exc}; fitted by gradient steps"
         return None
-    for split, accumulator in accumulators.items():
-        for pairs in layer_data.pairs(split) if cache else layer_data.stream(split):
-            for args, kwargs, target in pairs:
-                x = args[0] if args else next(iter(kwargs.values()))
-                accumulator.add(x, target)
+    try:
+        for split, accumulator in accumulators.items():
+            for pairs in layer_data.pairs(split) if cache else layer_data.stream(split):
+                for args, kwargs, target in pairs:
+                    x = args[0] if args else next(iter(kwargs.values()))
+                    accumulator.add(x, target)
+    except ValueError as exc:  # the block's input does not unfold to the target's positions
+        record.note = f"no statistics path ({exc}); fitted by gradient steps"
+        return None
     fit = all_reduce_statistics(accumulators["fit"].stats, world)
     holdout = accumulators["holdout"].stats
     if fit.rows == 0:
@@ -226,6 +234,7 @@ def fit_layer_from_statistics(
     after = statistics_kernel(block, geometry)
     assert after is not None
     record.method = f"statistics:{solved.method}"
+    record.solve_seconds = float(getattr(solved, "seconds", 0.0))
     record.closed_form = [solved.method]
     fit_after = fit.relative_error(after)
     if fit_after <= record.fit_error_before:

@@ -69,6 +69,8 @@ class FitStage(Stage):
         device = resolve_device(state.settings.device)
         reference, model, data = state.reference, state.model, state.data
         transfer = measure_fidelity(reference, model, data, device=device)
+        # The transfer's weights, to come back to if the fitted model is worse on held-out data.
+        transferred = {key: value.detach().clone() for key, value in model.state_dict().items()}
         progress = _progress(state)
         try:
             fit = fit_layers(
@@ -86,6 +88,16 @@ class FitStage(Stage):
             progress.close()
         batchnorm = reestimate_batchnorm(model, data, device=device, reference=reference)
         fitted = measure_fidelity(reference, model, data, device=device)
+        if transfer and fitted and fitted.output_relative_error > transfer.output_relative_error:
+            # Each layer's fit was checked on held-out samples, but together they may still carry
+            # worse to the output (little calibration data): the whole transfer is kept then.
+            model.load_state_dict(transferred)
+            fit.note = (
+                f"fit reverted: held-out output error {transfer.output_relative_error:.3g} -> "
+                f"{fitted.output_relative_error:.3g}"
+            )
+            fitted = measure_fidelity(reference, model, data, device=device)
+        del transferred
         state.sections["fitting"] = FittingSection(transfer, fitted, fit, batchnorm)
         # The weights changed: the rewritten model's recorded output (which apply's reload check
         # and the fidelity on the example input compare against) must be measured again.
