@@ -82,6 +82,29 @@ def _example_inputs(value: Any) -> Any:
     )
 
 
+def _loaded(module: nn.Module, example_inputs: Any, *, copy_module: bool, caller: str) -> Any:
+    """``module`` (a copy, unless ``copy_module`` is False) as a ``LoadedModel`` the engine takes."""
+    from convrewrite.core.loading import LoadedModel, forward_argument_names
+
+    inputs = _example_inputs(example_inputs)
+    model = copy.deepcopy(module) if copy_module else module
+    model.eval()
+    inputs.arg_names = forward_argument_names(model)
+    try:
+        source = inspect.getsourcefile(type(module))
+    except TypeError:
+        source = None
+    return LoadedModel(
+        model=model,
+        inputs=inputs,
+        spec=f"{type(module).__module__}:{type(module).__qualname__}",
+        display_name=type(module).__name__,
+        origin=f"passed to {caller}",
+        source_file=Path(source) if source else None,
+        user_module=sys.modules.get(type(module).__module__),
+    )
+
+
 def rewrite(
     module: nn.Module,
     rules: Sequence[str | Rule] = (),
@@ -114,28 +137,10 @@ def rewrite(
     the same as the command line's.
     """
     from convrewrite.commands.run import make_rules
-    from convrewrite.core.loading import LoadedModel, forward_argument_names
     from convrewrite.engine.pipeline import analyse
     from convrewrite.engine.report_builder import build_report
 
-    inputs = _example_inputs(example_inputs)
-    model = copy.deepcopy(module) if copy_module else module
-    model.eval()
-    inputs.arg_names = forward_argument_names(model)
-    user_module = sys.modules.get(type(module).__module__)
-    try:
-        source = inspect.getsourcefile(type(module))
-    except TypeError:
-        source = None
-    loaded = LoadedModel(
-        model=model,
-        inputs=inputs,
-        spec=f"{type(module).__module__}:{type(module).__qualname__}",
-        display_name=type(module).__name__,
-        origin="passed to convrewrite.rewrite()",
-        source_file=Path(source) if source else None,
-        user_module=user_module,
-    )
+    loaded = _loaded(module, example_inputs, copy_module=copy_module, caller="convrewrite.rewrite()")
     built = make_rules(rules, include, exclude, min_channels)
     source = _calibration(data, loaded, holdout, batch_size) if data is not None and built else None
     settings = {
@@ -202,7 +207,6 @@ def plan(
     ``plan.save("PLAN.toml")`` writes it as rule specs, ``plan.apply(module, example_inputs=...,
     data=...)`` carries it out with ``rewrite``. Your module is not changed.
     """
-    from convrewrite.core.loading import LoadedModel, forward_argument_names
     from convrewrite.planning.budgets import parse_budgets
     from convrewrite.planning.candidates import parse_candidates
     from convrewrite.planning.planner import make_plan
@@ -213,17 +217,7 @@ def plan(
         texts = list(budget)
     specs = parse_budgets(texts)
     chosen = parse_candidates(candidates) if candidates else None
-    inputs = _example_inputs(example_inputs)
-    model = copy.deepcopy(module)
-    model.eval()
-    inputs.arg_names = forward_argument_names(model)
-    loaded = LoadedModel(
-        model=model,
-        inputs=inputs,
-        spec=f"{type(module).__module__}:{type(module).__qualname__}",
-        display_name=type(module).__name__,
-        origin="passed to convrewrite.plan()",
-    )
+    loaded = _loaded(module, example_inputs, copy_module=True, caller="convrewrite.plan()")
     source = _calibration(data, loaded, holdout, batch_size)
     return make_plan(
         loaded,

@@ -41,6 +41,23 @@ def describe_fidelity(fidelity: Any, compact: bool = False) -> str:
     return text
 
 
+def rich_bar(fields: tuple[str, ...]) -> Any:
+    """A rich progress bar on stderr: description, bar, i/N, the task's ``fields``, time left."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(bar_width=16),
+        MofNCompleteColumn(),
+        *(TextColumn(field) for field in fields),
+        TimeRemainingColumn(),
+        TextColumn("left"),
+        console=Console(stderr=True),
+        transient=False,
+    )
+
+
 class DistillProgress:
     """Step-by-step display of one distillation run."""
 
@@ -60,26 +77,7 @@ class DistillProgress:
         self._bar: Any = None
         self._task: Any = None
         if mode == "bar":
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(bar_width=16),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TextColumn("{task.fields[fidelity]}"),
-                TimeRemainingColumn(),
-                TextColumn("left"),
-                console=Console(stderr=True),
-                transient=False,
-            )
+            self._bar = rich_bar(fields=("loss {task.fields[loss]}", "{task.fields[fidelity]}"))
             self._bar.start()
             self._task = self._bar.add_task(label, total=total, completed=start, loss="--", fidelity=self.fidelity_text)
 
@@ -141,20 +139,7 @@ class FitLayersProgress:
         self._task: Any = None
 
     def _open(self, total: int) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(bar_width=16),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[layer]}"),
-            TextColumn("{task.fields[passes]} passes"),
-            TimeRemainingColumn(),
-            TextColumn("left"),
-            console=Console(stderr=True),
-            transient=False,
-        )
+        self._bar = rich_bar(fields=("{task.fields[layer]}", "{task.fields[passes]} passes"))
         self._bar.start()
         self._task = self._bar.add_task(self.label, total=total, completed=0, layer="", passes="0.0")
 
