@@ -485,7 +485,7 @@ def _latency_plan(
         plan = _assemble(setup, layers, result, plan_budgets, weights.samples, data, notes, seconds, sensitivity)
         if plan.rewritten:
             def build(planned: Plan = plan) -> nn.Module:
-                return planned.apply(original, example_inputs=inputs, fit=False).model  # type: ignore[no-any-return]
+                return planned.apply(original, example_inputs=inputs, fit=False).model
 
             report = planning_latency.verify(
                 original,
