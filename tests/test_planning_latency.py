@@ -117,6 +117,7 @@ def test_latency_plan_meets_the_budget_with_the_fake_timer(monkeypatch: pytest.M
     _validator().validate(plan.to_dict())
     assert "measured" in plan.render("table") and "predicted" in plan.render("table")
     assert Plan.from_dict(json.loads(plan.render("json"))).latency == plan.latency
+    assert "measured" in plan.render("markdown") and "measured" in plan.render("html")
 
 
 def test_latency_plan_replans_when_the_whole_model_misses(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -478,6 +478,8 @@ def render_markdown(plan: Plan) -> str:
         *(f"- {line}" for line in _budget_lines(plan)),
         f"- predicted relative output error {plan.predicted_error:.4f}",
     ]
+    if plan.latency is not None:
+        out += [f"- {line.strip()}" for line in _latency_lines(plan.latency)]
     if plan.front:
         xs = [p["params"] / max(plan.original_params, 1) for p in plan.front]
         ys = [math.sqrt(max(p["loss"], 0.0)) for p in plan.front]
@@ -540,7 +542,8 @@ def render_html(plan: Plan) -> str:
     table = "<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr></thead><tbody>"
     table += "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
     table += "</tbody></table>"
-    items = "".join(f"<li>{esc(line)}</li>" for line in _budget_lines(plan))
+    latency = _latency_lines(plan.latency) if plan.latency is not None else []
+    items = "".join(f"<li>{esc(line.strip())}</li>" for line in _budget_lines(plan) + latency)
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>convrewrite plan: {esc(plan.model)}</title>"
