@@ -193,8 +193,8 @@ def plan(
     batch_size: int | None = None,
     device: str = schema.default("device"),
     sensitivity: str = "hutchinson",
-    latency_backend: str = "torch",
-    threads: int = 1,
+    latency_backend: str = schema.default("latency-backend"),
+    threads: int = schema.default("threads"),
 ) -> Any:
     """Choose rules, options and layers for ``module`` under ``budget``; returns the ``Plan``.
 
