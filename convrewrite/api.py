@@ -198,6 +198,8 @@ def plan(
     batch_size: int | None = None,
     device: str = schema.default("device"),
     sensitivity: str = "hutchinson",
+    latency_backend: str = schema.default("latency-backend"),
+    threads: int = schema.default("threads"),
 ) -> Any:
     """Choose rules, options and layers for ``module`` under ``budget``; returns the ``Plan``.
 
@@ -206,6 +208,9 @@ def plan(
     budget must hold. The plan renders itself (``print(plan)``, ``plan.render("markdown")``),
     ``plan.save("PLAN.toml")`` writes it as rule specs, ``plan.apply(module, example_inputs=...,
     data=...)`` carries it out with ``rewrite``. Your module is not changed.
+
+    A ``latency`` budget (``{"latency": 2}`` or ``["latency=5ms"]``) is timed on
+    ``latency_backend`` (torch or onnxruntime) at ``threads`` threads, batch of ``example_inputs``.
     """
     from convrewrite.planning.budgets import parse_budgets
     from convrewrite.planning.candidates import parse_candidates
@@ -228,4 +233,6 @@ def plan(
         exclude=exclude,
         device=device,
         sensitivity=sensitivity,
+        latency_backend=latency_backend,
+        threads=threads,
     )

@@ -219,8 +219,8 @@ def test_cli_infeasible_budget_is_exit_2_with_the_smallest_reachable_figure(cli,
 def test_cli_bad_budget_is_a_usage_error_before_loading(cli, tmp_path: Path) -> None:
     result = cli("plan", tmp_path / "missing.py", "--budget", "size=2x")
     assert result.code == 2 and "unknown metric" in result.err
-    result = cli("plan", tmp_path / "missing.py", "--budget", "latency=2x")
-    assert result.code == 2 and "not planned yet" in result.err
+    result = cli("plan", tmp_path / "missing.py", "--budget", "latency=2k")
+    assert result.code == 2 and "latency takes a speedup" in result.err
 
 
 def test_predicted_error_is_finite_and_protected_layers_say_why(tdnn_plan: Plan) -> None:

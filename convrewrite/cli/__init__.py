@@ -387,7 +387,9 @@ def plan(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="path/file.py[:NAME] or package.module:NAME.")],
     budget: Annotated[
         list[str],
-        typer.Option("--budget", help="params=0.25x, macs=0.3x, params=200k; repeat: every budget must hold."),
+        typer.Option(
+            "--budget", help="params=0.25x, macs=0.3x, params=200k, latency=2x; repeat: every budget must hold."
+        ),
     ],
     data: Annotated[str | None, typer.Option("--data", help="Calibration data SPEC (as for apply).")] = None,
     candidates: Annotated[
@@ -411,6 +413,10 @@ def plan(
     save: Annotated[Path | None, typer.Option("--save", help="Write the plan as PLAN.toml rule specs.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --save file.")] = False,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | json | markdown | html")] = "table",
+    latency_backend: Annotated[
+        str, typer.Option("--latency-backend", help="For latency=... budgets: torch (eager) or onnxruntime.")
+    ] = "torch",
+    threads: Annotated[int, typer.Option("--threads", help="For latency=... budgets: threads to time with.")] = 1,
     debug: DebugOpt = False,
 ) -> None:
     """Choose the rule, its options and the layers that meet a budget with the least predicted error."""
@@ -434,6 +440,8 @@ def plan(
             save=save,
             force=force,
             fmt=fmt,
+            latency_backend=latency_backend,
+            threads=threads,
         )
         return 0
 

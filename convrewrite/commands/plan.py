@@ -43,6 +43,8 @@ def run_plan(
     save: Path | None,
     force: bool,
     fmt: str,
+    latency_backend: str = "torch",
+    threads: int = 1,
 ) -> Any:
     """Plan ``model``; print it in ``fmt`` on stdout; save it when asked. Returns the Plan."""
     from convrewrite.planning.budgets import parse_budgets
@@ -55,7 +57,11 @@ def run_plan(
     if not specs:
         raise UsageError("plan needs at least one --budget", hint="for example --budget params=0.25x")
     if any(spec.metric == "latency" for spec in specs):
-        raise UsageError("latency budgets are not planned yet", hint="use params=... or macs=... budgets")
+        from convrewrite.speed.latency import check_backend
+
+        check_backend(latency_backend)
+        if threads < 1:
+            raise UsageError(f"--threads must be a positive integer, got {threads}")
     if sensitivity not in ("hutchinson", "isotropic", "uniform"):
         raise UsageError(f"unknown --sensitivity {sensitivity!r}", hint="hutchinson, isotropic or uniform")
     chosen = parse_candidates(candidates) if candidates else None
@@ -70,7 +76,15 @@ def run_plan(
     from convrewrite.recovery.data import open_calibration_data
 
     loaded = load_model(model, input_shapes=shapes, weights=Path(weights) if weights else None)
-    setup = prepare_plan(loaded, specs, candidates=chosen, include=include, exclude=exclude)
+    setup = prepare_plan(
+        loaded,
+        specs,
+        candidates=chosen,
+        include=include,
+        exclude=exclude,
+        latency_backend=latency_backend,
+        threads=threads,
+    )
     source = open_calibration_data(data, loaded, holdout=holdout, batch_size=batch_size)
     if source is None:
         raise UsageError("plan needs calibration data", hint="pass --data SPEC (or define calibration_data())")

@@ -72,6 +72,78 @@ class PlanLayer:
 
 
 @dataclass
+class LatencyIteration:
+    """One plan tried: the internal speedup target, the predicted and the measured speedup."""
+
+    target_speedup: float
+    predicted_speedup: float
+    measured_speedup: float | None = None
+    predicted_ms: float = 0.0
+    measured_ms: float | None = None
+
+
+@dataclass
+class PlanLatency:
+    """How a latency budget was planned and checked (``Plan.latency``; JSON ``latency``)."""
+
+    backend: str
+    threads: int
+    batch: int | None
+    original_ms: float
+    fixed_ms: float
+    budget_speedup: float
+    iterations: list[LatencyIteration] = field(default_factory=list)
+    #: Index of the iteration the plan is (the first that met the budget, else the fastest measured).
+    chosen: int = -1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def final(self) -> LatencyIteration | None:
+        return self.iterations[self.chosen] if self.iterations else None
+
+    @property
+    def predicted_speedup(self) -> float | None:
+        return self.final.predicted_speedup if self.final else None
+
+    @property
+    def measured_speedup(self) -> float | None:
+        return self.final.measured_speedup if self.final else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["predicted_speedup"] = self.predicted_speedup
+        data["measured_speedup"] = self.measured_speedup
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PlanLatency:
+        fields = {k: v for k, v in data.items() if k not in ("predicted_speedup", "measured_speedup", "iterations")}
+        return cls(**fields, iterations=[LatencyIteration(**i) for i in data.get("iterations", [])])
+
+    def lines(self) -> list[str]:
+        """The table footer: the setting, then each plan tried with its predicted and measured speedup."""
+        backend = "torch eager" if self.backend == "torch" else "ONNX Runtime (CPU)"
+        batch = f", batch {self.batch}" if self.batch is not None else ""
+        setting = f"{backend}, {self.threads} thread{'s' if self.threads != 1 else ''}{batch}"
+        out = [
+            f"latency ({setting}): original {self.original_ms:.3f} ms, "
+            f"of it {self.fixed_ms:.3f} ms outside the planned layers"
+        ]
+        chosen = self.chosen % len(self.iterations) if self.iterations else -1
+        for number, it in enumerate(self.iterations, 1):
+            measured = "--" if it.measured_speedup is None else f"{it.measured_speedup:.2f}x"
+            gap = ""
+            if it.measured_speedup:
+                gap = f" (prediction off by {it.predicted_speedup / it.measured_speedup - 1:+.1%})"
+            out.append(
+                f"  plan {number}: target {it.target_speedup:.2f}x, predicted {it.predicted_speedup:.2f}x, "
+                f"measured {measured}{gap}{'  <- this plan' if number - 1 == chosen else ''}"
+            )
+        out += [f"  note: {note}" for note in self.notes]
+        return out
+
+
+@dataclass
 class Plan:
     """A whole plan; see the module doc. ``front``: a handful of explored (params, MACs, loss) points."""
 
@@ -89,6 +161,9 @@ class Plan:
     seconds: dict[str, float] = field(default_factory=dict)
     optimal: bool = False
     notes: list[str] = field(default_factory=list)
+    #: Under a latency budget: ``planning.latency.PlanLatency.to_dict()`` (setting, original time,
+    #: each plan tried with its target, predicted and measured speedup); None otherwise.
+    latency: dict[str, Any] | None = None
     #: Every scored option per layer (not serialized): what benchmarks sample other plans from.
     options: dict[str, list[PlanOption]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -160,6 +235,7 @@ class Plan:
             "seconds": dict(self.seconds),
             "optimal": self.optimal,
             "notes": list(self.notes),
+            "latency": self.latency,
         }
 
     @classmethod
@@ -183,6 +259,7 @@ class Plan:
             seconds=dict(data.get("seconds", {})),
             optimal=bool(data.get("optimal", False)),
             notes=list(data.get("notes", [])),
+            latency=data.get("latency"),
         )
 
     def to_toml(self) -> str:
@@ -375,10 +452,16 @@ def render_table(plan: Plan) -> str:
         out += ["", "explored front (Lagrangian sweep):"] + [
             "  " + r for r in _format_rows(front_headers, front_rows, set(range(5)))
         ]
+    if plan.latency is not None:
+        out += ["", *_latency_lines(plan.latency)]
     if plan.seconds:
         out += ["", "planning time: " + ", ".join(f"{k} {v:.2f} s" for k, v in plan.seconds.items())]
     out += [f"note: {note}" for note in plan.notes]
     return "\n".join(out) + "\n"
+
+
+def _latency_lines(latency: dict[str, Any]) -> list[str]:
+    return PlanLatency.from_dict(latency).lines()
 
 
 # ---------------------------------------------------------------------- markdown view
@@ -395,6 +478,8 @@ def render_markdown(plan: Plan) -> str:
         *(f"- {line}" for line in _budget_lines(plan)),
         f"- predicted relative output error {plan.predicted_error:.4f}",
     ]
+    if plan.latency is not None:
+        out += [f"- {line.strip()}" for line in _latency_lines(plan.latency)]
     if plan.front:
         xs = [p["params"] / max(plan.original_params, 1) for p in plan.front]
         ys = [math.sqrt(max(p["loss"], 0.0)) for p in plan.front]
@@ -457,7 +542,8 @@ def render_html(plan: Plan) -> str:
     table = "<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr></thead><tbody>"
     table += "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
     table += "</tbody></table>"
-    items = "".join(f"<li>{esc(line)}</li>" for line in _budget_lines(plan))
+    latency = _latency_lines(plan.latency) if plan.latency is not None else []
+    items = "".join(f"<li>{esc(line.strip())}</li>" for line in _budget_lines(plan) + latency)
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>convrewrite plan: {esc(plan.model)}</title>"

@@ -16,6 +16,7 @@ explains almost nothing of the layer) are dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -36,11 +37,16 @@ from convrewrite.planning.candidates import CandidateSpec, default_candidates, r
 from convrewrite.planning.plan import Plan, PlanBudget, PlanLayer, PlanOption
 from convrewrite.recovery.batches import BatchSource
 from convrewrite.recovery.statistics import PatchGeometry
-from convrewrite.rules.api import ConvSite, Rule, config_as_dict, selection_reason
+from convrewrite.rules.api import ConvSite, Rule, config_as_dict, make_rule, selection_reason
 from convrewrite.rules.low_rank import LowRankRule
+from convrewrite.speed.latency import batch_of
 
 #: Points of the explored front the plan keeps (evenly spread over the sweep).
 FRONT_POINTS = 8
+#: Exact rules offered under a latency budget. ``fuse-bn`` is not: it removes the BatchNorm after
+#: the conv, which a per-layer case of the conv alone cannot time, and it would take the layer's
+#: one slot from a structural rule.
+LATENCY_EXACT_RULES = ("winograd",)
 
 
 @dataclass
@@ -53,10 +59,13 @@ class _Candidate:
     macs: int
     error: float = 0.0
     loss: float = 0.0
+    latency_ms: float | None = None
+    exact: bool = False
 
     @property
     def costs(self) -> dict[str, float]:
-        return {"params": float(self.params), "macs": float(self.macs)}
+        latency = self.latency_ms if self.latency_ms is not None else 0.0
+        return {"params": float(self.params), "macs": float(self.macs), "latency": float(latency)}
 
 
 @dataclass
@@ -101,7 +110,12 @@ def _option_spec(rule: Rule) -> tuple[str, dict[str, Any]]:
 
 
 def _layers(
-    model: nn.Module, sites: list[ConvSite], specs: list[CandidateSpec], include: Sequence[str], exclude: Sequence[str]
+    model: nn.Module,
+    sites: list[ConvSite],
+    specs: list[CandidateSpec],
+    include: Sequence[str],
+    exclude: Sequence[str],
+    exact: Sequence[str] = (),
 ) -> list[_Layer]:
     layers = []
     for site in sites:
@@ -125,6 +139,13 @@ def _layers(
                     continue
                 seen.add(spec)
                 layer.options.append(_Candidate(spec, rule, cost.params, cost.macs))
+            for name in exact:  # latency budgets: exact rules are free wins where they measure faster
+                rule = make_rule(name)
+                rule.config = rule.config.with_defaults(include, exclude, 0)
+                if (site.is_linear and rule.site_types is None) or rule.skip_reason(site) is not None:
+                    continue
+                cost = rule.cost(site)
+                layer.options.append(_Candidate(_option_spec(rule)[0], rule, cost.params, cost.macs, exact=True))
             if len(layer.options) == 1:
                 layer.protected = "no candidate rule applies or saves anything here"
         layers.append(layer)
@@ -137,7 +158,7 @@ def _limits(
     limits, plan_budgets = {}, []
     for budget in budgets:
         if budget.metric == "latency":
-            raise UsageError("latency budgets are not planned yet", hint="use params=... or macs=... budgets")
+            continue  # needs the measured layer table and the original's time (finish_plan)
         whole = budget.limit(totals[budget.metric])
         limits[budget.metric] = whole - fixed[budget.metric]
         plan_budgets.append(PlanBudget(budget.metric, budget.text, whole, totals[budget.metric]))
@@ -155,9 +176,12 @@ def check_feasible(
         budget = next(b for b in plan_budgets if b.metric == exc.metric)
         smallest = exc.smallest + fixed[exc.metric]
         ratio = smallest / budget.original if budget.original else 0.0
+        if exc.metric == "latency":
+            reach = f"{smallest:.3f} ms, a {budget.original / smallest:.2f}x speedup of {budget.original:.3f} ms"
+        else:
+            reach = f"{smallest:,.0f} {exc.metric} ({ratio:.3f}x of {budget.original:,.0f})"
         raise UsageError(
-            f"budget {budget.text} cannot be met: the smallest reachable is {smallest:,.0f} {exc.metric} "
-            f"({ratio:.3f}x of {budget.original:,.0f}) with these candidates",
+            f"budget {budget.text} cannot be met: the smallest reachable is {reach} with these candidates",
             hint="raise the budget, or widen --candidates / --include",
         ) from None
 
@@ -182,6 +206,9 @@ class PlanSetup:
     limits: dict[str, float]
     budgets: list[PlanBudget]
     seconds: dict[str, float]
+    latency: BudgetSpec | None = None
+    latency_backend: str = "torch"
+    threads: int = 1
 
 
 def prepare_plan(
@@ -191,17 +218,29 @@ def prepare_plan(
     candidates: Sequence[CandidateSpec] | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    latency_backend: str = "torch",
+    threads: int = 1,
 ) -> PlanSetup:
-    """Profile the model and cost every candidate; a usage error now if a budget cannot be met."""
+    """Profile the model and cost every candidate; a usage error now if a size budget cannot be met.
+
+    A latency budget is checked once the layer table is measured (``finish_plan``).
+    """
     if not budgets:
         raise UsageError("plan needs at least one --budget", hint="for example --budget params=0.25x")
+    latency = next((b for b in budgets if b.metric == "latency"), None)
+    if latency is not None:
+        from convrewrite.speed.latency import check_backend, fixed_threads
+
+        check_backend(latency_backend)
+        fixed_threads(threads)  # validates the count
     start = time.perf_counter()
     model = loaded.model
     model.eval()
     profile = run_profile(model, loaded.inputs)
     sites, _ = collect_sites(model, profile, LowRankRule.site_types)
     specs = list(candidates) if candidates else default_candidates()
-    layers = _layers(model, sites, specs, include, exclude)
+    exact = LATENCY_EXACT_RULES if latency is not None else ()
+    layers = _layers(model, sites, specs, include, exclude, exact)
     totals = {"params": float(profile.params), "macs": float(profile.macs)}
     fixed = {
         "params": totals["params"] - sum(layer.keep.params for layer in layers),
@@ -209,7 +248,8 @@ def prepare_plan(
     }
     limits, plan_budgets = _limits(budgets, totals, fixed)
     check_feasible(layers, limits, plan_budgets, fixed)
-    return PlanSetup(loaded, layers, totals, fixed, limits, plan_budgets, {"candidates": time.perf_counter() - start})
+    seconds = {"candidates": time.perf_counter() - start}
+    return PlanSetup(loaded, layers, totals, fixed, limits, plan_budgets, seconds, latency, latency_backend, threads)
 
 
 def make_plan(
@@ -224,9 +264,19 @@ def make_plan(
     sensitivity: str = "hutchinson",
     max_error: float = 0.95,
     sensitivity_batches: int = 4,
+    latency_backend: str = "torch",
+    threads: int = 1,
 ) -> Plan:
     """The plan for ``loaded.model`` under ``budgets`` (see the module doc). Leaves the model as it is."""
-    setup = prepare_plan(loaded, budgets, candidates=candidates, include=include, exclude=exclude)
+    setup = prepare_plan(
+        loaded,
+        budgets,
+        candidates=candidates,
+        include=include,
+        exclude=exclude,
+        latency_backend=latency_backend,
+        threads=threads,
+    )
     return finish_plan(
         setup,
         data,
@@ -249,7 +299,7 @@ def finish_plan(
     """Statistics, sensitivity, scores and the knapsack over a prepared setup."""
     from convrewrite.recovery.device import resolve_device
 
-    loaded, layers, totals, fixed, limits = setup.loaded, setup.layers, setup.totals, setup.fixed, setup.limits
+    loaded, layers, fixed, limits = setup.loaded, setup.layers, setup.fixed, setup.limits
     plan_budgets, seconds = setup.budgets, dict(setup.seconds)
     model = loaded.model
     target = resolve_device(device)
@@ -284,6 +334,9 @@ def finish_plan(
         kept = [layer.keep]
         for option in layer.options[1:]:
             assert option.rule is not None
+            if option.exact:  # computes the layer's function exactly: no error, no loss
+                kept.append(option)
+                continue
             with torch.no_grad():
                 block = option.rule.build(layer.site).module.to(device=target, dtype=torch.float64)
                 option.error, kernel = scoring.candidate_error(block, layer.site.module, stats)
@@ -299,11 +352,28 @@ def finish_plan(
         notes.append(f"{dropped} candidates dropped as degenerate (predicted layer error >= {max_error:g})")
     seconds["scoring"] = time.perf_counter() - start
 
+    if setup.latency is not None:
+        return _latency_plan(setup, layers, weights, data, notes, seconds, sensitivity)
     start = time.perf_counter()
     check_feasible(layers, limits, plan_budgets, fixed)  # dropped candidates may have raised the floor
     result = allocate([layer.options for layer in layers], limits)
     seconds["allocation"] = time.perf_counter() - start
+    return _assemble(setup, layers, result, plan_budgets, weights.samples, data, notes, seconds, sensitivity)
 
+
+def _assemble(
+    setup: PlanSetup,
+    layers: list[_Layer],
+    result: Any,
+    plan_budgets: list[PlanBudget],
+    sensitivity_samples: int,
+    data: BatchSource,
+    notes: list[str],
+    seconds: dict[str, float],
+    sensitivity: str,
+) -> Plan:
+    """The ``Plan`` of one allocation over the scored layers."""
+    loaded, totals, fixed = setup.loaded, setup.totals, setup.fixed
     plan_layers = []
     for layer, pick in zip(layers, result.picks):
         option = layer.options[pick]
@@ -322,10 +392,12 @@ def finish_plan(
                     option.macs,
                     option.error,
                     option.loss,
+                    option.latency_ms,
                 ),
                 candidates=len(layer.options),
                 sensitivity=layer.sensitivity,
                 protected=layer.protected,
+                latency_ms_before=layer.keep.latency_ms,
             )
         )
     step = max(1, math.ceil(len(result.front) / FRONT_POINTS))
@@ -333,7 +405,7 @@ def finish_plan(
     front = [_front_totals(layers, p.picks, fixed, p.loss) for p in picked]
     plan = Plan(
         model=loaded.display_name,
-        budgets=plan_budgets,
+        budgets=[dataclasses.replace(b) for b in plan_budgets],
         layers=plan_layers,
         original_params=int(totals["params"]),
         original_macs=int(totals["macs"]),
@@ -342,15 +414,112 @@ def finish_plan(
         front=front,
         sensitivity=sensitivity,
         scoring=scoring.scoring_method(),
-        samples={"fit": data.count("fit") or 0, "holdout": data.count("holdout") or 0, "sensitivity": weights.samples},
-        seconds=seconds,
+        samples={
+            "fit": data.count("fit") or 0,
+            "holdout": data.count("holdout") or 0,
+            "sensitivity": sensitivity_samples,
+        },
+        seconds=dict(seconds),
         optimal=result.optimal,
-        notes=notes,
+        notes=list(notes),
     )
     for layer in layers:
         plan.options[layer.site.name] = [_plan_option(option) for option in layer.options]
     for budget in plan.budgets:
-        budget.planned = float(plan.params if budget.metric == "params" else plan.macs)
+        if budget.metric != "latency":
+            budget.planned = float(plan.params if budget.metric == "params" else plan.macs)
+    return plan
+
+
+def _latency_plan(
+    setup: PlanSetup,
+    layers: list[_Layer],
+    weights: Any,
+    data: BatchSource,
+    notes: list[str],
+    seconds: dict[str, float],
+    sensitivity: str,
+) -> Plan:
+    """Measure the layer table and the original, allocate, build, time, tighten and re-plan."""
+    import copy
+
+    from convrewrite.planning import latency as planning_latency
+
+    spec = setup.latency
+    assert spec is not None
+    backend, threads = setup.latency_backend, setup.threads
+    original = copy.deepcopy(setup.loaded.model).to("cpu").eval()
+    inputs = setup.loaded.inputs
+    start = time.perf_counter()
+    notes = notes + planning_latency.time_options(layers, backend=backend, threads=threads, exact=LATENCY_EXACT_RULES)
+    seconds["latency_table"] = time.perf_counter() - start
+    start = time.perf_counter()
+    original_ms = planning_latency.measure_original(original, inputs, backend=backend, threads=threads)
+    fixed = dict(setup.fixed)
+    fixed["latency"] = max(0.0, original_ms - sum(layer.keep.latency_ms or 0.0 for layer in layers))
+    whole = spec.limit(original_ms)
+    wanted = original_ms / whole
+    budget = PlanBudget("latency", spec.text, whole, original_ms)
+    plan_budgets = [*setup.budgets, budget]
+    outcome = planning_latency.PlanLatency(backend, threads, batch_of(inputs), original_ms, fixed["latency"], wanted)
+    if fixed["latency"] >= whole:
+        outcome.notes.append("the time outside the planned layers alone exceeds the budget")
+    limits = dict(setup.limits)
+    target = wanted
+    plans: list[Plan] = []
+    table = [layer.options for layer in layers]
+    for iteration in range(planning_latency.MAX_ITERATIONS):
+        limits["latency"] = original_ms / target - fixed["latency"]
+        try:
+            check_feasible(layers, limits, plan_budgets, fixed)
+        except UsageError:
+            if not plans:
+                raise
+            outcome.notes.append(f"the tightened target {target:.2f}x is out of reach of the layer table: stopped")
+            break
+        result = allocate(table, limits)
+        predicted_ms = fixed["latency"] + sum(
+            layer.options[p].latency_ms or 0.0 for layer, p in zip(layers, result.picks)
+        )
+        step = planning_latency.LatencyIteration(target, original_ms / predicted_ms, predicted_ms=predicted_ms)
+        plan = _assemble(setup, layers, result, plan_budgets, weights.samples, data, notes, seconds, sensitivity)
+        if plan.rewritten:
+            def build(planned: Plan = plan) -> nn.Module:
+                return planned.apply(original, example_inputs=inputs, fit=False).model
+
+            report = planning_latency.verify(
+                original,
+                build,
+                inputs,
+                backend=backend,
+                threads=threads,
+            )
+            step.measured_speedup = report.speedup
+            step.measured_ms = original_ms / report.speedup
+        else:
+            step.measured_speedup, step.measured_ms = 1.0, original_ms
+        outcome.iterations.append(step)
+        plans.append(plan)
+        if step.measured_speedup >= wanted or not plan.rewritten:
+            break
+        target = planning_latency.tightened(target, wanted, step.measured_speedup)
+        outcome.notes.append(
+            f"plan {iteration + 1} measured {step.measured_speedup:.2f}x < {wanted:.2f}x: "
+            f"target tightened to {target:.2f}x"
+        )
+    met = [i for i, it in enumerate(outcome.iterations) if (it.measured_speedup or 0.0) >= wanted]
+    outcome.chosen = (
+        met[0] if met else max(range(len(plans)), key=lambda i: outcome.iterations[i].measured_speedup or 0.0)
+    )
+    plan = plans[outcome.chosen]
+    seconds["latency_checks"] = time.perf_counter() - start
+    plan.seconds = dict(seconds)
+    final = outcome.final
+    assert final is not None and final.measured_ms is not None
+    for plan_budget in plan.budgets:
+        if plan_budget.metric == "latency":
+            plan_budget.planned = final.measured_ms
+    plan.latency = outcome.to_dict()
     return plan
 
 
