@@ -484,6 +484,7 @@ def _latency_plan(
         step = planning_latency.LatencyIteration(target, original_ms / predicted_ms, predicted_ms=predicted_ms)
         plan = _assemble(setup, layers, result, plan_budgets, weights.samples, data, notes, seconds, sensitivity)
         if plan.rewritten:
+
             def build(planned: Plan = plan) -> nn.Module:
                 return planned.apply(original, example_inputs=inputs, fit=False).model
 
