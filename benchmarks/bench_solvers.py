@@ -15,8 +15,10 @@ The second table compares the two starts of separable alternating least squares,
 statistics and from the weights the ``separable`` rule transfers (the SVD of the original
 kernel): "before" starts ALS from that transfer (``WHITENED_START`` off) for ``SOLVER_ROUNDS`` = 64
 rounds at the old tolerance 1e-6, as the fit did; "after" takes the whitened-SVD start when it is
-lower and runs ALS from it. ``to old`` is the first round of "after" whose loss is within 1e-4
-(relative) of the old 64-round loss (0 = the start alone already is).
+lower and runs ALS from it. ``xfer+1``: the relative error after one round from the transfer;
+``start``: that of the whitened start alone ("-" when the transfer was kept). ``to old`` is the
+first round of "after" whose loss is within 1e-4 (relative) of the old 64-round loss (0 = the
+start alone already is).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_solvers.py [--threads 1] [--channels 512] [--starts-only]
 """
@@ -79,9 +81,9 @@ def run(name: str, block: nn.Module, stats: LayerStatistics, geometry: PatchGeom
     assert result is not None
     energy = float(stats.energy.sum())
     start, end = (math.sqrt(v / energy) for v in (result.losses[0], result.losses[-1]))
+    rounds = result.method.rsplit("(", 1)[1].split()[0] if "rounds)" in result.method else len(result.losses) - 1
     print(
-        f"{name:<34} {stats.unknowns:>6,} {wall:>8.2f} {len(result.losses) - 1:>6} {start:>10.4f} {end:>10.4f}  "
-        f"{result.method}",
+        f"{name:<34} {stats.unknowns:>6,} {wall:>8.2f} {rounds:>6} {start:>10.4f} {end:>10.4f}  {result.method}",
         flush=True,
     )
 
@@ -95,6 +97,15 @@ def transferred(block: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> n
         block[1].weight.copy_(pointwise.reshape(block[1].weight.shape))
         block[1].bias.copy_(bias)
     return block
+
+
+def header() -> None:
+    """The column heads of ``compare_starts``'s rows."""
+    print(
+        f"{'block':<32} {'n':>6} {'rel xfer':>9} {'xfer+1':>8} {'start':>8} | {'old s':>7} {'rnds':>5} "
+        f"{'old rel':>9} | {'new s':>7} {'rnds':>5} {'new rel':>9} {'to old':>6} {'new/old-1':>10}  method",
+        flush=True,
+    )
 
 
 def compare_starts(name: str, make: Any, stats: LayerStatistics, geometry: PatchGeometry, kernel: tuple) -> None:
@@ -125,8 +136,10 @@ def compare_starts(name: str, make: Any, stats: LayerStatistics, geometry: Patch
     def rel(value: float) -> float:
         return math.sqrt(value / energy)
 
+    first = old.losses[min(1, len(old.losses) - 1)]
     print(
-        f"{name:<32} {stats.unknowns:>6,} {rel(old.losses[0]):>9.4f} | {old_wall:>7.1f} {old_rounds:>5} "
+        f"{name:<32} {stats.unknowns:>6,} {rel(old.losses[0]):>9.4f} {rel(first):>8.4f} "
+        f"{'-' if not offset else f'{rel(new.losses[1]):.4f}':>8} | {old_wall:>7.1f} {old_rounds:>5} "
         f"{rel(old.losses[-1]):>9.5f} | {new_wall:>7.1f} {new_rounds:>5} {rel(new.losses[-1]):>9.5f} "
         f"{'-' if rounds_to_old is None else rounds_to_old:>6} {new.losses[-1] / old.losses[-1] - 1:>+10.2e}  "
         f"{new.method}",
@@ -154,10 +167,7 @@ def main() -> None:
     print()
     print("# separable ALS from the rule's SVD transfer: before = 64 rounds from the transfer (tolerance 1e-6),")
     print(f"# after = the whitened start when lower, then ALS (tolerance {separable_solver.TOLERANCE:g}, at most 64)")
-    print(
-        f"{'block':<32} {'n':>6} {'rel xfer':>9} | {'old s':>7} {'rnds':>5} {'old rel':>9} | "
-        f"{'new s':>7} {'rnds':>5} {'new rel':>9} {'to old':>6} {'new/old-1':>10}  method"
-    )
+    header()
     generator = torch.Generator().manual_seed(1)
     conv = nn.Conv2d(c, c, 3, padding=1).double()
     stats, weight, bias = synthetic_statistics(conv, 100_000, generator, with_kernel=True)
