@@ -378,6 +378,125 @@ def test_separable_exact_when_the_target_is_separable():
         assert torch.allclose(exact.state_dict()[name], value, atol=1e-9)
 
 
+def _transferred(block: nn.Module, target: nn.Conv2d | nn.Conv1d) -> nn.Module:
+    """``block`` with the separable rule's SVD transfer of ``target`` (the start the fit gets)."""
+    from convrewrite.rules.separable import svd_factors
+
+    multiplier = block[0].out_channels // block[0].in_channels
+    depthwise, pointwise, _ = svd_factors(target.weight, multiplier)
+    with torch.no_grad():
+        block[0].weight.copy_(depthwise)
+        block[1].weight.copy_(pointwise.reshape(block[1].weight.shape))
+        if block[0].bias is not None:
+            block[0].bias.zero_()
+        if block[1].bias is not None:
+            block[1].bias.copy_(target.bias)
+    return block
+
+
+def _start_only(block: nn.Module, stats: LayerStatistics) -> str:
+    """Apply the separable solver's start choice alone (no ALS round) to ``block``; which start."""
+    import convrewrite.recovery.solvers.separable as separable
+
+    state = separable._Separable(block, stats)
+    _, which = separable.choose_start(state, state.loss(), 1e-7)
+    state.write(block)
+    return which
+
+
+def _correlated_sequence(shape) -> torch.Tensor:
+    """Inputs whose taps are strongly correlated (a random walk) and whose channels differ in scale."""
+    walk = torch.randn(*shape).cumsum(-1) / 3
+    return walk * torch.logspace(0, -1, shape[1]).reshape(1, -1, 1) + 0.5
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+@pytest.mark.parametrize("depthwise_bias, pointwise_bias", [(False, True), (True, True), (True, False), (False, False)])
+def test_separable_start_is_never_worse_than_the_transfer(multiplier, depthwise_bias, pointwise_bias):
+    target = nn.Conv1d(4, 6, 5, padding=2)
+    x = _correlated_sequence((6, 4, 30))
+    stats, _, _, y = make_case(target, x)
+    block = SeparableConv1d(
+        4, 6, 5, padding=2, multiplier=multiplier, depthwise_bias=depthwise_bias, pointwise_bias=pointwise_bias
+    )
+    block = _transferred(block, target)
+    transfer = data_loss(block, x, y)
+    which = _start_only(block, stats)
+    started = data_loss(block, x, y)  # measured on the data through the block's forward
+    assert started <= transfer * (1 + 1e-9)
+    if which == "the whitened start":
+        assert started < transfer
+    # On this correlated input the plain SVD is not the whitened one: the start must win.
+    if pointwise_bias:
+        assert which == "the whitened start"
+        assert started < 0.95 * transfer
+
+
+@pytest.mark.parametrize("multiplier", [1, 3])
+@pytest.mark.parametrize("depthwise_bias, pointwise_bias", [(True, True), (False, True), (True, False)])
+def test_separable_start_alone_is_exact_on_a_separable_target(multiplier, depthwise_bias, pointwise_bias):
+    target = SeparableConv2d(
+        4, 5, 3, padding=1, multiplier=multiplier, depthwise_bias=depthwise_bias, pointwise_bias=pointwise_bias
+    )
+    x = torch.randn(5, 4, 6, 6) + 0.5
+    geometry = nn.Conv2d(4, 5, 3, padding=1)
+    stats, _, _, y = make_case(target, x, geometry=geometry)
+    block = SeparableConv2d(
+        4, 5, 3, padding=1, multiplier=multiplier, depthwise_bias=depthwise_bias, pointwise_bias=pointwise_bias
+    )
+    assert relative(block, x, y) > 0.5
+    assert _start_only(block, stats) == "the whitened start"
+    assert relative(block, x, y) < 1e-6
+
+
+def test_separable_start_is_optimal_for_a_single_channel():
+    """With one input channel the channel's metric is the whole gram: the start is the optimum itself."""
+    target = nn.Conv1d(1, 4, 5)
+    x = _correlated_sequence((8, 1, 40))
+    stats, _, _, y = make_case(target, x)
+    block = _transferred(SeparableConv1d(1, 4, 5, depthwise_bias=False), target)
+    assert _start_only(block, stats) == "the whitened start"
+    started = data_loss(block, x, y)
+    best = math.inf
+    for _ in range(6):
+        other = SeparableConv1d(1, 4, 5, depthwise_bias=False)
+        optimizer = torch.optim.LBFGS(
+            other.parameters(),
+            max_iter=3000,
+            tolerance_grad=1e-14,
+            tolerance_change=1e-16,
+            line_search_fn="strong_wolfe",
+        )
+        optimizer.step(_closure(optimizer, other, x, y))
+        best = min(best, data_loss(other, x, y))
+    assert started <= best * (1 + 1e-6)
+
+
+def test_separable_als_from_the_start_is_monotone_and_reported():
+    target = nn.Conv2d(6, 8, 3, padding=1)
+    x = torch.randn(5, 6, 7, 7) + 0.3
+    stats, _, _, y = make_case(target, x)
+    block = _transferred(SeparableConv2d(6, 8, 3, padding=1, multiplier=2), target)
+    transfer = data_loss(block, x, y)
+    result = solve(block, stats, target, rounds=20)  # checks the history never rises
+    assert "from the whitened start" in result.method
+    assert math.isclose(result.losses[0], transfer, rel_tol=1e-9)
+    assert result.losses[1] < result.losses[0]  # the start, a step of its own
+    assert len(result.losses) >= 4
+    assert math.isclose(result.losses[-1], data_loss(block, x, y), rel_tol=1e-9)
+
+
+def test_separable_start_can_be_switched_off(monkeypatch):
+    import convrewrite.recovery.solvers.separable as separable
+
+    monkeypatch.setattr(separable, "WHITENED_START", False)
+    target = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(4, 3, 6, 6)
+    stats, _, _, _ = make_case(target, x)
+    result = solve(_transferred(SeparableConv2d(3, 4, 3, padding=1), target), stats, target, rounds=3)
+    assert "from the transfer" in result.method
+
+
 # -- channelwise and the generic path --------------------------------------------------------------
 
 

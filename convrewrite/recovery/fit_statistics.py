@@ -133,6 +133,9 @@ def statistics_kernel(block: nn.Module, geometry: PatchGeometry) -> torch.Tensor
 #: Rounds of the alternating solvers (separable ALS): measured on the TDNN's separable layers,
 #: 8 rounds left the held-out layer error up to 0.8% above the old gradient path's, 64 below it
 #: on every layer (``docs/fitting-statistics.md``); rounds stop early once the loss is flat.
+#: Kept at 64 with the whitened start (``docs/solvers.md``): from it ALS reaches the old 64-round
+#: loss in 13-49 rounds on the trained CRNN's layers and the 512-channel/64-tap benchmarks, but
+#: not on every layer, and 64 rounds from it end lower than before on all but one of eight.
 SOLVER_ROUNDS = 64
 
 

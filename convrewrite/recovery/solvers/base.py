@@ -33,8 +33,9 @@ _SOLVERS: dict[type, Solver] = {}
 
 @dataclass
 class SolveResult:
-    """How a block was solved. ``losses[0]`` is the start's squared error, then one per round;
-    the sequence never increases and ``losses[-1]`` is the squared error of the block as left."""
+    """How a block was solved. ``losses[0]`` is the start's squared error, then one per round (a
+    solver's own start, such as separable's whitened start, counts as one); the sequence never
+    increases and ``losses[-1]`` is the squared error of the block as left."""
 
     method: str
     losses: list[float] = field(default_factory=list)
