@@ -17,10 +17,17 @@ from typing import Annotated, Any
 import typer
 
 from convrewrite.cli.options import with_settings
+from convrewrite.config import schema
 from convrewrite.errors import BudgetExceeded, ConvRewriteError, UsageError, describe
 from convrewrite.gate.views import CHECK_FORMATS
 from convrewrite.report.views import FORMATS as REPORT_FORMATS
 from convrewrite.report.views import get_view
+
+#: ``plan``'s defaults shared with the other commands, from the settings schema.
+HOLDOUT: float = schema.default("holdout")
+DEVICE: str = schema.default("device")
+#: ``plan``'s options that take several values (None when not given).
+LIST_OPTIONS = ("budget", "candidates", "include", "exclude", "input_shape")
 
 app = typer.Typer(
     name="convrewrite",
@@ -404,9 +411,11 @@ def plan(
         list[str] | None, typer.Option("--input-shape", help="Example input shape, batch first (1,3,224,224).")
     ] = None,
     weights: Annotated[str | None, typer.Option("--weights", help=".safetensors or .pt/.pth weights.")] = None,
-    holdout: Annotated[float, typer.Option("--holdout", help="Fraction of samples the scores are measured on.")] = 0.1,
+    holdout: Annotated[
+        float, typer.Option("--holdout", help="Fraction of samples the scores are measured on.")
+    ] = HOLDOUT,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Calibration batch size.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = DEVICE,
     sensitivity: Annotated[
         str, typer.Option("--sensitivity", help="Layer weighting: hutchinson (probe moments), isotropic or uniform.")
     ] = "hutchinson",
@@ -421,28 +430,16 @@ def plan(
 ) -> None:
     """Choose the rule, its options and the layers that meet a budget with the least predicted error."""
 
+    # The command's options, under run_plan's names (lists the user left out are empty).
+    given = dict(locals())
+    renamed = {"budget": "budgets", "input_shape": "input_shapes"}
+    arguments = {renamed.get(k, k): ([] if v is None and k in LIST_OPTIONS else v) for k, v in given.items()}
+    del arguments["debug"], arguments["model"]
+
     def body() -> int:
         from convrewrite.commands.plan import run_plan
 
-        run_plan(
-            model,
-            data=data,
-            budgets=budget,
-            candidates=candidates or [],
-            include=include or [],
-            exclude=exclude or [],
-            input_shapes=input_shape or [],
-            weights=weights,
-            holdout=holdout,
-            batch_size=batch_size,
-            device=device,
-            sensitivity=sensitivity,
-            save=save,
-            force=force,
-            fmt=fmt,
-            latency_backend=latency_backend,
-            threads=threads,
-        )
+        run_plan(model, **arguments)
         return 0
 
     raise typer.Exit(guarded(debug, body))

@@ -41,6 +41,17 @@ def describe_fidelity(fidelity: Any, compact: bool = False) -> str:
     return text
 
 
+def display_mode(mode: str, is_main: bool) -> str:
+    """``bar``, ``lines`` or ``none``: ``auto`` is a bar on a terminal and lines otherwise; only rank 0 shows."""
+    if mode not in PROGRESS_MODES:
+        raise ValueError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {mode!r}")
+    if not is_main:
+        return "none"
+    if mode == "auto":
+        return "bar" if sys.stderr.isatty() else "lines"
+    return mode
+
+
 def rich_bar(fields: tuple[str, ...]) -> Any:
     """A rich progress bar on stderr: description, bar, i/N, the task's ``fields``, time left."""
     from rich.console import Console
@@ -62,13 +73,7 @@ class DistillProgress:
     """Step-by-step display of one distillation run."""
 
     def __init__(self, mode: str, total: int, start: int, *, is_main: bool = True, label: str = "distill") -> None:
-        if mode not in PROGRESS_MODES:
-            raise ValueError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {mode!r}")
-        if not is_main:
-            mode = "none"
-        elif mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "lines"
-        self.mode = mode
+        self.mode = display_mode(mode, is_main)
         self.total = total
         self.start_step = start
         self.label = label
@@ -125,13 +130,7 @@ class FitLayersProgress:
     """
 
     def __init__(self, mode: str, *, is_main: bool = True, label: str = "fit") -> None:
-        if mode not in PROGRESS_MODES:
-            raise ValueError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {mode!r}")
-        if not is_main:
-            mode = "none"
-        elif mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "lines"
-        self.mode = mode
+        self.mode = display_mode(mode, is_main)
         self.label = label
         self.started = time.perf_counter()
         self.passes = 0.0
