@@ -81,7 +81,7 @@ class DistillProgress:
         self.fidelity_text = "held-out --"
         self._bar: Any = None
         self._task: Any = None
-        if mode == "bar":
+        if self.mode == "bar":
             self._bar = rich_bar(fields=("loss {task.fields[loss]}", "{task.fields[fidelity]}"))
             self._bar.start()
             self._task = self._bar.add_task(label, total=total, completed=start, loss="--", fidelity=self.fidelity_text)
