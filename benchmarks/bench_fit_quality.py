@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_recovery import HOLDOUT, tasks, trained_model  # noqa: E402
+from bench_recovery import DIGITS_RULES, HOLDOUT, tasks, trained_model  # noqa: E402
 from bench_trained_digits import accuracy  # noqa: E402
 
 import convrewrite  # noqa: E402
@@ -52,17 +52,7 @@ RULES = {
         ["fuse-bn", "separable"],
         ["fuse-bn"],
     ],
-    "digits": [
-        ["separable"],
-        ["separable:multiplier=3"],
-        ["group-shuffle:groups=4"],
-        ["log-group"],
-        ["channelwise:groups=4"],
-        ["low-rank"],
-        ["separable", "channelwise:groups=4"],
-        ["fuse-bn", "separable"],
-        ["fuse-bn"],
-    ],
+    "digits": DIGITS_RULES,
     "tdnn": [["separable"], ["log-group"], ["low-rank"], ["group-shuffle:groups=4"]],
     "tdnn-chirps": [["separable"], ["log-group"], ["low-rank"]],
 }
