@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from convrewrite.recovery.fit_statistics import _standin_solve
+from convrewrite.recovery.solvers import solve_from_statistics
 from convrewrite.recovery.statistics import PatchGeometry, StatisticsAccumulator
 
 
@@ -57,7 +57,7 @@ def main() -> None:
                 reference = accumulator.stats.gram
             gram_error = float((accumulator.stats.gram - reference).norm() / reference.norm())
             block = nn.Conv2d(channels, channels, 3, padding=1)
-            _standin_solve(block, accumulator.stats, geometry, 1e-7)
+            solve_from_statistics(block, accumulator.stats, geometry=geometry, ridge=1e-7)
             error = held.stats.relative_error(geometry.dense_kernel(block))
             print(
                 f"{channels:>8} {geometry.unknowns():>6} {str(product).split('.')[-1]:>8} {seconds:>12.2f} "

@@ -712,3 +712,77 @@ def test_padded_conv_takes_the_statistics_path_only_with_the_statistics_padding(
     assert statistics_kernel(padded(False, amounts=(0, 1, 0, 1)), padded_geometry) is None
     # With a stride, 'SAME' padding depends on the input size: no static geometry.
     assert statistics_kernel(padded(True, stride=2), PatchGeometry.of(nn.Conv2d(3, 4, 3, 2, 1))) is None
+
+
+# -- separable: the gauge and the held-out stop ----------------------------------------------------
+
+
+def test_separable_leaves_each_middle_channel_balanced_with_the_kernel_it_solved(monkeypatch):
+    import convrewrite.recovery.solvers.separable as separable
+
+    target = nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(6, 4, 8, 8) + 0.2
+    stats, _, _, y = make_case(target, x)
+    block = SeparableConv2d(4, 6, 3, padding=1, multiplier=2).double()
+    unbalanced = SeparableConv2d(4, 6, 3, padding=1, multiplier=2).double()
+    monkeypatch.setattr(separable._Separable, "balance", lambda self: None)
+    unbalanced.load_state_dict(block.state_dict())
+    solve(unbalanced, stats, target, rounds=6)
+    monkeypatch.undo()
+    solve(block, stats, target, rounds=6)
+    # Same rounds, same kernel: balancing moves only along the gauge (scale per middle channel).
+    dense = statistics_kernel(block, target)
+    assert torch.allclose(dense, statistics_kernel(unbalanced, target), rtol=1e-9, atol=1e-12)
+    rows = torch.cat([block[0].weight.flatten(1), block[0].bias.unsqueeze(1)], dim=1).norm(dim=1)
+    columns = block[1].weight.flatten(1).norm(dim=0)
+    assert torch.allclose(rows, columns, rtol=1e-9)
+
+    # ... the balanced point minimizes ||D||² + ||P||² over that gauge (its sum is no larger).
+    def size(b):
+        return float(sum(p.detach().square().sum() for n, p in b.named_parameters() if n.endswith("weight")))
+
+    assert size(block) <= size(unbalanced) * (1 + 1e-9)
+
+
+def _holdout_case():
+    """A layer with a small fit split (ALS overfits it) and a large held-out split."""
+    target = nn.Conv1d(6, 5, 5)
+    fit_x, held_x = torch.randn(4, 6, 12) + 0.1, torch.randn(60, 6, 12) + 0.1
+    noise = nn.Conv1d(6, 5, 5)  # the fit split's targets carry noise the held-out split does not share
+    fit_stats, _, _, _ = make_case(target, fit_x)
+    with torch.no_grad():
+        y = target(fit_x) + 0.3 * noise(torch.randn_like(fit_x))
+    fit_stats = statistics(patches(fit_x, target), targets(y))
+    held_stats, _, _, _ = make_case(target, held_x)
+    return target, fit_stats, held_stats
+
+
+def test_separable_keeps_the_round_with_the_lowest_held_out_loss():
+    from convrewrite.recovery.solvers.base import block_loss
+
+    target, fit_stats, held_stats = _holdout_case()
+    start = SeparableConv1d(6, 5, 5, multiplier=2).double()
+    # Independent reference: the held-out loss after every round count, with no held-out stop.
+    held_by_rounds = []
+    for rounds in range(1, 30):
+        block = SeparableConv1d(6, 5, 5, multiplier=2).double()
+        block.load_state_dict(start.state_dict())
+        solve(block, fit_stats, target, rounds=rounds)
+        held_by_rounds.append(block_loss(held_stats, statistics_kernel(block, target)))
+    watched = SeparableConv1d(6, 5, 5, multiplier=2).double()
+    watched.load_state_dict(start.state_dict())
+    result = solve(watched, fit_stats, target, rounds=29, holdout=held_stats)
+    kept = block_loss(held_stats, statistics_kernel(watched, target))
+    assert "stopped on the held-out loss" in result.method
+    assert kept < held_by_rounds[-1]  # overfitting was real: 29 rounds end worse on held-out data
+    run = int(result.method.split("(")[1].split(" ")[0])
+    assert 0 < run < 29
+    assert math.isclose(kept, held_by_rounds[run - 1], rel_tol=1e-6)  # the state after that many rounds
+    assert kept <= min(held_by_rounds[:run]) * (1 + 1e-6)  # and the best of the rounds it ran
+
+
+def test_separable_without_held_out_statistics_ignores_the_stop():
+    target, fit_stats, _ = _holdout_case()
+    block = SeparableConv1d(6, 5, 5, multiplier=2).double()
+    result = solve(block, fit_stats, target, rounds=5)
+    assert "held-out" not in result.method

@@ -22,14 +22,12 @@ kept if the held-out error then gets worse.
 
 from __future__ import annotations
 
-import contextlib
-import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from convrewrite.core.threads import torch_threads
+from convrewrite.recovery import solvers
 from convrewrite.recovery.statistics import (
     LayerStatistics,
     PatchGeometry,
@@ -41,93 +39,9 @@ from convrewrite.recovery.statistics import (
 # --------------------------------------------------------------------------- the solvers' API
 
 
-def _solvers() -> Any:
-    import importlib
-
-    try:
-        solvers = importlib.import_module("convrewrite.recovery.solvers")
-    except ImportError:
-        return None
-    if hasattr(solvers, "solve_from_statistics") and hasattr(solvers, "statistics_kernel"):
-        return solvers
-    return None
-
-
-class StandInResult:
-    """What :func:`solve_from_statistics` returns (``SolveResult`` of ``recovery/solvers``)."""
-
-    def __init__(self, method: str, losses: list[float], seconds: float) -> None:
-        self.method, self.losses, self.seconds = method, losses, seconds
-
-
-def _plain(block: nn.Module) -> PatchGeometry | None:
-    from convrewrite.recovery.fit import _plain_linear
-
-    if _plain_linear(block) is None:
-        return None
-    return PatchGeometry.of(block)
-
-
-def _same_geometry(block_geometry: PatchGeometry, geometry: PatchGeometry) -> bool:
-    return block_geometry == PatchGeometry(**{**geometry.__dict__, "groups": block_geometry.groups})
-
-
-def _standin_kernel(block: nn.Module, geometry: PatchGeometry) -> torch.Tensor | None:
-    own = _plain(block)
-    if own is None or not _same_geometry(own, geometry):
-        return None
-    return own.dense_kernel(block)
-
-
-def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Least squares with a ridge relative to the mean diagonal, plus one iterated-Tikhonov step."""
-    scale = float(gram.diagonal().mean().clamp_min(1e-30))
-    regularised = gram + ridge * scale * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    with torch_threads(1) if gram.shape[0] <= 512 else contextlib.nullcontext():
-        factor, info = torch.linalg.cholesky_ex(regularised)
-        if int(info) != 0:
-            return torch.linalg.lstsq(regularised.cpu(), cross.cpu()).solution.to(gram.device)
-        solution = torch.cholesky_solve(cross, factor)
-        return solution + torch.cholesky_solve(cross - gram @ solution, factor)
-
-
-def _standin_solve(block: nn.Module, stats: LayerStatistics, geometry: PatchGeometry, ridge: float) -> Any:
-    """Plain conv / linear blocks of the layer's geometry: exact least squares (per group)."""
-    own = _plain(block)
-    if own is None or not _same_geometry(own, geometry):
-        return None
-    began = time.perf_counter()
-    weight: Any = block.weight
-    bias = getattr(block, "bias", None)
-    taps, groups = own.taps, own.groups
-    per_in, per_out = own.in_channels // groups, own.out_channels // groups
-    ones = stats.unknowns - 1 if stats.with_ones else None
-    with torch.no_grad():
-        for g in range(groups):
-            index = list(range(g * per_in * taps, (g + 1) * per_in * taps))
-            if bias is not None and ones is not None:
-                index.append(ones)
-            columns = torch.tensor(index, device=stats.gram.device)
-            outputs = torch.arange(g * per_out, (g + 1) * per_out, device=stats.gram.device)
-            gram = stats.gram.index_select(0, columns).index_select(1, columns)
-            cross = stats.cross.index_select(0, columns).index_select(1, outputs)
-            solution = _ridge_solve(gram, cross, ridge).t()  # (per_out, unknowns)
-            core = solution[:, : per_in * taps]
-            weight[g * per_out : (g + 1) * per_out].copy_(core.reshape(per_out, *weight.shape[1:]).to(weight.dtype))
-            if bias is not None:
-                bias[g * per_out : (g + 1) * per_out].copy_(solution[:, -1].to(bias.dtype))
-    kernel = own.dense_kernel(block)
-    return StandInResult("least-squares", [stats.squared_error(kernel)], time.perf_counter() - began)
-
-
 def statistics_kernel(block: nn.Module, geometry: PatchGeometry) -> torch.Tensor | None:
     """(out, n) float64 dense kernel of ``block`` under ``geometry``, or None (no statistics path)."""
-    solvers = _solvers()
-    if solvers is not None:
-        kernel = solvers.statistics_kernel(block, geometry)
-        if kernel is not None:
-            return kernel
-    return _standin_kernel(block, geometry)
+    return solvers.statistics_kernel(block, geometry)
 
 
 #: Rounds of the alternating solvers (separable ALS): measured on the TDNN's separable layers,
@@ -140,15 +54,19 @@ SOLVER_ROUNDS = 64
 
 
 def solve_from_statistics(
-    block: nn.Module, stats: LayerStatistics, *, geometry: PatchGeometry, ridge: float, rounds: int = SOLVER_ROUNDS
-) -> Any:
-    """Set ``block``'s parameters to the least-squares fit under ``stats``; None = no path."""
-    solvers = _solvers()
-    if solvers is not None:
-        result = solvers.solve_from_statistics(block, stats, geometry=geometry, ridge=ridge, rounds=rounds)
-        if result is not None:
-            return result
-    return _standin_solve(block, stats, geometry, ridge)
+    block: nn.Module,
+    stats: LayerStatistics,
+    *,
+    geometry: PatchGeometry,
+    ridge: float,
+    rounds: int = SOLVER_ROUNDS,
+    holdout: LayerStatistics | None = None,
+) -> solvers.SolveResult | None:
+    """Set ``block``'s parameters to the least-squares fit under ``stats``; None = no path.
+
+    ``holdout``: the layer's held-out statistics; the iterative solvers stop on them.
+    """
+    return solvers.solve_from_statistics(block, stats, geometry=geometry, ridge=ridge, rounds=rounds, holdout=holdout)
 
 
 # --------------------------------------------------------------------------- one layer
@@ -231,7 +149,7 @@ def fit_layer_from_statistics(
     record.fit_error_before = fit.relative_error(kernel)
     if has_holdout:
         record.holdout_error_before = holdout.relative_error(kernel)
-    solved = solve_from_statistics(block, fit, geometry=geometry, ridge=ridge)
+    solved = solve_from_statistics(block, fit, geometry=geometry, ridge=ridge, holdout=holdout if has_holdout else None)
     if solved is None:
         return None
     after = statistics_kernel(block, geometry)

@@ -22,6 +22,8 @@ towards the current value (a proximal ridge), and a result worse than the start 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from typing import Any
 
@@ -41,20 +43,47 @@ from convrewrite.recovery.solvers.generic import solve_generic
 from convrewrite.recovery.statistics import LayerStatistics
 
 
+@functools.cache
+def _takes_holdout(solver: Any) -> bool:
+    """Whether a registered solver accepts the ``holdout`` keyword (the optional part of the protocol)."""
+    try:
+        return "holdout" in inspect.signature(solver).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def solve_inner(
-    block: nn.Module, stats: LayerStatistics, *, ridge: float, rounds: int
+    block: nn.Module,
+    stats: LayerStatistics,
+    *,
+    ridge: float,
+    rounds: int,
+    holdout: LayerStatistics | None = None,
 ) -> tuple[str, list[float]] | None:
-    """The registered solver of ``block``, else the generic path; (method, losses) or None."""
+    """The registered solver of ``block``, else the generic path; (method, losses) or None.
+
+    ``holdout``: the held-out statistics of the same layer, passed to solvers that take the
+    keyword (the iterative ones stop on it); the others never see it.
+    """
     solver = registered_solver(block)
     if solver is not None:
-        outcome = solver(block, stats, ridge, rounds)
+        if holdout is not None and _takes_holdout(solver):
+            outcome = solver(block, stats, ridge, rounds, holdout=holdout)  # type: ignore[call-arg]
+        else:
+            outcome = solver(block, stats, ridge, rounds)
         if outcome is not None:
             return outcome
     return solve_generic(block, stats, ridge, rounds)
 
 
 def solve_from_statistics(
-    block: nn.Module, stats: LayerStatistics, *, geometry: Any, ridge: float = 1e-7, rounds: int = 8
+    block: nn.Module,
+    stats: LayerStatistics,
+    *,
+    geometry: Any,
+    ridge: float = 1e-7,
+    rounds: int = 8,
+    holdout: LayerStatistics | None = None,
 ) -> SolveResult | None:
     """Set ``block``'s parameters in place to the statistics fit; None = no statistics path for it.
 
@@ -62,7 +91,9 @@ def solve_from_statistics(
     parameters stay where they are). ``geometry`` describes the patches the statistics were
     unfolded from (a ``PatchGeometry``, or the original conv/Linear). ``ridge`` is relative to the
     mean diagonal of each normal matrix and pulls towards the current value; ``rounds`` bounds the
-    alternating solvers. ``losses[0]`` of the result is the start's squared error, ``losses[-1]``
+    alternating solvers. ``holdout`` (the held-out statistics of the same layer, optional) lets
+    an iterative solver stop when the held-out loss stops falling and keep its best round there
+    (separable's ALS does). ``losses[0]`` of the result is the start's squared error, ``losses[-1]``
     that of the block as left (in its own dtype).
     """
     start_kernel = statistics_kernel(block, geometry)
@@ -72,10 +103,12 @@ def solve_from_statistics(
         return None
     began = time.perf_counter()
     stats = on_cpu(stats)
+    if holdout is not None:
+        holdout = on_cpu(holdout) if holdout.rows > 0 else None
     start = block_loss(stats, start_kernel)
     saved = {name: parameter.detach().clone() for name, parameter in block.named_parameters()}
     with torch.no_grad():
-        outcome = solve_inner(block, stats, ridge=ridge, rounds=rounds)
+        outcome = solve_inner(block, stats, ridge=ridge, rounds=rounds, holdout=holdout)
     if outcome is None:
         _restore(block, saved)
         return None
