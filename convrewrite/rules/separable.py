@@ -18,8 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from convrewrite.layers import SeparableConv1d, SeparableConv2d, SeparableConv3d
-from convrewrite.rules._shared import geometry
+from convrewrite.rules._shared import block_class_for, geometry
 from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
 
@@ -109,7 +108,7 @@ class SeparableRule(Rule):
     def build(self, site: ConvSite) -> Replacement:
         conv = site.module
         depthwise_bias, pointwise_bias = self._has_bias(site)
-        block_class = {1: SeparableConv1d, 2: SeparableConv2d, 3: SeparableConv3d}[site.conv_dims]
+        block_class = block_class_for("SeparableConv", site.conv_dims)
         m = self.config.multiplier
         block = block_class(
             conv.in_channels,
