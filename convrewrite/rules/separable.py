@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from convrewrite.rules._shared import block_class_for, geometry
+from convrewrite.rules._shared import block_class_for, geometry, grouping_skip_reason
 from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
 
@@ -89,14 +89,9 @@ class SeparableRule(Rule):
     config: SeparableConfig
 
     def skip_reason(self, site: ConvSite) -> str | None:
-        reason = common_skip_reason(site, self.config)
+        reason = common_skip_reason(site, self.config) or grouping_skip_reason(site)
         if reason:
             return reason
-        module = site.module
-        if module.groups == module.in_channels and module.groups > 1:
-            return f"already depthwise (groups={module.groups})"
-        if module.groups > 1:
-            return f"already grouped (groups={module.groups})"
         if site.kernel_elements == 1:
             return "1x1 conv: nothing to separate"
         return None
