@@ -181,3 +181,36 @@ def test_cli_latency_budget_with_real_torch_timing(cli, tmp_path: Path) -> None:
 def test_cli_bad_latency_backend_is_exit_2(cli, tmp_path: Path) -> None:
     result = cli("plan", tmp_path / "missing.py", "--budget", "latency=2x", "--latency-backend", "tvm")
     assert result.code == 2 and "--latency-backend" in result.err
+
+
+class RecordingTimer(FakeTimer):
+    """The fake timer that also records the backend and thread count of every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.options: list[tuple[str, int]] = []
+
+    def measure_layers(self, cases, *, backend="torch", threads=1, min_run_time=0.3, **_):
+        self.options.append((backend, threads))
+        return super().measure_layers(cases, backend=backend, threads=threads, min_run_time=min_run_time)
+
+    def measure_latency(self, original, rewritten, inputs, *, backend="torch", threads=1, **_):
+        self.options.append((backend, threads))
+        return super().measure_latency(original, rewritten, inputs, backend=backend, threads=threads)
+
+
+def test_apply_budget_passes_the_latency_backend_and_threads_to_the_planner(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``apply --budget latency=...`` times with ``--latency-backend`` and ``--threads``, as ``plan`` does."""
+    pytest.importorskip("onnxruntime")
+    fake = RecordingTimer().install(monkeypatch)
+    data = tmp_path / "calib.pt"
+    torch.save(torch.randn(48, 39, 50, generator=torch.Generator().manual_seed(0)), data)
+    flags = ("--budget", "latency=2x", "--latency-backend", "onnxruntime", "--threads", "3")
+    result = cli("apply", TDNN, "--data", data, *flags, "--out", tmp_path / "out", "--format", "json")
+    assert result.code == 0, result.err
+    assert fake.options and set(fake.options) == {("onnxruntime", 3)}
+    assert "measured" in result.err  # the plan, printed on stderr, has the measured whole-model check
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["after"]["params"] < report["before"]["params"]

@@ -132,7 +132,7 @@ def test_same_model_compares_files_and_objects(tmp_path: Path) -> None:
 def test_every_schema_setting_is_a_command_line_option_of_its_commands() -> None:
     """One edit in the schema gives the option: the generated signatures carry every setting."""
     commands = {info.callback.__name__: info.callback for info in app.registered_commands}
-    for command in ("report", "apply", "check"):
+    for command in ("report", "apply", "check", "distill", "plan"):
         parameters = inspect.signature(commands[command]).parameters
         for setting in schema.settings_for(command):
             assert setting.key in parameters, (command, setting.name)

@@ -17,7 +17,7 @@ import pytest
 from convrewrite.config import schema
 from convrewrite.config.job import make_job
 from convrewrite.config.project import ProjectConfig
-from convrewrite.config.stages import DistillSettings, FitSettings, LatencySettings, RunSettings
+from convrewrite.config.stages import DistillSettings, FitSettings, LatencySettings, PlanSettings, RunSettings
 
 PACKAGE = Path(__file__).resolve().parent.parent / "convrewrite"
 
@@ -53,6 +53,40 @@ def test_the_command_line_reaches_the_typed_settings() -> None:
     job = make_job("report", {"model": "m.py", "fit-steps": "12", "holdout": "0.25"}, ProjectConfig())
     settings = RunSettings.from_values(job.settings_values())
     assert (settings.fit.steps, settings.holdout) == (12, 0.25)
+
+
+def test_the_plan_settings_take_the_schema_defaults() -> None:
+    settings = PlanSettings.from_values({})
+    assert settings == PlanSettings() == RunSettings().plan
+    assert settings.sensitivity == schema.BY_NAME["sensitivity"].default == "hutchinson"
+    assert settings.latency_backend == schema.BY_NAME["latency-backend"].default
+    assert settings.threads == schema.BY_NAME["threads"].default
+    assert settings.holdout == schema.BY_NAME["holdout"].default
+    assert settings.device == schema.BY_NAME["device"].default
+    assert (settings.budgets, settings.candidates, settings.include, settings.exclude) == ((), (), (), ())
+    assert settings.save is None
+
+
+def test_the_plan_command_line_and_config_reach_the_plan_settings(tmp_path: Path) -> None:
+    """``plan`` resolves like the other commands: the command line over the model's table."""
+    from convrewrite.config.project import load_project_config
+
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.convrewrite]\nmodel = "m.py"\ncandidates = ["separable", "low-rank"]\n'
+        'sensitivity = "isotropic"\nthreads = 4\n'
+    )
+    cli = {"model": "m.py", "budget": ["latency=2x", "params=0.5x"], "latency-backend": "onnxruntime", "threads": 2}
+    job = make_job("plan", cli, load_project_config(tmp_path / "pyproject.toml"))
+    settings = PlanSettings.from_values(job.settings_values())
+    assert settings.budgets == ("latency=2x", "params=0.5x")
+    assert settings.candidates == ("separable", "low-rank") and settings.sensitivity == "isotropic"
+    assert (settings.latency_backend, settings.threads) == ("onnxruntime", 2)
+    assert job.source("threads") == "command line" and "pyproject.toml" in job.source("sensitivity")
+
+
+@pytest.mark.parametrize("name", ["budget", "save"])
+def test_the_plan_budget_and_save_are_command_line_only(name: str) -> None:
+    assert not schema.BY_NAME[name].toml
 
 
 def test_a_misspelt_key_is_refused() -> None:

@@ -17,17 +17,10 @@ from typing import Annotated, Any
 import typer
 
 from convrewrite.cli.options import with_settings
-from convrewrite.config import schema
 from convrewrite.errors import BudgetExceeded, ConvRewriteError, UsageError, describe
 from convrewrite.gate.views import CHECK_FORMATS
 from convrewrite.report.views import FORMATS as REPORT_FORMATS
 from convrewrite.report.views import get_view
-
-#: ``plan``'s defaults shared with the other commands, from the settings schema.
-HOLDOUT: float = schema.default("holdout")
-DEVICE: str = schema.default("device")
-#: ``plan``'s options that take several values (None when not given).
-LIST_OPTIONS = ("budget", "candidates", "include", "exclude", "input_shape")
 
 app = typer.Typer(
     name="convrewrite",
@@ -199,9 +192,6 @@ def apply(
     plan_file: Annotated[
         Path | None, typer.Option("--plan", help="Apply the rules of a PLAN.toml written by `plan --save`.")
     ] = None,
-    budget: Annotated[
-        list[str] | None, typer.Option("--budget", help="Plan to this budget (params=0.25x...) and apply the plan.")
-    ] = None,
 ) -> None:
     """Rewrite MODEL with the rules and write readable source, safetensors weights and a JSON report."""
 
@@ -213,11 +203,11 @@ def apply(
 
         check_destination(out, force)
         job = _job("apply", settings, config, verbose)
-        if plan_file is not None or budget:
+        if plan_file is not None or job.get("budget"):
             import_engine()
             from convrewrite.commands.plan import rules_for_apply
 
-            rules_for_apply(job, plan_file, budget or [])
+            rules_for_apply(job, plan_file)
         if not job["rules"]:
             raise UsageError("apply needs at least one --rule", hint="see `convrewrite rules`")
         from convrewrite.export.base import exporters_for
@@ -390,56 +380,19 @@ def distill(
 
 
 @app.command("plan")
+@with_settings("plan")
 def plan(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="path/file.py[:NAME] or package.module:NAME.")],
-    budget: Annotated[
-        list[str],
-        typer.Option(
-            "--budget", help="params=0.25x, macs=0.3x, params=200k, latency=2x; repeat: every budget must hold."
-        ),
-    ],
-    data: Annotated[str | None, typer.Option("--data", help="Calibration data SPEC (as for apply).")] = None,
-    candidates: Annotated[
-        list[str] | None,
-        typer.Option("--candidates", help="Rules to choose from (names or specs, comma-separated); default: all."),
-    ] = None,
-    include: Annotated[list[str] | None, typer.Option("--include", help="Only plan layers matching this glob.")] = None,
-    exclude: Annotated[
-        list[str] | None, typer.Option("--exclude", help="Never rewrite layers matching this glob.")
-    ] = None,
-    input_shape: Annotated[
-        list[str] | None, typer.Option("--input-shape", help="Example input shape, batch first (1,3,224,224).")
-    ] = None,
-    weights: Annotated[str | None, typer.Option("--weights", help=".safetensors or .pt/.pth weights.")] = None,
-    holdout: Annotated[
-        float, typer.Option("--holdout", help="Fraction of samples the scores are measured on.")
-    ] = HOLDOUT,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Calibration batch size.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = DEVICE,
-    sensitivity: Annotated[
-        str, typer.Option("--sensitivity", help="Layer weighting: hutchinson (probe moments), isotropic or uniform.")
-    ] = "hutchinson",
-    save: Annotated[Path | None, typer.Option("--save", help="Write the plan as PLAN.toml rule specs.")] = None,
+    settings: dict[str, Any],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --save file.")] = False,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | json | markdown | html")] = "table",
-    latency_backend: Annotated[
-        str, typer.Option("--latency-backend", help="For latency=... budgets: torch (eager) or onnxruntime.")
-    ] = "torch",
-    threads: Annotated[int, typer.Option("--threads", help="For latency=... budgets: threads to time with.")] = 1,
     debug: DebugOpt = False,
 ) -> None:
     """Choose the rule, its options and the layers that meet a budget with the least predicted error."""
 
-    # The command's options, under run_plan's names (lists the user left out are empty).
-    given = dict(locals())
-    renamed = {"budget": "budgets", "input_shape": "input_shapes"}
-    arguments = {renamed.get(k, k): ([] if v is None and k in LIST_OPTIONS else v) for k, v in given.items()}
-    del arguments["debug"], arguments["model"]
-
     def body() -> int:
         from convrewrite.commands.plan import run_plan
 
-        run_plan(model, **arguments)
+        run_plan(_job("plan", settings, None), fmt=fmt, force=force)
         return 0
 
     raise typer.Exit(guarded(debug, body))

@@ -13,82 +13,72 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from convrewrite.config.stages import PlanSettings
 from convrewrite.errors import UsageError
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        raise UsageError(f"--input-shape {text!r} is not a list of integers", hint="write 1,3,224,224") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise UsageError(f"--input-shape {text!r} must be positive integers, batch first")
-    return shape
+def check_latency_options(settings: PlanSettings) -> None:
+    """A latency budget needs its backend installed and a positive thread count (checked early)."""
+    from convrewrite.planning.budgets import parse_budgets
+
+    if any(spec.metric == "latency" for spec in parse_budgets(list(settings.budgets))):
+        from convrewrite.speed.latency import check_backend
+
+        check_backend(settings.latency_backend)
+        if settings.threads < 1:
+            raise UsageError(f"--threads must be a positive integer, got {settings.threads}")
 
 
-def run_plan(
-    model: str,
-    *,
-    data: str | None,
-    budgets: list[str],
-    candidates: list[str],
-    include: list[str],
-    exclude: list[str],
-    input_shapes: list[str],
-    weights: str | None,
-    holdout: float,
-    batch_size: int | None,
-    device: str,
-    sensitivity: str,
-    save: Path | None,
-    force: bool,
-    fmt: str,
-    latency_backend: str = "torch",
-    threads: int = 1,
-) -> Any:
-    """Plan ``model``; print it in ``fmt`` on stdout; save it when asked. Returns the Plan."""
+def prepare(job: Any, settings: PlanSettings, candidates: Any = None) -> Any:
+    """Load the job's model and cost the candidates for ``settings``' budgets (``prepare_plan``)."""
+    from convrewrite.commands.run import load_job_model
+    from convrewrite.planning.budgets import parse_budgets
+    from convrewrite.planning.planner import prepare_plan
+
+    loaded = load_job_model(job, str(job["model"]))
+    return prepare_plan(
+        loaded,
+        parse_budgets(list(settings.budgets)),
+        candidates=candidates,
+        include=settings.include,
+        exclude=settings.exclude,
+        latency_backend=settings.latency_backend,
+        threads=settings.threads,
+    )
+
+
+def finish(job: Any, setup: Any, settings: PlanSettings, option: str) -> Any:
+    """Open the job's calibration data and plan (``finish_plan``); ``option`` names the budget flag."""
+    from convrewrite.commands.run import open_data
+    from convrewrite.planning.planner import finish_plan
+
+    data = open_data(job, setup.loaded)
+    if data is None:
+        raise UsageError(f"{option} needs calibration data", hint="pass --data SPEC (or define calibration_data())")
+    return finish_plan(setup, data, device=settings.device, sensitivity=settings.sensitivity)
+
+
+def run_plan(job: Any, *, fmt: str = "table", force: bool = False) -> Any:
+    """Plan the job's model (settings: ``PlanSettings`` of the job); print it in ``fmt`` on stdout;
+    save it when ``save`` is set. Returns the Plan."""
     from convrewrite.planning.budgets import parse_budgets
     from convrewrite.planning.candidates import parse_candidates
     from convrewrite.planning.plan import FORMATS
 
+    settings = PlanSettings.from_values(job.settings_values())
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}", hint=f"choose one of {', '.join(FORMATS)}")
-    specs = parse_budgets(budgets)
-    if not specs:
+    if not parse_budgets(list(settings.budgets)):
         raise UsageError("plan needs at least one --budget", hint="for example --budget params=0.25x")
-    if any(spec.metric == "latency" for spec in specs):
-        from convrewrite.speed.latency import check_backend
-
-        check_backend(latency_backend)
-        if threads < 1:
-            raise UsageError(f"--threads must be a positive integer, got {threads}")
-    if sensitivity not in ("hutchinson", "isotropic", "uniform"):
-        raise UsageError(f"unknown --sensitivity {sensitivity!r}", hint="hutchinson, isotropic or uniform")
-    chosen = parse_candidates(candidates) if candidates else None
+    check_latency_options(settings)
+    chosen = parse_candidates(list(settings.candidates)) if settings.candidates else None
+    save = None if settings.save is None else Path(settings.save)
     if save is not None and save.exists() and not force:
         raise UsageError(f"{save} exists", hint="pass --force to replace it, or choose another --save path")
-    if not 0.0 < holdout < 1.0:
+    if not 0.0 < settings.holdout < 1.0:
         raise UsageError("--holdout must be between 0 and 1 (exclusive): the plan scores on held-out samples")
-    shapes = [parse_shape(s) for s in input_shapes] or None
 
-    from convrewrite.core.loading import load_model
-    from convrewrite.planning.planner import finish_plan, prepare_plan
-    from convrewrite.recovery.data import open_calibration_data
-
-    loaded = load_model(model, input_shapes=shapes, weights=Path(weights) if weights else None)
-    setup = prepare_plan(
-        loaded,
-        specs,
-        candidates=chosen,
-        include=include,
-        exclude=exclude,
-        latency_backend=latency_backend,
-        threads=threads,
-    )
-    source = open_calibration_data(data, loaded, holdout=holdout, batch_size=batch_size)
-    if source is None:
-        raise UsageError("plan needs calibration data", hint="pass --data SPEC (or define calibration_data())")
-    plan = finish_plan(setup, source, device=device, sensitivity=sensitivity)
+    plan = finish(job, prepare(job, settings, chosen), settings, "plan")
     sys.stdout.write(plan.render(fmt))
     if save is not None:
         plan.save(save, force=force)
@@ -96,7 +86,7 @@ def run_plan(
     return plan
 
 
-def rules_for_apply(job: Any, plan_file: Path | None, budgets: list[str]) -> None:
+def rules_for_apply(job: Any, plan_file: Path | None) -> None:
     """``apply --plan PLAN.toml`` / ``apply --budget ...``: put the plan's rules into ``job``.
 
     A saved plan is read with ``rules_from_file`` (registered rule names only); a budget is
@@ -104,6 +94,7 @@ def rules_for_apply(job: Any, plan_file: Path | None, budgets: list[str]) -> Non
     """
     import dataclasses
 
+    budgets = list(job.get("budget", ()))
     if plan_file is None and not budgets:
         return
     if plan_file is not None and budgets:
@@ -119,17 +110,9 @@ def rules_for_apply(job: Any, plan_file: Path | None, budgets: list[str]) -> Non
         tables = tomllib.loads(plan_file.read_text())["tool"]["convrewrite"]["rules"]
         source = f"--plan {plan_file}"
     else:
-        from convrewrite.commands.run import load_job_model, open_data
-        from convrewrite.planning.budgets import parse_budgets
-        from convrewrite.planning.planner import finish_plan, prepare_plan
-
-        specs = parse_budgets(budgets)
-        loaded = load_job_model(job, str(job["model"]))
-        setup = prepare_plan(loaded, specs, include=job.get("include", ()), exclude=job.get("exclude", ()))
-        data = open_data(job, loaded)
-        if data is None:
-            raise UsageError("--budget needs calibration data", hint="pass --data SPEC (or define calibration_data())")
-        plan = finish_plan(setup, data, device=job.get("device"))
+        settings = PlanSettings.from_values(job.settings_values())
+        check_latency_options(settings)
+        plan = finish(job, prepare(job, settings), settings, "--budget")
         sys.stderr.write(plan.render("table"))
         tables = plan.rule_tables()
         if not tables:
@@ -138,4 +121,4 @@ def rules_for_apply(job: Any, plan_file: Path | None, budgets: list[str]) -> Non
     job.values["rules"] = dataclasses.replace(job.values["rules"], value=tables, source=source)
 
 
-__all__ = ["parse_shape", "rules_for_apply", "run_plan"]
+__all__ = ["rules_for_apply", "run_plan"]

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 #: The commands that take settings from this schema.
-COMMANDS = ("report", "apply", "check", "distill")
+COMMANDS = ("report", "apply", "check", "distill", "plan")
 RUN_COMMANDS = ("report", "apply", "check")
+#: The run commands plus ``plan`` (settings that describe the model and its calibration data).
+RUN_AND_PLAN = (*RUN_COMMANDS, "plan")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class Setting:
 
 def _schema() -> tuple[Setting, ...]:
     run_and_distill = (*RUN_COMMANDS, "distill")
+    every_command = (*run_and_distill, "plan")
     return (
         # -- the model ------------------------------------------------------------------------------
         Setting(
@@ -81,6 +84,7 @@ def _schema() -> tuple[Setting, ...]:
             "(default: model in [tool.convrewrite]). Importing a model file runs its code.",
             argument=True,
             metavar="MODEL",
+            commands=RUN_AND_PLAN,
         ),
         Setting(
             "rules",
@@ -96,13 +100,13 @@ def _schema() -> tuple[Setting, ...]:
             "shape",
             "Example input shape, batch first (1,3,224,224); repeat for several inputs.",
             repeatable=True,
-            commands=run_and_distill,
+            commands=every_command,
         ),
         Setting(
             "weights",
             "path",
             ".safetensors, or .pt/.pth read with torch.load(weights_only=True).",
-            commands=run_and_distill,
+            commands=every_command,
         ),
         Setting(
             "include",
@@ -110,6 +114,7 @@ def _schema() -> tuple[Setting, ...]:
             "Only rewrite layers matching this glob (repeatable).",
             repeatable=True,
             inherited=True,
+            commands=RUN_AND_PLAN,
         ),
         Setting(
             "exclude",
@@ -117,6 +122,7 @@ def _schema() -> tuple[Setting, ...]:
             "Never rewrite layers matching this glob (repeatable).",
             repeatable=True,
             inherited=True,
+            commands=RUN_AND_PLAN,
         ),
         Setting(
             "min-channels",
@@ -133,7 +139,7 @@ def _schema() -> tuple[Setting, ...]:
             "Calibration data: a tensor file (.pt/.safetensors/.npy/.npz), file.py:function or "
             "package.module:function returning batches, or a directory of images. With data, the "
             "rewritten layers are fitted to the original's outputs.",
-            commands=run_and_distill,
+            commands=every_command,
             group="data",
         ),
         Setting(
@@ -143,7 +149,7 @@ def _schema() -> tuple[Setting, ...]:
             default=0.1,
             minimum=0.0,
             below=1.0,
-            commands=run_and_distill,
+            commands=every_command,
             inherited=True,
             group="data",
         ),
@@ -153,7 +159,7 @@ def _schema() -> tuple[Setting, ...]:
             "Calibration batch size.",
             default=32,
             minimum=1,
-            commands=run_and_distill,
+            commands=every_command,
             inherited=True,
             group="data",
         ),
@@ -271,9 +277,9 @@ def _schema() -> tuple[Setting, ...]:
         Setting(
             "device",
             "str",
-            "Where fitting and distillation run: auto, cpu, cuda, cuda:N or mps.",
+            "Where fitting, distillation and the plan's statistics run: auto, cpu, cuda, cuda:N or mps.",
             default="auto",
-            commands=run_and_distill,
+            commands=every_command,
             per_model=False,
             group="data",
         ),
@@ -289,20 +295,22 @@ def _schema() -> tuple[Setting, ...]:
         Setting(
             "threads",
             "int",
-            "CPU threads for --latency timings.",
+            "CPU threads for --latency timings and latency=... budgets.",
             default=1,
             minimum=1,
             per_model=False,
             group="speed",
+            commands=RUN_AND_PLAN,
         ),
         Setting(
             "latency-backend",
             "choice",
-            "What to time: torch (eager) or onnxruntime (the exported ONNX model).",
+            "What --latency and latency=... budgets time: torch (eager) or onnxruntime (the exported ONNX model).",
             default="torch",
             choices=("torch", "onnxruntime"),
             per_model=False,
             group="speed",
+            commands=RUN_AND_PLAN,
         ),
         Setting(
             "export",
@@ -314,6 +322,45 @@ def _schema() -> tuple[Setting, ...]:
             commands=("apply",),
             per_model=False,
             group="speed",
+        ),
+        # -- planning (``plan``, and ``apply --budget``) ---------------------------------------------
+        Setting(
+            "budget",
+            "str",
+            "params=0.25x, macs=0.3x, params=200k, latency=2x; repeat: every budget must hold. "
+            "apply: plan to it and apply the plan.",
+            repeatable=True,
+            commands=("plan", "apply"),
+            toml=False,
+            per_model=False,
+            group="plan",
+        ),
+        Setting(
+            "candidates",
+            "str",
+            "Rules the plan chooses from (names or specs, comma-separated); default: all.",
+            repeatable=True,
+            commands=("plan",),
+            group="plan",
+        ),
+        Setting(
+            "sensitivity",
+            "choice",
+            "How the plan weighs layers: hutchinson (probe moments), isotropic or uniform.",
+            default="hutchinson",
+            choices=("hutchinson", "isotropic", "uniform"),
+            commands=("plan",),
+            inherited=True,
+            group="plan",
+        ),
+        Setting(
+            "save",
+            "path",
+            "Write the plan as PLAN.toml rule specs.",
+            commands=("plan",),
+            toml=False,
+            per_model=False,
+            group="plan",
         ),
         # -- check ------------------------------------------------------------------------------------
         Setting(

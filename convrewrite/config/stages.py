@@ -85,13 +85,43 @@ class LatencySettings:
         )
 
 
+def _strings(values: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    """A repeatable setting's values as a tuple (unset: empty)."""
+    return tuple(str(item) for item in (values.get(name) or ()))
+
+
 @dataclass(frozen=True)
 class PlanSettings:
-    """The planner's stage settings (its slot: fields are added with its settings in the schema)."""
+    """``plan`` (and ``apply --budget``): the budgets, the candidate rules, the layer selection and
+    sensitivity, where the statistics run, what latency budgets time, and where the plan is saved."""
+
+    budgets: tuple[str, ...] = ()
+    candidates: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    sensitivity: str = str(schema.default("sensitivity"))
+    holdout: float = float(schema.default("holdout"))
+    device: str = str(schema.default("device"))
+    latency_backend: str = str(schema.default("latency-backend"))
+    threads: int = int(schema.default("threads"))
+    #: ``--save PLAN.toml`` (None: the plan is only printed).
+    save: str | None = None
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> PlanSettings:
-        return cls()
+        save = values.get("save")
+        return cls(
+            budgets=_strings(values, "budget"),
+            candidates=_strings(values, "candidates"),
+            include=_strings(values, "include"),
+            exclude=_strings(values, "exclude"),
+            sensitivity=str(_value(values, "sensitivity")),
+            holdout=float(_value(values, "holdout")),
+            device=str(_value(values, "device")),
+            latency_backend=str(_value(values, "latency-backend")),
+            threads=int(_value(values, "threads")),
+            save=None if save is None else str(save),
+        )
 
 
 @dataclass(frozen=True)

@@ -302,23 +302,23 @@ def import_dotted(module_name: str) -> ModuleType:
 def _instantiate(obj: Any, label: str) -> tuple[nn.Module, str]:
     if isinstance(obj, nn.Module):
         return obj, f"module instance {label}"
-    if inspect.isclass(obj) and issubclass(obj, nn.Module):
-        try:
-            return obj(), f"class {label}, built with no arguments"
-        except TypeError as exc:
-            raise ModelError(
-                f"cannot build {label} with no arguments: {exc}",
-                hint="add a zero-argument build_model() to the file and point at it",
-            ) from exc
-        except Exception as exc:
-            raise ModelError(f"building {label}() raised {type(exc).__name__}: {exc}") from exc
-    if callable(obj):
+    module_class = inspect.isclass(obj) and issubclass(obj, nn.Module)
+    if module_class or callable(obj):
+        # One call for both: an nn.Module subclass is built, a factory called, with no arguments.
         try:
             built = obj()
         except TypeError as exc:
+            if module_class:
+                raise ModelError(
+                    f"cannot build {label} with no arguments: {exc}",
+                    hint="add a zero-argument build_model() to the file and point at it",
+                ) from exc
             raise ModelError(f"calling {label}() failed: {exc}", hint="NAME must take no arguments") from exc
         except Exception as exc:
-            raise ModelError(f"{label}() raised {type(exc).__name__}: {exc}") from exc
+            doing = "building " if module_class else ""
+            raise ModelError(f"{doing}{label}() raised {type(exc).__name__}: {exc}") from exc
+        if module_class:
+            return built, f"class {label}, built with no arguments"
         if not isinstance(built, nn.Module):
             raise ModelError(f"{label}() returned {type(built).__name__}, not a torch.nn.Module")
         return built, f"factory {label}()"

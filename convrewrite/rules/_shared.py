@@ -1,4 +1,4 @@
-"""Helpers the structured rules (group-shuffle, log-group, channelwise) share.
+"""Helpers the structured rules (separable, group-shuffle, log-group, channelwise) share.
 
 Weight transfer everywhere is a projection of the trained kernel onto what the new structure can
 represent; ``energy_retained`` is the fraction of the kernel's squared Frobenius norm that the
@@ -12,7 +12,16 @@ from typing import Any
 
 import torch
 
+from convrewrite import layers
 from convrewrite.rules.api import ConvSite
+
+
+def block_class_for(family: str, conv_dims: int) -> Any:
+    """The block of ``convrewrite.layers`` for a conv of ``conv_dims`` spatial dimensions:
+    ``family`` ``SeparableConv`` and 2 is ``SeparableConv2d`` (KeyError for dims outside 1-3)."""
+    if conv_dims not in (1, 2, 3):
+        raise KeyError(conv_dims)
+    return getattr(layers, f"{family}{conv_dims}d")
 
 
 def grouping_skip_reason(site: ConvSite) -> str | None:

@@ -29,15 +29,7 @@ from typing import Any
 
 import torch
 
-from convrewrite.layers import (
-    ChannelwiseConv1d,
-    ChannelwiseConv2d,
-    ChannelwiseConv3d,
-    GroupChannelwiseConv1d,
-    GroupChannelwiseConv2d,
-    GroupChannelwiseConv3d,
-)
-from convrewrite.rules._shared import describe_kernel, float64_weight, geometry, grouping_skip_reason
+from convrewrite.rules._shared import block_class_for, describe_kernel, float64_weight, geometry, grouping_skip_reason
 from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
 
@@ -239,7 +231,7 @@ class ChannelwiseRule(Rule):
         block: Any
         if g == 1:
             stride = self.channel_stride(site)
-            block_class: Any = {1: ChannelwiseConv1d, 2: ChannelwiseConv2d, 3: ChannelwiseConv3d}[site.conv_dims]
+            block_class = block_class_for("ChannelwiseConv", site.conv_dims)
             block = block_class(site.in_channels, site.out_channels, taps, 1, bias=has_bias, **geometry(conv))
             kernels = fit_channelwise(weight, torch.eye(site.in_channels, dtype=weight.dtype), 1, taps, stride)
             fitted = channelwise_matrix(kernels, site.in_channels, site.out_channels, stride)
@@ -251,9 +243,7 @@ class ChannelwiseRule(Rule):
             )
             grouped = None
         else:
-            block_class = {1: GroupChannelwiseConv1d, 2: GroupChannelwiseConv2d, 3: GroupChannelwiseConv3d}[
-                site.conv_dims
-            ]
+            block_class = block_class_for("GroupChannelwiseConv", site.conv_dims)
             block = block_class(site.in_channels, site.out_channels, taps, g, bias=has_bias, **geometry(conv))
             fit = fit_group_channelwise(weight, g, taps, self.config.refine)
             kernels, grouped = fit.kernels, fit.grouped

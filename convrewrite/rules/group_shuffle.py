@@ -25,8 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from convrewrite.layers import GroupShuffleConv1d, GroupShuffleConv2d, GroupShuffleConv3d
-from convrewrite.rules._shared import energy_fraction, float64_weight, geometry, grouping_skip_reason
+from convrewrite.rules._shared import block_class_for, energy_fraction, float64_weight, geometry, grouping_skip_reason
 from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
 
@@ -129,7 +128,7 @@ class GroupShuffleRule(Rule):
         else:
             assignment, chosen_energy = shuffle, shuffle_energy
         grouped, rows = masked_grouped_weight(weight, assignment, g)
-        block_class = {1: GroupShuffleConv1d, 2: GroupShuffleConv2d, 3: GroupShuffleConv3d}[site.conv_dims]
+        block_class = block_class_for("GroupShuffleConv", site.conv_dims)
         block = block_class(
             conv.in_channels,
             conv.out_channels,

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from convrewrite.layers import LogGroupConv1d, LogGroupConv2d, LogGroupConv3d, log_group_sizes
-from convrewrite.rules._shared import energy_fraction, float64_weight, geometry, grouping_skip_reason
+from convrewrite.layers import log_group_sizes
+from convrewrite.rules._shared import block_class_for, energy_fraction, float64_weight, geometry, grouping_skip_reason
 from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
 
@@ -73,7 +73,7 @@ class LogGroupRule(Rule):
     def build(self, site: ConvSite) -> Replacement:
         conv = site.module
         in_sizes, out_sizes = self.split(site)
-        block_class = {1: LogGroupConv1d, 2: LogGroupConv2d, 3: LogGroupConv3d}[site.conv_dims]
+        block_class = block_class_for("LogGroupConv", site.conv_dims)
         block = block_class(
             conv.in_channels,
             conv.out_channels,

@@ -18,8 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from convrewrite.layers import SeparableConv1d, SeparableConv2d, SeparableConv3d
-from convrewrite.rules._shared import geometry
+from convrewrite.rules._shared import block_class_for, geometry, grouping_skip_reason
 from convrewrite.rules.api import ConvSite, Cost, Replacement, Rule, RuleConfig, common_skip_reason
 
 
@@ -90,14 +89,9 @@ class SeparableRule(Rule):
     config: SeparableConfig
 
     def skip_reason(self, site: ConvSite) -> str | None:
-        reason = common_skip_reason(site, self.config)
+        reason = common_skip_reason(site, self.config) or grouping_skip_reason(site)
         if reason:
             return reason
-        module = site.module
-        if module.groups == module.in_channels and module.groups > 1:
-            return f"already depthwise (groups={module.groups})"
-        if module.groups > 1:
-            return f"already grouped (groups={module.groups})"
         if site.kernel_elements == 1:
             return "1x1 conv: nothing to separate"
         return None
@@ -109,7 +103,7 @@ class SeparableRule(Rule):
     def build(self, site: ConvSite) -> Replacement:
         conv = site.module
         depthwise_bias, pointwise_bias = self._has_bias(site)
-        block_class = {1: SeparableConv1d, 2: SeparableConv2d, 3: SeparableConv3d}[site.conv_dims]
+        block_class = block_class_for("SeparableConv", site.conv_dims)
         m = self.config.multiplier
         block = block_class(
             conv.in_channels,

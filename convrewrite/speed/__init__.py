@@ -1,33 +1,9 @@
-"""Measured speed: latency of the original and the rewritten model, whole and layer by layer."""
+"""Measured speed: latency of the original and the rewritten model, whole and layer by layer.
 
-from convrewrite.speed.latency import (
-    LatencyReport,
-    LatencySettings,
-    LayerCase,
-    LayerLatency,
-    Timing,
-    check_backend,
-    fixed_threads,
-    layer_inputs,
-    layer_speedup,
-    measure_latency,
-    measure_layers,
-    min_speedup_reason,
-    with_batch,
-)
+The package's names are ``speed/latency.py``'s public ones (its ``__all__``, written once there).
+"""
 
-__all__ = [
-    "LatencyReport",
-    "LatencySettings",
-    "LayerCase",
-    "LayerLatency",
-    "Timing",
-    "check_backend",
-    "fixed_threads",
-    "layer_inputs",
-    "layer_speedup",
-    "measure_latency",
-    "measure_layers",
-    "min_speedup_reason",
-    "with_batch",
-]
+from convrewrite.speed import latency
+from convrewrite.speed.latency import *  # noqa: F403 -- re-exports exactly latency.__all__
+
+__all__ = list(latency.__all__)

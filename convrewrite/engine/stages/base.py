@@ -57,6 +57,34 @@ class Stage:
             raise ModelError(f"stage {self.label} did not produce {', '.join(missing)} (a bug: please report it)")
 
 
+class TrainingStage(Stage):
+    """A stage that trains the rewritten model against the reference on the calibration data
+    (``fit``, ``distill``): planned only with data and rules, and when its settings ask for it."""
+
+    requires = ("reference", "after", "data")
+    ensures = ("after",)
+    needs_reference = True
+
+    @classmethod
+    def wanted(cls, state: RunState) -> bool:
+        """Whether the run's settings ask for this stage (given data and rules)."""
+        raise NotImplementedError
+
+    @classmethod
+    def plan(cls, state: RunState) -> list[Stage]:
+        return [cls()] if state.data is not None and bool(state.rules) and cls.wanted(state) else []
+
+    def run(self, state: RunState) -> StageOutcome:
+        assert state.reference is not None and state.data is not None
+        if not state.originals:
+            return StageOutcome(False, f"nothing was rewritten: nothing to {self.name}")
+        return self.train(state)
+
+    def train(self, state: RunState) -> StageOutcome:
+        """The stage's work, on a run with reference, data and at least one rewritten layer."""
+        raise NotImplementedError
+
+
 #: The built-in stages in the order the pipeline runs them: the one place that order is written.
 #: A name with no registered stage is skipped: ``plan`` is the planner's slot, ``export-check``
 #: and ``fitted-weights`` are the slots of the apply path's early export check and of reusing an

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import cast
 
 from convrewrite.config.stages import DistillSettings
-from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
+from convrewrite.engine.stages.base import StageOutcome, TrainingStage, register_stage
 from convrewrite.engine.stages.profile import run_profile
 from convrewrite.engine.state import RunState
 from convrewrite.recovery.device import resolve_device
@@ -35,21 +35,15 @@ def distill_config(settings: DistillSettings) -> DistillConfig:
 
 
 @register_stage
-class DistillStage(Stage):
+class DistillStage(TrainingStage):
     name = "distill"
-    requires = ("reference", "after", "data")
-    ensures = ("after",)
-    needs_reference = True
 
     @classmethod
-    def plan(cls, state: RunState) -> list[Stage]:
-        wanted = state.data is not None and bool(state.rules) and state.settings.distill.steps > 0
-        return [cls()] if wanted and not state.settings.distill_after_write else []
+    def wanted(cls, state: RunState) -> bool:
+        return state.settings.distill.steps > 0 and not state.settings.distill_after_write
 
-    def run(self, state: RunState) -> StageOutcome:
-        assert state.reference is not None and state.data is not None
-        if not state.originals:
-            return StageOutcome(False, "nothing was rewritten: nothing to distill")
+    def train(self, state: RunState) -> StageOutcome:
+        assert state.reference is not None and state.data is not None  # TrainingStage.run checked
         config = distill_config(state.settings.distill)
         # Hints compare each rewritten layer with the original module it stands for (fuse-bn: the
         # folded BatchNorm); a layer whose counterpart is ambiguous gets no hint.

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from convrewrite.engine.stages.base import Stage, StageOutcome, register_stage
+from convrewrite.engine.stages.base import Stage, StageOutcome, TrainingStage, register_stage
 from convrewrite.engine.stages.profile import run_profile
 from convrewrite.engine.state import RunState
 from convrewrite.recovery.device import resolve_device
@@ -51,21 +51,15 @@ def _progress(state: RunState) -> FitLayersProgress:
 
 
 @register_stage
-class FitStage(Stage):
+class FitStage(TrainingStage):
     name = "fit"
-    requires = ("reference", "after", "data")
-    ensures = ("after",)
-    needs_reference = True
 
     @classmethod
-    def plan(cls, state: RunState) -> list[Stage]:
-        wanted = state.data is not None and bool(state.rules) and state.settings.fit.enabled
-        return [cls()] if wanted and not state.settings.fitted_weights else []
+    def wanted(cls, state: RunState) -> bool:
+        return state.settings.fit.enabled and not state.settings.fitted_weights
 
-    def run(self, state: RunState) -> StageOutcome:
-        assert state.reference is not None and state.data is not None
-        if not state.originals:
-            return StageOutcome(False, "nothing was rewritten: nothing to fit")
+    def train(self, state: RunState) -> StageOutcome:
+        assert state.reference is not None and state.data is not None  # TrainingStage.run checked
         device = resolve_device(state.settings.device)
         reference, model, data = state.reference, state.model, state.data
         transfer = measure_fidelity(reference, model, data, device=device)

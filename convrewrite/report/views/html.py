@@ -367,26 +367,13 @@ def _cards(report: Report) -> str:
         cards.append(_card("params", "Parameters", exact(before.params), f"{before.param_bytes / MIB:,.2f} MiB", None))
         cards.append(_card("macs", "MACs", compact(before.macs), f"{exact(before.macs)} multiply-accumulates", None))
     else:
-        cards.append(
-            _card(
-                "params",
-                "Parameters",
-                _ratio(reduction["params"]) + " fewer",
-                f"{exact(before.params)} → {exact(after.params)}",
-                reduction["params"],
-                good=True,
-            )
-        )
-        cards.append(
-            _card(
-                "macs",
-                "MACs",
-                _ratio(reduction["macs"]) + " fewer",
-                f"{exact(before.macs)} → {exact(after.macs)}",
-                reduction["macs"],
-                good=True,
-            )
-        )
+        # The two counts, each as the reduction with its before -> after figures.
+        for key, what, was, now in (
+            ("params", "Parameters", before.params, after.params),
+            ("macs", "MACs", before.macs, after.macs),
+        ):
+            big = _ratio(reduction[key]) + " fewer"
+            cards.append(_card(key, what, big, f"{exact(was)} → {exact(now)}", reduction[key], good=True))
         cards.append(
             _card(
                 "param_bytes",
