@@ -147,7 +147,8 @@ def instrument_stages() -> None:
     from convrewrite.engine.stages import discover_stages
 
     for cls in discover_stages():
-        if "run" not in cls.__dict__ or getattr(cls.run, "_timed", False):
+        # Inherited ``run`` methods too (fit and distill share TrainingStage's): each class gets its own wrapper.
+        if getattr(cls.run, "_timed", False):
             continue
         inner = cls.run
 
