@@ -332,6 +332,7 @@ def finish_plan(
         layer.sensitivity = weights.weight(name)
         reference = PatchGeometry.of(layer.site.module).dense_kernel(layer.site.module).to(target)
         kept = [layer.keep]
+        scorer = scoring.LayerScorer(layer.site.module, stats)
         for option in layer.options[1:]:
             assert option.rule is not None
             if option.exact:  # computes the layer's function exactly: no error, no loss
@@ -339,7 +340,7 @@ def finish_plan(
                 continue
             with torch.no_grad():
                 block = option.rule.build(layer.site).module.to(device=target, dtype=torch.float64)
-                option.error, kernel = scoring.candidate_error(block, layer.site.module, stats)
+                option.error, kernel = scorer.score(block)
             if not math.isfinite(option.error) or option.error >= max_error:
                 dropped += 1
                 continue
