@@ -120,3 +120,15 @@ def test_separable_score_is_the_fitted_block_and_lies_between_transfer_and_als(m
     _, als_kernel = candidate_error(als, layer, stats, rounds=3)
     fit = stats["fit"]
     assert fit.squared_error(als_kernel) <= fit.squared_error(kernel) <= fit.squared_error(start)
+
+
+def test_split_batch_cuts_every_batched_tensor_and_passes_the_rest() -> None:
+    from convrewrite.planning.scoring import split_batch
+    from convrewrite.recovery.batches import Batch
+
+    x = torch.arange(10.0).reshape(10, 1)
+    mask = torch.ones(3)  # not batched: passed whole
+    pieces = list(split_batch(Batch((x,), {"mask": mask, "scale": 2}, 10), 4))
+    assert [piece.size for piece in pieces] == [4, 4, 2]
+    assert torch.equal(torch.cat([piece.args[0] for piece in pieces]), x)
+    assert all(piece.kwargs["mask"] is mask and piece.kwargs["scale"] == 2 for piece in pieces)

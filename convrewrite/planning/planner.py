@@ -347,6 +347,10 @@ def finish_plan(
             option.loss = weights.loss(name, kernel, reference, option.error)
             kept.append(option)
         layer.options = kept
+        # This layer's statistics and shared factorizations are no longer needed: freed now, so
+        # that scoring holds at most one layer's factorizations on top of the statistics left.
+        del scorer, stats
+        statistics.pop(name, None)
         if len(kept) == 1:
             layer.protected = f"every candidate's predicted error reaches {max_error:g}: degenerate"
     if dropped:

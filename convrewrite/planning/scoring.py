@@ -25,7 +25,7 @@ error without structure: ``||J_l||_F² e² ||y_l||² / dim(y_l)`` (``Sensitivity
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from convrewrite.core.compare import tensor_leaves
-from convrewrite.recovery.batches import BatchSource
+from convrewrite.recovery.batches import Batch, BatchSource
 from convrewrite.recovery.statistics import LayerStatistics, PatchGeometry, collect_statistics, kernel_matrix
 
 
@@ -101,8 +101,17 @@ def hutchinson_sensitivity(
     max_batches: int = 8,
     seed: int = 0,
     structured: bool = True,
+    micro_batch: int | None = None,
 ) -> Sensitivity:
-    """The Hutchinson estimate of the module doc, over the first ``max_batches`` fit batches."""
+    """The Hutchinson estimate of the module doc, over the first ``max_batches`` fit batches.
+
+    Each batch is run in pieces of at most ``micro_batch`` samples (default ``PROBE_BATCH``), one
+    probe per piece: the memory of one forward and backward pass of the model, with every planned
+    layer's output gradient retained, is bounded by that many samples whatever the batch size
+    (a ResNet-50 at 224x224 keeps about 1/8 GB per sample). More, smaller probes estimate the same
+    expectation (each piece is a batch of the module doc's formula) with less variance.
+    """
+    micro_batch = PROBE_BATCH if micro_batch is None else max(1, int(micro_batch))
     generator = torch.Generator().manual_seed(seed)
     outputs: dict[str, torch.Tensor] = {}
     inputs: dict[str, torch.Tensor] = {}
@@ -128,10 +137,15 @@ def hutchinson_sensitivity(
     handles = [model.get_submodule(name).register_forward_hook(keep(name)) for name in layer_names]
     was_training = model.training
     model.eval()
-    try:
+
+    def pieces() -> Any:
         for index, batch in enumerate(data.batches("fit")):
             if index >= max_batches:
-                break
+                return
+            yield from split_batch(batch, micro_batch)
+
+    try:
+        for batch in pieces():
             outputs.clear()
             inputs.clear()
             moved = batch.to(device)
@@ -182,17 +196,44 @@ def hutchinson_sensitivity(
     )
 
 
+#: Samples per forward/backward pass of the sensitivity probes (the memory bound of that pass).
+PROBE_BATCH = 8
+#: Patch elements unfolded at once for a probe moment (float32: 16 MiB).
+PROBE_CHUNK_ELEMENTS = 1 << 22
+
+
+def split_batch(batch: Batch, size: int) -> Iterator[Batch]:
+    """``batch`` in pieces of at most ``size`` samples (every tensor whose dim 0 is the batch size
+    is sliced; anything else is passed to every piece as it is)."""
+    from torch.utils._pytree import tree_map
+
+    if batch.size <= size:
+        yield batch
+        return
+    for start in range(0, batch.size, size):
+        count = min(size, batch.size - start)
+
+        def cut(value: Any, start: int = start, count: int = count) -> Any:
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch.size:
+                return value[start : start + count]
+            return value
+
+        yield Batch(tree_map(cut, batch.args), tree_map(cut, batch.kwargs), count)
+
+
 def _probe_moment(geometry: PatchGeometry, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``Σ_rows a gᵀ`` (n, out), float32, one sample at a time (the patches of a whole batch of a
-    wide layer would not fit)."""
+    """``Σ_rows a gᵀ`` (n, out), float32 (a stochastic estimate: float64 would buy nothing), a few
+    samples at a time so that at most ``PROBE_CHUNK_ELEMENTS`` patch elements are unfolded."""
+    per_sample = max(1, grad[0].numel() // max(geometry.out_channels, 1)) * geometry.unknowns()
+    step = max(1, PROBE_CHUNK_ELEMENTS // per_sample)
     total = None
-    for index in range(x.shape[0]):
-        a = geometry.unfold(x[index : index + 1].to(torch.float64))
-        g = geometry.target_rows(grad[index : index + 1].to(torch.float64))
+    for index in range(0, x.shape[0], step):
+        a = geometry.unfold(x[index : index + step].to(torch.float32))
+        g = geometry.target_rows(grad[index : index + step].to(torch.float32))
         part = a.t() @ g
         total = part if total is None else total + part
     assert total is not None
-    return total.to(torch.float32)
+    return total
 
 
 def uniform_sensitivity(layer_names: Sequence[str]) -> Sensitivity:
@@ -291,8 +332,11 @@ class LayerScorer:
     - ``separable`` (``separable_score="whitened+pointwise"``, the default): the solver's whitened
       start and one exact pointwise solve, no depthwise alternation (an upper bound of the fitted
       error; see ``_separable``); ``"als"`` scores it by ``rounds`` alternating rounds instead;
-    - anything else (``channelwise``, plugins): ``candidate_error`` (the solver registry), with
-      ``rounds`` alternating rounds.
+    - anything else (``channelwise``, plugins): ``candidate_error`` (the solver registry) with
+      ``generic_rounds`` block-coordinate rounds (default 1: the generic path probes ``to_dense()``
+      once per parameter entry per round; a group channel-wise conv of 2,122 weights on the digits
+      CNN took 29 s at 3 rounds and 7 s at 1, its score 0.1337 -> 0.1348; exact linear blocks such
+      as the plain channel-wise conv are solved in one step either way).
 
     ``solve_from_statistics`` keeps the transferred start when the solve is not better on the fit
     statistics; so does this.
@@ -306,6 +350,7 @@ class LayerScorer:
         ridge: float = 1e-7,
         rounds: int = 3,
         separable_score: str = "whitened+pointwise",
+        generic_rounds: int = 1,
     ) -> None:
         from convrewrite.recovery.solvers.base import on_cpu
 
@@ -317,6 +362,7 @@ class LayerScorer:
         self.ridge = ridge
         self.rounds = rounds
         self.separable_score = separable_score
+        self.generic_rounds = generic_rounds
         self._centred: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor] | None = None
 
     def score(self, block: nn.Module) -> tuple[float, torch.Tensor]:
@@ -325,7 +371,10 @@ class LayerScorer:
             fast = self._fast(block)
             if fast is not None:
                 return fast
-        return candidate_error(block, self.original, self.stats, ridge=self.ridge, rounds=self.rounds)
+        from convrewrite.layers.separable import _SeparableConvNd
+
+        rounds = self.rounds if isinstance(block, _SeparableConvNd) else self.generic_rounds
+        return candidate_error(block, self.original, self.stats, ridge=self.ridge, rounds=rounds)
 
     def _fast(self, block: nn.Module) -> tuple[float, torch.Tensor] | None:
         from convrewrite.layers.log_group import _LogGroupConvNd
