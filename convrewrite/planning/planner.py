@@ -332,6 +332,7 @@ def finish_plan(
         layer.sensitivity = weights.weight(name)
         reference = PatchGeometry.of(layer.site.module).dense_kernel(layer.site.module).to(target)
         kept = [layer.keep]
+        scorer = scoring.LayerScorer(layer.site.module, stats)
         for option in layer.options[1:]:
             assert option.rule is not None
             if option.exact:  # computes the layer's function exactly: no error, no loss
@@ -339,13 +340,17 @@ def finish_plan(
                 continue
             with torch.no_grad():
                 block = option.rule.build(layer.site).module.to(device=target, dtype=torch.float64)
-                option.error, kernel = scoring.candidate_error(block, layer.site.module, stats)
+                option.error, kernel = scorer.score(block)
             if not math.isfinite(option.error) or option.error >= max_error:
                 dropped += 1
                 continue
             option.loss = weights.loss(name, kernel, reference, option.error)
             kept.append(option)
         layer.options = kept
+        # This layer's statistics and shared factorizations are no longer needed: freed now, so
+        # that scoring holds at most one layer's factorizations on top of the statistics left.
+        del scorer, stats
+        statistics.pop(name, None)
         if len(kept) == 1:
             layer.protected = f"every candidate's predicted error reaches {max_error:g}: degenerate"
     if dropped:

@@ -1,0 +1,134 @@
+"""The shared-factorization scores of ``LayerScorer`` against independent per-candidate solves.
+
+Oracles: ``candidate_error`` (one ``solve_from_statistics`` per candidate, the path the planner
+took before), torch running the fitted block (or the scored kernel as a dense conv) on the held-out
+samples, and the dense ``LayerStatistics.squared_error`` for the structured error formulas.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convrewrite.planning.scoring import (
+    LayerScorer,
+    block_squared_error,
+    candidate_error,
+    collect,
+    factored_squared_error,
+)
+from convrewrite.recovery.batches import TensorBatches
+from convrewrite.rules.api import ConvSite, make_rule
+
+SPECS = [
+    "low-rank:ratio=0.1",
+    "low-rank:ratio=0.35",
+    "low-rank:ratio=0.7",
+    "low-rank:rank=11",  # above out/2: the eigenbasis is (nearly) all kept
+    "group-shuffle:groups=2",
+    "group-shuffle:groups=4",
+    "log-group:groups=2",
+    "log-group:groups=3",
+]
+
+
+def _layer(kind: str) -> tuple[nn.Module, torch.Tensor, ConvSite]:
+    torch.manual_seed(3)
+    if kind == "conv2d":
+        layer: nn.Module = nn.Conv2d(8, 12, kernel_size=3, padding=1).double()
+        # Correlated inputs, so that the gram is far from a multiple of the identity.
+        x = torch.randn(48, 8, 9, 9, dtype=torch.float64)
+        x = x + 0.8 * x.roll(1, dims=1) + 0.3
+        site = ConvSite("0", layer, (1, 8, 9, 9), (1, 12, 9, 9))
+    else:
+        layer = nn.Conv1d(8, 16, kernel_size=5, stride=2).double()
+        x = torch.randn(48, 8, 31, dtype=torch.float64).cumsum(dim=2) / 3
+        site = ConvSite("0", layer, (1, 8, 31), (1, 16, 14))
+    return layer, x, site
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "conv1d"])
+@pytest.mark.parametrize("spec", SPECS)
+def test_shared_score_equals_the_independent_solve(kind: str, spec: str) -> None:
+    layer, x, site = _layer(kind)
+    data = TensorBatches((x,), batch_size=16, holdout=0.25)
+    stats = collect(nn.Sequential(layer), ["0"], data, device=torch.device("cpu"))["0"]
+    scorer = LayerScorer(layer, stats)
+    block = make_rule(spec).build(site).module.double()
+    independent = copy.deepcopy(block)
+    assert scorer._fast(copy.deepcopy(block)) is not None  # the shared path, not the fallback
+    shared_error, shared_kernel = scorer.score(block)
+    error, kernel = candidate_error(independent, layer, stats)
+    assert shared_error == pytest.approx(error, rel=1e-9, abs=1e-12)
+    assert float((shared_kernel - kernel).abs().max()) <= 1e-9 * float(kernel.abs().max())
+    # Independent of both solves: the scored kernel run as a dense conv on the held-out samples.
+    held = x[data.indices["holdout"]]
+    weight = shared_kernel[:, :-1].reshape(layer.weight.shape)
+    conv = F.conv2d if kind == "conv2d" else F.conv1d
+    with torch.no_grad():
+        got = conv(held, weight, shared_kernel[:, -1], stride=layer.stride, padding=layer.padding)
+        want = layer(held)
+    assert shared_error == pytest.approx(float((got - want).norm() / want.norm()), rel=1e-8)
+    if not spec.startswith("low-rank"):  # the block itself carries the fitted weights
+        with torch.no_grad():
+            ran = block(held)
+        assert shared_error == pytest.approx(float((ran - want).norm() / want.norm()), rel=1e-8)
+
+
+def test_structured_squared_errors_equal_the_dense_formula() -> None:
+    generator = torch.Generator().manual_seed(0)
+    n, out, rows = 13, 6, 200
+    a = torch.randn(rows, n, generator=generator, dtype=torch.float64)
+    y = torch.randn(rows, out, generator=generator, dtype=torch.float64)
+    from convrewrite.recovery.statistics import LayerStatistics
+
+    stats = LayerStatistics(gram=a.t() @ a, cross=a.t() @ y, energy=(y**2).sum(dim=0), rows=rows)
+    left = torch.randn(out, 3, generator=generator, dtype=torch.float64)
+    right = torch.randn(3, n, generator=generator, dtype=torch.float64)
+    brute = float(((a @ (left @ right).t() - y) ** 2).sum())
+    assert factored_squared_error(stats, left, right) == pytest.approx(brute, rel=1e-10)
+    kernel = torch.zeros(out, n, dtype=torch.float64)
+    supports = [([0, 3, 4], [0, 1, 2, 12]), ([1, 2, 5], [5, 6, 7, 8, 12])]
+    for rows_, columns in supports:
+        kernel[torch.tensor(rows_).unsqueeze(1), torch.tensor(columns)] = torch.randn(
+            len(rows_), len(columns), generator=generator, dtype=torch.float64
+        )
+    brute = float(((a @ kernel.t() - y) ** 2).sum())
+    assert block_squared_error(stats, kernel, supports) == pytest.approx(brute, rel=1e-10)
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_separable_score_is_the_fitted_block_and_lies_between_transfer_and_als(multiplier: int) -> None:
+    layer, x, site = _layer("conv2d")
+    data = TensorBatches((x,), batch_size=16, holdout=0.25)
+    stats = collect(nn.Sequential(layer), ["0"], data, device=torch.device("cpu"))["0"]
+    block = make_rule(f"separable:multiplier={multiplier}").build(site).module.double()
+    transfer, als = copy.deepcopy(block), copy.deepcopy(block)
+    error, kernel = LayerScorer(layer, stats).score(block)
+    held = x[data.indices["holdout"]]
+    with torch.no_grad():
+        want = layer(held)
+        assert error == pytest.approx(float((block(held) - want).norm() / want.norm()), rel=1e-8)
+    from convrewrite.layers.dense import dense_kernel
+    from convrewrite.recovery.statistics import kernel_matrix
+
+    start = kernel_matrix(*dense_kernel(transfer))
+    _, als_kernel = candidate_error(als, layer, stats, rounds=3)
+    fit = stats["fit"]
+    assert fit.squared_error(als_kernel) <= fit.squared_error(kernel) <= fit.squared_error(start)
+
+
+def test_split_batch_cuts_every_batched_tensor_and_passes_the_rest() -> None:
+    from convrewrite.planning.scoring import split_batch
+    from convrewrite.recovery.batches import Batch
+
+    x = torch.arange(10.0).reshape(10, 1)
+    mask = torch.ones(3)  # not batched: passed whole
+    pieces = list(split_batch(Batch((x,), {"mask": mask, "scale": 2}, 10), 4))
+    assert [piece.size for piece in pieces] == [4, 4, 2]
+    assert torch.equal(torch.cat([piece.args[0] for piece in pieces]), x)
+    assert all(piece.kwargs["mask"] is mask and piece.kwargs["scale"] == 2 for piece in pieces)
