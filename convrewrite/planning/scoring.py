@@ -412,31 +412,15 @@ class LayerScorer:
         fraction of the cost: the depthwise step of a 512-channel 3x3 layer at multiplier 4 is an
         18,432-unknown conjugate-gradient solve per round.
         """
-        try:
-            from convrewrite.layers.separable import _SeparableConvNd
-            from convrewrite.recovery.solvers.dense import is_plain
-            from convrewrite.recovery.solvers.separable import _Separable, choose_start
-        except ImportError:  # the solvers changed shape: their own path scores it
-            return None
+        from convrewrite.layers.separable import _SeparableConvNd
+        from convrewrite.recovery.solvers.separable import start_then_pointwise
+
         if not isinstance(block, _SeparableConvNd):
             return None
-        depthwise: Any = block[0]
-        pointwise: Any = block[1]
-        if not (is_plain(depthwise) and is_plain(pointwise)):
-            return None
-        if int(depthwise.groups) != int(depthwise.in_channels) or int(pointwise.groups) != 1:
-            return None
-        state = _Separable(block, self.fit)
-        if self.fit.unknowns != state.width + 1 or self.fit.outputs != state.out:
-            return None
         with torch.no_grad():
-            loss, _ = choose_start(state, state.loss(), self.ridge)
-            saved = (state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias)
-            state.solve_pointwise(self.ridge)
-            if not state.loss() <= loss:
-                state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias = saved
-            state.write(block)
-        kernel = state.kernel()
+            kernel = start_then_pointwise(block, self.fit, self.ridge)
+        if kernel is None:
+            return None
         return self.holdout.relative_error(kernel), kernel
 
     # -- low-rank ---------------------------------------------------------------------------------
@@ -513,62 +497,50 @@ class LayerScorer:
         return _relative(self.holdout, block_squared_error(self.holdout, kernel, supports)), kernel
 
     def _group_shuffle(self, block: Any, start: torch.Tensor) -> tuple[float, torch.Tensor] | None:
+        """The solver's own per-group solve; the errors block by block on the groups' supports."""
+        from convrewrite.recovery.solvers.dense import solve_group_shuffle
+
         conv, shuffle = block[0], block[1]
         out, groups = int(conv.out_channels), int(conv.groups)
         width = self.fit.unknowns - 1
         if out % groups or conv.weight.shape[1] * groups * self.geometry.taps != width:
             return None
-        index = list(shuffle.source_indices(out))  # output p is conv row index[p]
-        target_of = [0] * out
-        for position, source in enumerate(index):
+        target_of = [0] * out  # conv row r writes output channel target_of[r]
+        for position, source in enumerate(shuffle.source_indices(out)):
             target_of[source] = position
         saved = {name: p.detach().clone() for name, p in block.named_parameters()}
+        with torch.no_grad():
+            if solve_group_shuffle(block, self.fit, self.ridge, 1) is None:
+                return None
         per_out, per_in = out // groups, int(conv.weight.shape[1]) * self.geometry.taps
-        supports = []
         ones = [width] if conv.bias is not None else []
-        for group in range(groups):
-            rows = slice(group * per_out, (group + 1) * per_out)
-            columns = list(range(group * per_in, (group + 1) * per_in)) + ones
-            outputs = [target_of[r] for r in range(rows.start, rows.stop)]
-            self._solve_group_rows(conv.weight, conv.bias, rows, outputs, columns)
-            supports.append((outputs, columns))
+        supports = [
+            (
+                [target_of[r] for r in range(group * per_out, (group + 1) * per_out)],
+                list(range(group * per_in, (group + 1) * per_in)) + ones,
+            )
+            for group in range(groups)
+        ]
         return self._finish(block, start, saved, supports)
 
-    def _solve_group_rows(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, rows: slice, outputs: list[int], columns: list[int]
-    ) -> None:
-        """Rows ``rows`` of ``weight``/``bias`` set to the least squares of the target channels
-        ``outputs`` on the patch entries ``columns``, pulled towards their current values (as
-        ``solvers.dense.solve_grouped`` does for one group)."""
-        from convrewrite.recovery.solvers.base import solve_spd
-
-        index = torch.tensor(columns, dtype=torch.long)
-        gram = self.fit.gram.index_select(0, index).index_select(1, index)
-        cross = self.fit.cross.index_select(0, index).index_select(1, torch.tensor(outputs, dtype=torch.long))
-        current = weight.detach()[rows].to("cpu", torch.float64).reshape(rows.stop - rows.start, -1).t()
-        if bias is not None:
-            current = torch.cat([current, bias.detach()[rows].to("cpu", torch.float64).unsqueeze(0)], dim=0)
-        solution = solve_spd(gram, cross, current, self.ridge)
-        entries = current.shape[0] - (1 if bias is not None else 0)
-        with torch.no_grad():
-            weight[rows].copy_(solution[:entries].t().reshape(weight[rows].shape).to(weight))
-            if bias is not None:
-                bias[rows].copy_(solution[entries].to(bias))
-
     def _log_group(self, block: nn.Module, start: torch.Tensor) -> tuple[float, torch.Tensor] | None:
+        """The solver's own per-branch solve; the errors block by block on the branches' supports."""
+        from convrewrite.recovery.solvers.dense import solve_log_group
+
         layer: Any = block
         taps = self.geometry.taps
         width = self.fit.unknowns - 1
         if int(layer.in_channels) * taps != width:
             return None
         saved = {name: p.detach().clone() for name, p in block.named_parameters()}
+        with torch.no_grad():
+            if solve_log_group(block, self.fit, self.ridge, 1) is None:
+                return None
         supports = []
         row = column = 0
         for branch, cin, cout in zip(layer.branches, layer.in_sizes, layer.out_sizes):
             columns = list(range(column * taps, (column + cin) * taps)) + ([width] if branch.bias is not None else [])
-            outputs = list(range(row, row + cout))
-            self._solve_group_rows(branch.weight, branch.bias, slice(0, cout), outputs, columns)
-            supports.append((outputs, columns))
+            supports.append((list(range(row, row + cout)), columns))
             row += cout
             column += cin
         return self._finish(block, start, saved, supports)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from convrewrite.recovery import solvers
+from convrewrite.recovery.solvers import statistics_kernel
 from convrewrite.recovery.statistics import (
     LayerStatistics,
     PatchGeometry,
@@ -37,11 +38,6 @@ from convrewrite.recovery.statistics import (
 )
 
 # --------------------------------------------------------------------------- the solvers' API
-
-
-def statistics_kernel(block: nn.Module, geometry: PatchGeometry) -> torch.Tensor | None:
-    """(out, n) float64 dense kernel of ``block`` under ``geometry``, or None (no statistics path)."""
-    return solvers.statistics_kernel(block, geometry)
 
 
 #: Rounds of the alternating solvers (separable ALS): measured on the TDNN's separable layers,
@@ -149,7 +145,7 @@ def fit_layer_from_statistics(
     record.fit_error_before = fit.relative_error(kernel)
     if has_holdout:
         record.holdout_error_before = holdout.relative_error(kernel)
-    solved = solve_from_statistics(block, fit, geometry=geometry, ridge=ridge, holdout=holdout if has_holdout else None)
+    solved = solve_from_statistics(block, fit, geometry=geometry, ridge=ridge, holdout=holdout)
     if solved is None:
         return None
     after = statistics_kernel(block, geometry)

@@ -32,8 +32,8 @@ from convrewrite.layers.log_group import _LogGroupConvNd
 from convrewrite.layers.padding import PaddedConv
 from convrewrite.layers.shuffle import _GroupShuffleConvNd
 from convrewrite.layers.winograd import WinogradConv2d
-from convrewrite.recovery.solvers.base import assign, block_loss, register_solver, solve_spd, sub_statistics
-from convrewrite.recovery.statistics import LayerStatistics, kernel_matrix
+from convrewrite.recovery.solvers.base import assign, register_solver, solve_spd, sub_statistics
+from convrewrite.recovery.statistics import LayerStatistics
 
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -50,7 +50,8 @@ def solve_grouped(
 
     ``stats`` must be laid out for this conv's dense kernel (in x taps entries, then the ones
     column if ``stats.with_ones``). Returns the squared error of the solution (float64), None if
-    the statistics do not fit the weight.
+    the statistics do not fit the weight. The groups' output rows partition the outputs, so the
+    error is the sum of each group's, on its own block of the gram (``out n² / groups``).
     """
     out, in_per_group = int(weight.shape[0]), int(weight.shape[1])
     taps = math.prod(int(s) for s in weight.shape[2:])
@@ -64,6 +65,7 @@ def solve_grouped(
     current_bias = bias.detach().to("cpu", torch.float64) if bias is not None else None
     new_weight = current.clone()
     new_bias = current_bias.clone() if current_bias is not None else None
+    loss = 0.0
     for group in range(groups):
         columns = list(range(group * block, (group + 1) * block)) + ([width] if use_bias else [])
         rows = slice(group * out_per_group, (group + 1) * out_per_group)
@@ -78,15 +80,12 @@ def solve_grouped(
         new_weight[rows] = solution[:block].t()
         if use_bias and new_bias is not None:
             new_bias[rows] = solution[block]
+        group_stats = LayerStatistics(gram=gram, cross=cross, energy=stats.energy[rows], rows=stats.rows)
+        loss += group_stats.squared_error(solution.t())
     assign(weight, new_weight)
     if use_bias and bias is not None and new_bias is not None:
         assign(bias, new_bias)
-    dense = torch.zeros(out, width, dtype=torch.float64)
-    for group in range(groups):
-        rows = slice(group * out_per_group, (group + 1) * out_per_group)
-        dense[rows, group * block : (group + 1) * block] = new_weight[rows]
-    bias_column = new_bias if new_bias is not None else torch.zeros(out, dtype=torch.float64)
-    return block_loss(stats, torch.cat([dense, bias_column.unsqueeze(1)], dim=1))
+    return loss
 
 
 @register_solver(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, WinogradConv2d)
@@ -134,20 +133,22 @@ def solve_log_group(
     width = int(layer.in_channels) * taps
     if stats.unknowns != width + (1 if stats.with_ones else 0):
         return None
-    # Solved branch by branch; the loss of the whole block is the sum over output slices, so it is
-    # computed once at the end from the block's dense kernel.
+    # Solved branch by branch; the branches' output slices partition the outputs, so the loss of
+    # the whole block is the sum of theirs.
     row = column = 0
+    loss = 0.0
     for branch, cin, cout in zip(branches, layer.in_sizes, layer.out_sizes):
         inputs = list(range(column * taps, (column + cin) * taps))
         if stats.with_ones and branch.bias is not None:
             inputs.append(width)
         sub = sub_statistics(stats, inputs, list(range(row, row + cout)))
-        if solve_grouped(branch.weight, branch.bias, 1, sub, ridge) is None:
+        branch_loss = solve_grouped(branch.weight, branch.bias, 1, sub, ridge)
+        if branch_loss is None:
             return None
+        loss += branch_loss
         row += cout
         column += cin
-    weight, bias = layer.to_dense()
-    return f"per-branch least-squares ({len(branches)} branches)", [block_loss(stats, kernel_matrix(weight, bias))]
+    return f"per-branch least-squares ({len(branches)} branches)", [loss]
 
 
 @register_solver(PaddedConv)

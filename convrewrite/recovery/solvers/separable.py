@@ -59,6 +59,10 @@ EXTRAPOLATE = True
 WHITENED_START = True
 
 
+#: What ``_Separable.snapshot`` holds: depthwise (C, m, T), its bias, pointwise (out, Cm), its bias.
+Snapshot = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class _Separable:
     """The float64 state of the alternation: D (C, m, T), depthwise bias (Cm,), P (out, Cm), bias (out,)."""
 
@@ -208,6 +212,15 @@ class _Separable:
                 # Only a depthwise bias: the total bias is P b_d, least squares in b_d.
                 mix = self.pointwise.t() @ self.pointwise
                 self.depthwise_bias = solve_spd(mix, self.pointwise.t() @ total, self.depthwise_bias, ridge)
+
+    def snapshot(self) -> Snapshot:
+        """The state's four tensors (depthwise, its bias, pointwise, its bias); every step replaces
+        them rather than writing into them, so holding them is a copy of the state."""
+        return self.depthwise, self.depthwise_bias, self.pointwise, self.pointwise_bias
+
+    def restore(self, saved: Snapshot) -> None:
+        """Back to a ``snapshot()``."""
+        self.depthwise, self.depthwise_bias, self.pointwise, self.pointwise_bias = saved
 
     def balance(self) -> None:
         """Rescale each middle channel so its depthwise row and pointwise column have equal norms.
@@ -376,13 +389,12 @@ def _line_search(state: _Separable, saved: tuple, loss: float) -> float:
     it beats α = 1 (the enhanced line search of alternating least squares for tensor
     decompositions). Returns the loss kept.
     """
-    after = (state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias)
+    after = state.snapshot()
     steps = [a - b for a, b in zip(after, saved)]
 
     def place(alpha: float) -> None:
-        state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias = (
-            b + alpha * d for b, d in zip(saved, steps)
-        )
+        depthwise, depthwise_bias, pointwise, pointwise_bias = (b + alpha * d for b, d in zip(saved, steps))
+        state.restore((depthwise, depthwise_bias, pointwise, pointwise_bias))
 
     nodes = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     values = []
@@ -408,7 +420,7 @@ def _line_search(state: _Separable, saved: tuple, loss: float) -> float:
         extrapolated = state.loss()  # measured, not the polynomial's value
         if extrapolated < loss:
             return extrapolated
-    state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias = after
+    state.restore(after)
     return loss
 
 
@@ -420,16 +432,11 @@ def solve_separable(
 
     With ``holdout`` (the layer's held-out statistics) the rounds also stop once the held-out loss
     has not fallen by ``HOLDOUT_TOLERANCE`` of its best for ``HOLDOUT_PATIENCE`` rounds, and the
-    block keeps the round where the held-out loss was lowest (early stopping: later rounds only fit the fit split's own
-    noise, measured on the trained digits CNN and ResNet-50's 512-channel layers).
+    block keeps the round where the held-out loss was lowest (early stopping: later rounds only
+    fit the fit split's own noise).
     """
-    depthwise, pointwise = block[0], block[1]  # type: ignore[index]
-    if not (is_plain(depthwise) and is_plain(pointwise)):
-        return None
-    if int(depthwise.groups) != int(depthwise.in_channels) or int(pointwise.groups) != 1:
-        return None
-    state = _Separable(block, stats)
-    if stats.unknowns != state.width + (1 if stats.with_ones else 0) or stats.outputs != state.out:
+    state = _state(block, stats)
+    if state is None:
         return None
     losses: list[float] = []
     previous = state.loss()
@@ -441,10 +448,10 @@ def solve_separable(
     initial = previous
     watched = holdout is not None and holdout.rows > 0
     best_held = state.loss(holdout) if watched else 0.0
-    best_at, best_state = len(losses), (state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias)
+    best_at, best_state = len(losses), state.snapshot()
     stopped, waited = "", 0
     for _ in range(max(int(rounds), 1)):
-        saved = (state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias)
+        saved = state.snapshot()
         state.solve_pointwise(ridge)
         state.solve_depthwise(ridge)
         loss = state.loss()
@@ -453,7 +460,7 @@ def solve_separable(
         if loss > previous:
             # Each step minimizes the loss plus a proximal term that is zero at the current value,
             # so a rise can only be rounding at the optimum: keep the previous round and stop.
-            state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias = saved
+            state.restore(saved)
             break
         losses.append(loss)
         if watched:
@@ -461,7 +468,7 @@ def solve_separable(
             waited = 0 if held < best_held * (1 - HOLDOUT_TOLERANCE) else waited + 1
             if held < best_held:
                 best_held, best_at = held, len(losses)
-                best_state = (state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias)
+                best_state = state.snapshot()
             if waited >= HOLDOUT_PATIENCE:
                 stopped = ", stopped on the held-out loss"
                 break
@@ -470,7 +477,7 @@ def solve_separable(
         previous = loss
     if watched and best_at < len(losses):
         # Back to the round with the lowest held-out loss (its fit loss is in the history).
-        state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias = best_state
+        state.restore(best_state)
         del losses[best_at:]
     rounds_run = len(losses) - (start != "the transfer")
     if not losses:
@@ -478,6 +485,38 @@ def solve_separable(
     state.balance()
     state.write(block)
     return f"alternating least squares from {start} ({rounds_run} rounds{stopped})", losses
+
+
+def _state(block: nn.Module, stats: LayerStatistics) -> _Separable | None:
+    """The alternation's state for ``block``, or None when the block or the statistics do not fit it."""
+    depthwise, pointwise = block[0], block[1]  # type: ignore[index]
+    if not (is_plain(depthwise) and is_plain(pointwise)):
+        return None
+    if int(depthwise.groups) != int(depthwise.in_channels) or int(pointwise.groups) != 1:
+        return None
+    state = _Separable(block, stats)
+    if stats.unknowns != state.width + (1 if stats.with_ones else 0) or stats.outputs != state.out:
+        return None
+    return state
+
+
+def start_then_pointwise(block: nn.Module, stats: LayerStatistics, ridge: float) -> torch.Tensor | None:
+    """The solver's start (``choose_start``) then one exact pointwise solve, no depthwise step;
+    the block is set to it and its (out, n) kernel returned (None: no path for this block).
+
+    What the planner scores a separable candidate by: an upper bound of the fitted error (the
+    alternation only lowers it) for the cost of one Cholesky of the gram.
+    """
+    state = _state(block, stats)
+    if state is None:
+        return None
+    loss, _ = choose_start(state, state.loss(), ridge)
+    saved = state.snapshot()
+    state.solve_pointwise(ridge)
+    if not state.loss() <= loss:
+        state.restore(saved)
+    state.write(block)
+    return state.kernel()
 
 
 def choose_start(state: _Separable, transfer: float, ridge: float) -> tuple[float, str]:
@@ -491,12 +530,12 @@ def choose_start(state: _Separable, transfer: float, ridge: float) -> tuple[floa
     slack = 1e-12 * max(energy, 1e-300)
     if transfer <= slack:
         return transfer, "the transfer"
-    saved = (state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias)
+    saved = state.snapshot()
     state.whitened_start(ridge)
     whitened = state.loss()
     if whitened < transfer * (1 - 1e-9) - slack:
         return whitened, "the whitened start"
-    state.depthwise, state.depthwise_bias, state.pointwise, state.pointwise_bias = saved
+    state.restore(saved)
     return transfer, "the transfer"
 
 
@@ -511,4 +550,5 @@ __all__ = [
     "WHITENED_START",
     "choose_start",
     "solve_separable",
+    "start_then_pointwise",
 ]
