@@ -328,7 +328,9 @@ def test_each_pass_stops_at_the_layer_being_fitted() -> None:
     assert calls == {"original": 1, "rewritten": 1}  # the one probe forward that finds the call order
 
 
-def test_streaming_without_a_cache_matches_and_reopens_the_source() -> None:
+@pytest.mark.parametrize("frontier", [True, False])
+def test_streaming_without_a_cache_matches_and_reopens_the_source(frontier: bool, monkeypatch) -> None:
+    monkeypatch.setenv("CONVREWRITE_FIT_FRONTIER", "1" if frontier else "0")
     torch.manual_seed(8)
     x = smooth_images(48, 4, 8)
     original, rewritten, names = rewrite(Net2d(), x, ["group-shuffle:groups=2"])
@@ -345,8 +347,11 @@ def test_streaming_without_a_cache_matches_and_reopens_the_source() -> None:
     streamed = fit_layers(original, rewritten, names, source, steps=0, cache_mb=0)
     passes = len(opened) - before
     # The probe, then ONE pass over each split per layer (the statistics fit): every pass called
-    # the function again. (The gradient path opened it at least 4 times per layer.)
-    assert passes == 1 + 2 * len(names)
+    # the function again. (The gradient path opened it at least 4 times per layer.) With the
+    # frontier (no cache: every frontier on disk) each split is read from the source once, the
+    # layers after the first start from the stored frontiers.
+    assert passes == (1 + 2 if frontier else 1 + 2 * len(names))
+    assert streamed.streaming.startswith("frontier" if frontier else "prefix passes")
     reference = fit_layers(original, cached, names, source, steps=0)
     for a, b in zip(streamed.layers, reference.layers):
         assert a.holdout_error_after == pytest.approx(b.holdout_error_after, rel=1e-5)
@@ -498,7 +503,8 @@ def test_statistics_fit_of_full_capacity_replacements_is_exact_end_to_end() -> N
     assert torch.allclose(rewritten.conv1.weight, original.conv1.weight, atol=1e-3)
 
 
-def test_statistics_fit_counts_one_pass_of_each_prefix_per_layer() -> None:
+def test_statistics_fit_counts_one_pass_of_each_prefix_per_layer(monkeypatch) -> None:
+    monkeypatch.setenv("CONVREWRITE_FIT_FRONTIER", "0")
     torch.manual_seed(13)
     original = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 8, 3, padding=1), nn.ReLU()).eval()
     rewritten = _perturbed(original, ["0", "2"])
@@ -517,6 +523,50 @@ def test_statistics_fit_counts_one_pass_of_each_prefix_per_layer() -> None:
     expected = [(first + 0) / full, (full + first) / full]  # (original through the target + rewritten up to the block)
     assert [layer.passes for layer in result.layers] == pytest.approx(expected)
     assert result.passes == pytest.approx(sum(expected))
+
+
+def test_the_frontier_runs_each_module_once_per_batch_and_counts_the_segments() -> None:
+    torch.manual_seed(13)
+    original = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 8, 3, padding=1), nn.ReLU()).eval()
+    rewritten = _perturbed(original, ["0", "2"])
+    reference = copy.deepcopy(rewritten)
+    x = torch.randn(40, 4, 16)
+    data = TensorBatches((x,), batch_size=8, holdout=0.25)
+    calls: dict[str, int] = {}
+    for label, model in (("original", original), ("rewritten", rewritten)):
+        for name in ("0", "2"):
+            key = f"{label}.{name}"
+            calls[key] = 0
+            model.get_submodule(name).register_forward_pre_hook(
+                lambda m, a, key=key: calls.__setitem__(key, calls[key] + 1)
+            )
+    result = fit_layers(original, rewritten, ["0", "2"], data, steps=0)
+    assert result.streaming.startswith("frontier"), result.streaming
+    batches = len(list(data.batches("fit"))) + len(list(data.batches("holdout")))
+    # The probe forward runs each module once, the check of the graph on the probe batch twice
+    # (by the graph and by the models' own forwards, both stopped before the last block, whose
+    # pre-hook still sees that call); then every module up to the last cut runs once per batch in
+    # all, whatever the number of layers, and the last block never.
+    assert calls == {
+        "original.0": 3 + batches,
+        "original.2": 3 + batches,
+        "rewritten.0": 3 + batches,
+        "rewritten.2": 2,
+    }
+    # Hand MACs: layer "0" runs the original's first conv; layer "2" the original's second and
+    # the rewritten model's first (fitted) conv: the segments between the cuts.
+    first, second = 16 * 8 * 12, 16 * 8 * 24
+    full = first + second
+    assert [layer.passes for layer in result.layers] == pytest.approx([first / full, (second + first) / full])
+    # The same fit as the prefix passes (which the environment switch restores).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CONVREWRITE_FIT_FRONTIER", "0")
+        prefix = fit_layers(original, reference, ["0", "2"], data, steps=0)
+    assert prefix.streaming.startswith("prefix passes")
+    for a, b in zip(result.layers, prefix.layers):
+        assert a.holdout_error_after == pytest.approx(b.holdout_error_after, rel=1e-6)
+    for (name, p), (_, q) in zip(rewritten.state_dict().items(), reference.state_dict().items()):
+        assert torch.allclose(p, q, atol=1e-6), name
 
 
 def test_a_fused_batchnorm_target_is_reproduced_from_statistics() -> None:

@@ -141,6 +141,9 @@ class FitResult:
     seconds: float = 0.0
     #: All layers' forward prefixes, in units of one full original forward over the data.
     passes: float = 0.0
+    #: How the layers' (input, target) pairs were streamed: ``frontier: ...`` (each layer from
+    #: where the previous one stopped, ``recovery/frontier.py``) or ``prefix passes: ...`` (why).
+    streaming: str = ""
     #: Set when the whole fit was undone (the fitted model was worse on held-out data).
     note: str | None = None
 
@@ -668,6 +671,7 @@ class _LayerData:
         rank: int,
         world: int,
         name: str,
+        frontier: Any = None,
     ) -> None:
         self.original, self.rewritten = original, rewritten
         self.layer, self.block = layer, block
@@ -677,6 +681,8 @@ class _LayerData:
         self.budget = budget
         self.rank, self.world = rank, world
         self.name = name
+        #: The frontiers to stream from (``recovery/frontier.py``), or None: prefix passes.
+        self.frontier: Any = frontier
         self.cache: dict[Split, list[list[Pair]]] = {"fit": [], "holdout": []}
         self.complete: dict[Split, bool] = {"fit": False, "holdout": False}
         self.used = 0
@@ -694,7 +700,25 @@ class _LayerData:
             )
         return [(_own(args), _own(kwargs), _own(target)) for (args, kwargs), target in zip(inputs, targets)]
 
+    def via_frontier(self) -> bool:
+        return self.frontier is not None and not self.frontier.broken
+
+    def advance(self) -> None:
+        """Move the frontiers to this layer now (a no-op with prefix passes): what a consumer that
+        may stop part-way through a pass (gradient steps) needs before it starts."""
+        if self.via_frontier():
+            for split in ("fit", "holdout"):
+                for _ in self.stream(split):
+                    pass
+
     def stream(self, split: Split, epoch: int = 0) -> Iterator[list[Pair]]:
+        if self.via_frontier():
+            fresh = self.frontier.at[split] != self.name
+            for size, pairs in self.frontier.pairs(self.name, split):
+                if fresh:
+                    self.streamed[split] += size
+                yield pairs
+            return
         if split == "fit":
             batches = self.data.batches("fit", rank=self.rank, world_size=self.world, epoch=epoch)
         else:
@@ -1053,6 +1077,7 @@ def fit_layers(
     modes = {id(m): m.training for model in (original, rewritten) for m in model.modules()}
     original.to(device).eval()
     rewritten.to(device).eval()
+    frontier: Any = None
     try:
         probe = next(iter(data.batches("fit", rank=rank, world_size=world)), None)
         if probe is None:
@@ -1067,11 +1092,23 @@ def fit_layers(
         _, original_calls, full, original_at = _call_order_and_costs(
             original, {n: layers[n] for n in unique.values()}, probe, "after"
         )
+        budget = int(cache_mb * (1 << 20))
         per_pass = (data.count("holdout") or 0) + math.ceil((data.count("fit") or 0) / world)
+        why = "prefix passes: fitting every layer from the model's input"
+        if statistics and len(order) > 1:
+            from convrewrite.recovery.frontier import Frontier
+
+            frontier, reason = Frontier.build(
+                original, rewritten, order, targets, calls, probe, data, device, budget, rank, world
+            )
+            why = (
+                "frontier: each layer streamed from where the previous one stopped" if frontier else f"{why} ({reason})"
+            )
+        result.streaming = why
         del probe
+        previous_end = previous_start = 0.0
         skipped = [n for n in names if n not in order]
         total = len(order)
-        budget = int(cache_mb * (1 << 20))
         for index, name in enumerate(order):
             if progress is not None:
                 progress(FitProgress(name, index, total, "start"))
@@ -1089,7 +1126,7 @@ def fit_layers(
                 result.layers.append(record)
                 continue
             layer_data = _LayerData(
-                original, rewritten, layer, block, calls[name], data, device, budget, rank, world, name
+                original, rewritten, layer, block, calls[name], data, device, budget, rank, world, name, frontier
             )
             geometry = fit_statistics.layer_geometry(original, name, layer) if statistics else None
             found = (
@@ -1100,7 +1137,8 @@ def fit_layers(
                 else None
             )
             if found is None:
-                if layer_data.streamed["fit"]:
+                layer_data.advance()
+                if layer_data.streamed["fit"] and not layer_data.via_frontier():
                     record.note = "; ".join(filter(None, [record.note, "no closed form: fitted by gradient steps"]))
                 _fit_layer(
                     layer_data,
@@ -1119,7 +1157,12 @@ def fit_layers(
             # The forwards stop at the last call: after the target's, before the block's.
             ends = original_at.get(name) or [full]
             starts = rewritten_at.get(name) or [full]
-            prefix = (ends[-1] + starts[-1]) / max(full, 1e-30)
+            if layer_data.via_frontier():
+                # Only the nodes between the previous layer's cut and this one's ran.
+                prefix = (ends[-1] - previous_end + starts[-1] - previous_start) / max(full, 1e-30)
+                previous_end, previous_start = ends[-1], starts[-1]
+            else:
+                prefix = (ends[-1] + starts[-1]) / max(full, 1e-30)
             record.passes = streamed / max(per_pass, 1) * prefix
             result.passes += record.passes
             del layer_data
@@ -1132,6 +1175,8 @@ def fit_layers(
                 LayerFit(name=name, block=type(blocks[name]).__name__, note="not called on the calibration data")
             )
     finally:
+        if frontier is not None:
+            frontier.close()
         original.to(homes[0])
         rewritten.to(homes[1])
         for model in (original, rewritten):
