@@ -40,6 +40,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from convrewrite.recovery.batches import Batch, BatchSource, Split
 
+#: Samples of the probe batch the graph is checked on (both ways: by the graph, by the models).
+PROBE_SAMPLES = 2
+
 #: One layer's pairs of one batch: [(block args, block kwargs, target)] (one call per block).
 Pairs = list[tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]]
 
@@ -87,6 +90,10 @@ class _Executor:
         #: The last node that reads each node's value (the output node counts).
         self.last_use = [max((self.index[user] for user in node.users), default=-1) for node in self.nodes]
         self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        #: Per position, the values read there for the last time (freed once it has run).
+        self.frees: list[list[int]] = [[] for _ in self.nodes]
+        for position, last in enumerate(self.last_use):
+            self.frees[max(last, position)].append(position)
 
     def start(self, batch: Batch) -> dict[int, Any]:
         env: dict[int, Any] = {}
@@ -103,8 +110,12 @@ class _Executor:
                 raise TypeError(f"no value for input {name!r}")
         return env
 
-    def run(self, env: dict[int, Any], start: int, stop: int) -> Any:
-        """Execute nodes [start, stop) in ``env`` (changed in place); the output node's value if reached."""
+    def run(self, env: dict[int, Any], start: int, stop: int, keep: int = -1) -> Any:
+        """Execute nodes [start, stop) in ``env`` (changed in place); the output node's value if reached.
+
+        Each value is dropped as soon as the last node that reads it has run (``keep``, a
+        position, is kept whatever reads it): a segment holds no more than the model's own forward.
+        """
         result = None
         for position in range(start, stop):
             node = self.nodes[position]
@@ -126,6 +137,9 @@ class _Executor:
             else:  # pragma: no cover - fx has no other ops
                 raise RuntimeError(f"unknown fx op {node.op}")
             env[position] = value
+            for done in self.frees[position]:
+                if done != keep:
+                    env.pop(done, None)
         return result
 
     def arguments(self, env: dict[int, Any], position: int) -> tuple[Any, Any]:
@@ -147,24 +161,36 @@ class _Store:
     def __init__(self, owner: Frontier) -> None:
         self.owner = owner
         self.entries: list[Any] = []  # a tuple in memory, or a Path on disk
+        #: Bytes each in-memory entry was counted for when stored (its dicts change afterwards).
+        self.sizes: list[int] = []
 
     def put(self, position: int, value: tuple) -> None:
         size = _nbytes(value)
         while position >= len(self.entries):
             self.entries.append(None)
+            self.sizes.append(0)
         old = self.entries[position]
-        if isinstance(old, tuple):
-            self.owner.used -= _nbytes(old)
-        elif isinstance(old, Path):
+        self.owner.used -= self.sizes[position]
+        self.sizes[position] = 0
+        if isinstance(old, Path):
             old.unlink(missing_ok=True)
         if self.owner.used + size <= self.owner.budget:
             self.entries[position] = value
+            self.sizes[position] = size
             self.owner.used += size
             return
         path = self.owner.directory() / f"{id(self)}-{position}.pt"
         torch.save(_compact(value), path)
         self.owner.spilled_bytes += size
         self.entries[position] = path
+
+    def truncate(self, count: int) -> None:
+        """Drop the entries from ``count`` on (a split that has fewer batches than before)."""
+        for position in range(count, len(self.entries)):
+            self.owner.used -= self.sizes[position]
+            if isinstance(self.entries[position], Path):
+                self.entries[position].unlink(missing_ok=True)
+        del self.entries[count:], self.sizes[count:]
 
     def get(self, position: int) -> tuple:
         entry = self.entries[position]
@@ -249,6 +275,7 @@ class Frontier:
                 return None, "the layers' graph nodes are not in the order the model calls them"
             cuts.append(cut)
         frontier = cls(graph, original, rewritten, cuts, data, device, budget, rank, world)
+        probe = _first_samples(probe, PROBE_SAMPLES)
         try:
             with torch.no_grad():
                 if not _same(frontier._probe_pairs(probe), _hooked_pairs(original, rewritten, cuts, targets, probe)):
@@ -263,7 +290,7 @@ class Frontier:
         original_env, rewritten_env = self.original.start(probe), self.rewritten.start(probe)
         at_original = at_rewritten = 0
         for cut in self.cuts.values():
-            self.original.run(original_env, at_original, cut.target + 1)
+            self.original.run(original_env, at_original, cut.target + 1, keep=cut.target)
             self.rewritten.run(rewritten_env, at_rewritten, cut.block)
             at_original, at_rewritten = cut.target + 1, cut.block
             args, kwargs = self.rewritten.arguments(rewritten_env, cut.block)
@@ -280,6 +307,7 @@ class Frontier:
     def close(self) -> None:
         for store in self.stores.values():
             store.entries.clear()
+            store.sizes.clear()
         self.used = 0
         if self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
@@ -339,7 +367,7 @@ class Frontier:
                     rewritten_env = self.rewritten.start(batch)
                 else:
                     size, original_env, rewritten_env, _ = store.get(position)
-                self.original.run(original_env, start_original, stop_original)
+                self.original.run(original_env, start_original, stop_original, keep=cut.target)
                 self.rewritten.run(rewritten_env, start_rewritten, stop_rewritten)
                 args, kwargs = self.rewritten.arguments(rewritten_env, cut.block)
                 target = original_env[cut.target]
@@ -354,7 +382,20 @@ class Frontier:
                 store.put(position, entry)
                 count += 1
                 yield size, pairs
-        del store.entries[count:]
+        store.truncate(count)
+
+
+def _first_samples(batch: Batch, count: int) -> Batch:
+    """The first ``count`` samples of ``batch`` (tensors whose dim 0 is the batch), for the check."""
+    if batch.size <= count:
+        return batch
+
+    def head(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch.size:
+            return value[:count]
+        return value
+
+    return Batch(tree_map(head, batch.args), tree_map(head, batch.kwargs), count)
 
 
 def _clone(value: Any) -> Any:

@@ -24,8 +24,9 @@ towards the current value, so the loss never increases from one step to the next
 also lowers the quadratic from its warm start). The first round starts from the block's current
 (transferred) weights; the solver stops after ``rounds`` rounds or when a round improves the loss
 by less than ``TOLERANCE`` (1e-6) of it. Cost per round for 512 channels x 3x3 (4,608 depthwise
-unknowns): about 1 s of CG on one core, against 2-8 s for a Cholesky of that size, and a Cholesky
-of size Cm + 1 for the pointwise.
+unknowns): a Cholesky of 1.3 s on one core (the gram at the support gathered once per solve),
+against 4.5 s of CG at the 127 iterations it took on ResNet-50's layers, and a Cholesky of size
+Cm + 1 for the pointwise.
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ TOLERANCE = 1e-6
 HOLDOUT_TOLERANCE = 1e-4
 HOLDOUT_PATIENCE = 3
 #: Depthwise systems up to this many unknowns are solved by Cholesky; larger ones by
-#: preconditioned conjugate gradients (the normal matrix is never formed).
-DIRECT_LIMIT = 2048
+#: preconditioned conjugate gradients (the normal matrix is never formed). Measured on one core
+#: (ResNet-50's 256- and 512-channel 3x3 layers at 256 images): CG took 127 iterations per solve
+#: on average, 4.5 s per round at 4,608 unknowns, against 1.3 s for the Cholesky and 0.9 s to
+#: gather the masked gram; 5,120 covers 512 channels x 3x3 (and a 64-tap 1-D conv of 80).
+DIRECT_LIMIT = 5120
 #: Conjugate gradients stop at this relative residual (float64 CG stalls near 1e-9) or after this many iterations.
 CG_TOLERANCE = 1e-8
 CG_ITERATIONS = 500
@@ -93,6 +97,7 @@ class _Separable:
             else torch.zeros(self.out, dtype=torch.float64)
         )
         self.stats = stats
+        self._support_gram: torch.Tensor | None = None
 
     @property
     def middle(self) -> int:
@@ -283,8 +288,11 @@ class _Separable:
         if self.use_depthwise_bias:
             current = torch.cat([current, self.depthwise_bias])
         if len(q_index) <= DIRECT_LIMIT:
-            normal = stats.gram.index_select(0, s_index).index_select(1, s_index)
-            normal.mul_(mix.index_select(0, q_index).index_select(1, q_index))
+            if self._support_gram is None:
+                # The gram at the support is the same every round; only the PᵀP mask changes.
+                self._support_gram = stats.gram.index_select(0, s_index).index_select(1, s_index)
+            normal = mix.index_select(0, q_index).index_select(1, q_index)
+            normal.mul_(self._support_gram)
             solution = solve_spd(normal, rhs, current, ridge)
         else:
             solution = self._conjugate_gradients(mix, rhs, current, ridge)
