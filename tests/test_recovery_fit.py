@@ -634,3 +634,33 @@ def test_a_block_without_statistics_path_keeps_the_gradient_path_and_its_steps()
     layer = fit_layers(original, rewritten, ["conv2"], data, steps=0).layers[0]
     assert layer.method == "gradient" and layer.gradient_steps == 500  # FALLBACK_STEPS
     assert layer.holdout_error_after < 0.5 * layer.holdout_error_before
+
+
+def test_reference_outputs_are_computed_once_and_never_reused_for_other_samples() -> None:
+    from convrewrite.recovery.metrics import ReferenceOutputs
+
+    torch.manual_seed(21)
+    reference = Net2d().eval()
+    candidate = copy.deepcopy(reference)
+    with torch.no_grad():
+        candidate.conv2.weight.mul_(1.1)
+    calls = [0]
+    reference.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    x = smooth_images(32, 4, 8)
+    data = TensorBatches((x,), batch_size=8, holdout=0.25)
+    plain = measure_fidelity(reference, candidate, data)
+    outputs = ReferenceOutputs(reference)
+    first = measure_fidelity(reference, candidate, data, outputs=outputs)
+    held_batches = calls[0] // 2  # the plain measurement ran it once per held-out batch
+    before = calls[0]
+    again = measure_fidelity(reference, candidate, data, outputs=outputs)
+    assert calls[0] == before  # every output reused
+    assert first == again and first is not None and plain is not None
+    assert first.output_relative_error == pytest.approx(plain.output_relative_error, rel=1e-12)
+    assert outputs.hits == held_batches and outputs.misses == held_batches
+    # A source that yields other samples on the next pass (augmentation): computed again.
+    other = TensorBatches((x + 0.5,), batch_size=8, holdout=0.25)
+    shifted = measure_fidelity(reference, candidate, other, outputs=outputs)
+    fresh = measure_fidelity(reference, candidate, other)
+    assert shifted is not None and fresh is not None
+    assert shifted.output_relative_error == pytest.approx(fresh.output_relative_error, rel=1e-12)

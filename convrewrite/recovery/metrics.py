@@ -23,13 +23,59 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from convrewrite.core.compare import OutputAgreement, output_shapes, same_structure
 from convrewrite.errors import ModelError, describe
-from convrewrite.recovery.batches import BatchSource, Split
+from convrewrite.recovery.batches import Batch, BatchSource, Split
 
 #: The name a single-number ``evaluate()`` result is reported under.
 SINGLE_SCORE = "score"
+
+
+def _fingerprint(batch: Batch) -> tuple:
+    """A cheap identity of a batch's values (size, then each tensor's shape and float64 sum)."""
+    leaves, _ = tree_flatten((batch.args, batch.kwargs))
+    marks: list[Any] = [batch.size]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            marks.append((tuple(leaf.shape), float(leaf.detach().to(torch.float64).sum())))
+        else:
+            marks.append(repr(leaf))
+    return tuple(marks)
+
+
+class ReferenceOutputs:
+    """The reference model's outputs per batch, kept up to ``budget`` bytes and reused.
+
+    The original model never changes during a run, yet the fit stage compares against it up to
+    five times (held-out fidelity of the transfer and of the fit, the output error before and
+    after BatchNorm re-estimation): its outputs are computed once per batch instead. A kept
+    output is reused only for a batch with the same fingerprint (its size, and each input
+    tensor's shape and sum), so a data source that yields different samples on each pass
+    (augmentation) is computed again, never compared against the wrong output.
+    """
+
+    def __init__(self, reference: nn.Module, budget: int = 256 << 20) -> None:
+        self.reference = reference
+        self.budget, self.used = budget, 0
+        self.kept: dict[tuple, tuple[tuple, Any]] = {}
+        self.hits = self.misses = 0
+
+    def __call__(self, key: tuple, batch: Batch) -> Any:
+        mark = _fingerprint(batch)
+        found = self.kept.get(key)
+        if found is not None and found[0] == mark:
+            self.hits += 1
+            return found[1]
+        self.misses += 1
+        output = batch.call(self.reference)
+        leaves, _ = tree_flatten(output)
+        size = sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+        if found is None and self.used + size <= self.budget:
+            self.kept[key] = (mark, output)
+            self.used += size
+        return output
 
 
 @dataclass
@@ -53,11 +99,13 @@ def measure_fidelity(
     data: BatchSource,
     split: Split = "holdout",
     device: torch.device | str = "cpu",
+    outputs: ReferenceOutputs | None = None,
 ) -> HoldoutFidelity | None:
     """Relative output error, cosine similarity and (for (N, classes) outputs) top-1 agreement.
 
     None when the split is empty. Both models run in eval mode on ``device`` and are put back
-    where they were, in the mode they were in.
+    where they were, in the mode they were in. ``outputs``: the reference's outputs kept from an
+    earlier comparison on the same device (see ``ReferenceOutputs``).
     """
     device = torch.device(device)
     homes = [next(iter([*m.parameters(), *m.buffers()]), torch.empty(0)).device for m in (reference, candidate)]
@@ -67,9 +115,9 @@ def measure_fidelity(
     candidate.to(device).eval()
     try:
         with torch.no_grad():
-            for batch in data.batches(split):
+            for index, batch in enumerate(data.batches(split)):
                 batch = batch.to(device)
-                expected = batch.call(reference)
+                expected = outputs((split, 0, 1, index), batch) if outputs is not None else batch.call(reference)
                 got = batch.call(candidate)
                 if not same_structure(expected, got):
                     raise ModelError(
@@ -129,4 +177,4 @@ def _number(value: Any, what: str, which: str) -> float:
     return number
 
 
-__all__ = ["SINGLE_SCORE", "HoldoutFidelity", "measure_fidelity", "run_evaluate"]
+__all__ = ["SINGLE_SCORE", "HoldoutFidelity", "ReferenceOutputs", "measure_fidelity", "run_evaluate"]

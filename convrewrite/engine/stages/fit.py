@@ -18,7 +18,7 @@ from convrewrite.engine.stages.profile import run_profile
 from convrewrite.engine.state import RunState
 from convrewrite.recovery.device import resolve_device
 from convrewrite.recovery.fit import BatchNormResult, FitResult, fit_layers, reestimate_batchnorm
-from convrewrite.recovery.metrics import HoldoutFidelity, measure_fidelity
+from convrewrite.recovery.metrics import HoldoutFidelity, ReferenceOutputs, measure_fidelity
 from convrewrite.recovery.progress import FitLayersProgress
 
 
@@ -62,7 +62,9 @@ class FitStage(TrainingStage):
         assert state.reference is not None and state.data is not None  # TrainingStage.run checked
         device = resolve_device(state.settings.device)
         reference, model, data = state.reference, state.model, state.data
-        transfer = measure_fidelity(reference, model, data, device=device)
+        # The original's outputs, computed once for the five comparisons below.
+        outputs = ReferenceOutputs(reference)
+        transfer = measure_fidelity(reference, model, data, device=device, outputs=outputs)
         # The transfer's weights, to come back to if the fitted model is worse on held-out data.
         transferred = {key: value.detach().clone() for key, value in model.state_dict().items()}
         progress = _progress(state)
@@ -80,8 +82,8 @@ class FitStage(TrainingStage):
             )
         finally:
             progress.close()
-        batchnorm = reestimate_batchnorm(model, data, device=device, reference=reference)
-        fitted = measure_fidelity(reference, model, data, device=device)
+        batchnorm = reestimate_batchnorm(model, data, device=device, reference=reference, outputs=outputs)
+        fitted = measure_fidelity(reference, model, data, device=device, outputs=outputs)
         if transfer and fitted and fitted.output_relative_error > transfer.output_relative_error:
             # Each layer's fit was checked on held-out samples, but together they may still carry
             # worse to the output (little calibration data): the whole transfer is kept then.
@@ -90,8 +92,8 @@ class FitStage(TrainingStage):
                 f"fit reverted: held-out output error {transfer.output_relative_error:.3g} -> "
                 f"{fitted.output_relative_error:.3g}"
             )
-            fitted = measure_fidelity(reference, model, data, device=device)
-        del transferred
+            fitted = measure_fidelity(reference, model, data, device=device, outputs=outputs)
+        del transferred, outputs
         state.sections["fitting"] = FittingSection(transfer, fitted, fit, batchnorm)
         # The weights changed: the rewritten model's recorded output (which apply's reload check
         # and the fidelity on the example input compare against) must be measured again.
