@@ -222,14 +222,20 @@ def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor, current: torch.Tensor, ri
     costs about 10x a Cholesky (15 s against 1.5 s for a 4,609-wide gram on one core).
     """
     scale = ridge_scale(matrix, ridge)
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     vector = rhs.ndim == 1
+    # One copy of the matrix, its diagonal raised in place (no identity matrix, no second copy:
+    # at 4,609 unknowns each n² temporary costs about as much as the factorization's first steps).
+    system = matrix.clone()
+    diagonal = system.diagonal()
+    diagonal.add_(scale)
+    added = scale
     for _ in range(RIDGE_RETRIES + 1):
-        factor, info = torch.linalg.cholesky_ex(matrix + scale * eye)
+        factor, info = torch.linalg.cholesky_ex(system)
         if int(info) == 0:
             break
         scale *= 10.0
-    system = matrix + scale * eye
+        diagonal.add_(scale - added)
+        added = scale
     right = rhs + scale * current
     if vector:
         right = right.unsqueeze(1)
