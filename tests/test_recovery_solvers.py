@@ -677,6 +677,41 @@ def test_separable_conjugate_gradients_agree_with_cholesky(monkeypatch, multipli
         assert torch.allclose(got, want, atol=1e-6)
 
 
+def test_separable_recycled_factor_gives_the_direct_solution(monkeypatch):
+    """Rounds that precondition CG with an earlier round's factor reach the direct solves' result,
+    and do recycle (the counts are those of the solver's own state)."""
+    import convrewrite.recovery.solvers.separable as separable
+
+    monkeypatch.setattr(separable, "EXTRAPOLATE", False)
+    target = nn.Conv2d(6, 5, 3, padding=1)
+    x = torch.randn(6, 6, 7, 7) + 0.2
+    stats, _, _, y = make_case(target, x)
+    start = SeparableConv2d(6, 5, 3, padding=1)
+    states: list = []
+    original_init = separable._Separable.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        states.append(self)
+
+    monkeypatch.setattr(separable._Separable, "__init__", recording_init)
+    results = {}
+    for name, smallest in (("direct", 10**9), ("recycled", 0)):
+        monkeypatch.setattr(separable, "RECYCLE_MIN", smallest)
+        block = SeparableConv2d(6, 5, 3, padding=1)
+        block.load_state_dict(start.state_dict())
+        states.clear()
+        solve(block, stats, target, rounds=12)
+        results[name] = (block, states[-1].recycled, states[-1].factored)
+    direct, recycled = results["direct"][0], results["recycled"][0]
+    assert results["direct"][1] == 0
+    assert results["recycled"][1] > 0, "no round reused the factor"
+    assert results["recycled"][2] < results["direct"][2]
+    assert math.isclose(data_loss(recycled, x, y), data_loss(direct, x, y), rel_tol=1e-7)
+    for got, want in zip(recycled.to_dense(), direct.to_dense()):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
 def test_docs_plugin_example_runs(capsys):
     """The plugin example of docs/solvers.md, run as written: the generic path solves it exactly."""
     from pathlib import Path

@@ -209,7 +209,13 @@ def ridge_scale(matrix: torch.Tensor, ridge: float) -> float:
 RIDGE_RETRIES = 4
 
 
-def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor, current: torch.Tensor, ridge: float) -> torch.Tensor:
+def solve_spd(
+    matrix: torch.Tensor,
+    rhs: torch.Tensor,
+    current: torch.Tensor,
+    ridge: float,
+    keep: dict[str, Any] | None = None,
+) -> torch.Tensor:
     """argmin_x ``xᵀ A x - 2 xᵀ b + λ||x - current||²`` for symmetric PSD ``A``: ``(A + λI) x = b + λ current``.
 
     The proximal ridge pulls unidentified directions to the current value, not to zero, so a
@@ -220,6 +226,10 @@ def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor, current: torch.Tensor, ri
     does not always cover them: the ridge is then raised tenfold, up to ``RIDGE_RETRIES`` times
     (directions that weak are rounding noise, not data), before an eigendecomposition, which
     costs about 10x a Cholesky (15 s against 1.5 s for a 4,609-wide gram on one core).
+
+    ``keep``: a dict that receives the Cholesky factor of ``A + λI`` (``"factor"``) and the λ it
+    took (``"scale"``, after any raise) when the factorization succeeded, for a caller that
+    preconditions later systems with it; left empty after the eigendecomposition fallback.
     """
     scale = ridge_scale(matrix, ridge)
     vector = rhs.ndim == 1
@@ -240,7 +250,12 @@ def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor, current: torch.Tensor, ri
     if vector:
         right = right.unsqueeze(1)
     if int(info) == 0:
-        solution = torch.cholesky_solve(right, factor)
+        # Two triangular solves: cholesky_solve took 0.14 s for one vector at 4,609 unknowns, these 0.012 s.
+        solution = torch.linalg.solve_triangular(
+            factor.t(), torch.linalg.solve_triangular(factor, right, upper=False), upper=True
+        )
+        if keep is not None:
+            keep["factor"], keep["scale"] = factor, scale
     else:
         values, vectors = torch.linalg.eigh(system)
         floor = scale
