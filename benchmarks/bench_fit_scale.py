@@ -128,6 +128,8 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     import convrewrite
 
     torch.set_num_threads(args.threads)
+    # The same random weights every run (before 2026-12-03 they were unseeded: round counts varied by run).
+    torch.manual_seed(0)
     model = build_resnet50()
     include = [name for name in args.names.split(",") if name]
     generator = torch.Generator().manual_seed(0)
