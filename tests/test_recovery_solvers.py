@@ -821,3 +821,89 @@ def test_separable_without_held_out_statistics_ignores_the_stop():
     block = SeparableConv1d(6, 5, 5, multiplier=2).double()
     result = solve(block, fit_stats, target, rounds=5)
     assert "held-out" not in result.method
+
+
+# -- the generic path: batched probing and assembly ------------------------------------------------
+
+
+def _composed_block() -> nn.Module:
+    """A separable block whose pointwise became a group channel-wise conv (a composition)."""
+    from convrewrite.layers.channelwise import GroupChannelwiseConv2d
+
+    block = SeparableConv2d(8, 8, 3, padding=1)
+    block[1] = GroupChannelwiseConv2d(8, 8, 4, groups=2)
+    return block.double()
+
+
+def test_generic_batched_probe_equals_probing_one_entry_at_a_time(monkeypatch):
+    from convrewrite.layers.channelwise import GroupChannelwiseConv2d
+    from convrewrite.recovery.solvers import generic
+
+    torch.manual_seed(0)
+    for block in (GroupChannelwiseConv2d(8, 8, 4, groups=2).double(), _composed_block()):
+        n = block.to_dense()[0][0].numel() + 1
+        a = torch.randn(50, n, dtype=torch.float64)
+        stats = LayerStatistics(
+            gram=a.t() @ a,
+            cross=a.t() @ torch.randn(50, 8, dtype=torch.float64),
+            energy=torch.ones(8, dtype=torch.float64),
+            rows=50,
+        )
+        tensors = [p for p in block.parameters()]
+        batched = generic._probe_batched(block, tensors, stats)
+        assert batched is not None, type(block).__name__
+        monkeypatch.setattr(generic, "PROBE_BATCHED", False)
+        looped = generic._probe(block, tensors, stats)
+        monkeypatch.setattr(generic, "PROBE_BATCHED", True)
+        count = sum(p.numel() for p in tensors)
+
+        def densify(jacobian: tuple[torch.Tensor, ...], n: int = n, count: int = count) -> torch.Tensor:
+            outputs, entries, columns, values = jacobian
+            dense = torch.zeros(8, n, count, dtype=torch.float64)
+            return dense.index_put_((outputs, entries, columns), values, accumulate=True)
+
+        # The loop's ``θ + 1 - 1`` leaves rounding-level entries the batched probe does not have.
+        dense = densify(looped)
+        assert torch.allclose(densify(batched), dense, rtol=0, atol=1e-12)
+        want = torch.einsum("oec,ef,ofd->cd", dense, stats.gram, dense)
+        monkeypatch.setattr(generic, "ASSEMBLY_ELEMENTS", 200)  # several groups of outputs
+        got = generic._normal_matrix(stats.gram, 8, count, *batched)
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_generic_probe_falls_back_when_to_dense_cannot_be_vmapped():
+    from convrewrite.recovery.solvers import generic
+
+    class Opaque(nn.Module):
+        """A plugin-style block whose to_dense() writes through .item() (vmap cannot batch it)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+
+        def to_dense(self):
+            weight = torch.zeros(2, 2, 1, 1, dtype=torch.float64)
+            weight[0, 0, 0, 0] = float(self.scale.item())
+            return weight, None
+
+    block = Opaque()
+    stats = LayerStatistics(
+        gram=torch.eye(3, dtype=torch.float64),
+        cross=torch.zeros(3, 2, dtype=torch.float64),
+        energy=torch.zeros(2, dtype=torch.float64),
+        rows=1,
+    )
+    assert generic._probe_batched(block, [block.scale], stats) is None
+    outputs, entries, columns, values = generic._probe(block, [block.scale], stats)
+    assert outputs.tolist() == [0] and entries.tolist() == [0] and values.tolist() == [1.0]
+
+
+def test_grouped_conv_dense_kernel_is_block_diagonal():
+    from convrewrite.layers.dense import conv_dense_kernel
+
+    conv = nn.Conv2d(6, 4, 3, groups=2)
+    dense, _ = conv_dense_kernel(conv)
+    want = torch.zeros(4, 6, 3, 3)
+    want[:2, :3] = conv.weight[:2].detach()
+    want[2:, 3:] = conv.weight[2:].detach()
+    assert torch.equal(dense, want)

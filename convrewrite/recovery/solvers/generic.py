@@ -33,6 +33,12 @@ from convrewrite.recovery.statistics import LayerStatistics, kernel_matrix
 
 #: Parameter entries probed for an exact least-squares step (one ``to_dense()`` call each).
 PROBE_LIMIT = 8192
+#: Probe a tensor's entries together under ``torch.func.vmap`` (falls back to one at a time), in
+#: chunks of this many kernel entries (128 MiB of float64).
+PROBE_BATCHED = True
+PROBE_BATCH_ELEMENTS = 1 << 24
+#: The normal matrix is assembled for groups of outputs gathering at most this many gram entries.
+ASSEMBLY_ELEMENTS = 1 << 24
 #: L-BFGS iterations per round on the tensors too large to probe.
 GRADIENT_STEPS = 50
 #: A round that improves the loss by less than this fraction of it ends the rounds.
@@ -52,8 +58,69 @@ def _loss(stats: LayerStatistics, kernel: torch.Tensor) -> float:
     return stats.squared_error(kernel)
 
 
+class _KernelOf(nn.Module):
+    """``forward()`` = the wrapped block's kernel matrix: what ``torch.func.functional_call`` needs."""
+
+    def __init__(self, block: nn.Module, with_ones: bool) -> None:
+        super().__init__()
+        self.block = block
+        self.with_ones = with_ones
+
+    def forward(self) -> torch.Tensor:
+        return _kernel(self.block, self.with_ones)
+
+
+def _probe_batched(
+    block: nn.Module, tensors: Sequence[torch.Tensor], stats: LayerStatistics
+) -> tuple[torch.Tensor, ...] | None:
+    """``_probe`` with the unit perturbations of a tensor evaluated together under ``torch.func.vmap``
+    (chunks of at most ``PROBE_BATCH_ELEMENTS`` kernel entries); None when ``to_dense()`` cannot be
+    vmapped (a plugin's in-place or data-dependent code), and the caller probes one entry at a time.
+    Each column is the same difference ``K(θ + e_i) − K(θ)`` as the loop's."""
+    from torch.func import functional_call, vmap
+
+    names = {id(parameter): name for name, parameter in block.named_parameters()}
+    if any(id(tensor) not in names for tensor in tensors):
+        return None
+    wrapper = _KernelOf(block, stats.with_ones)
+    base = _kernel(block, stats.with_ones)
+    outputs, entries, columns, values = [], [], [], []
+    column = 0
+    try:
+        with torch.no_grad():
+            for tensor in tensors:
+                key, size = "block." + names[id(tensor)], tensor.numel()
+                value = tensor.detach()
+
+                def kernel_at(flat_step: torch.Tensor, key: str = key, value: torch.Tensor = value) -> torch.Tensor:
+                    return functional_call(wrapper, {key: value + flat_step.view_as(value)}, ())
+
+                chunk = max(1, PROBE_BATCH_ELEMENTS // max(base.numel(), 1))
+                for start in range(0, size, chunk):
+                    count = min(chunk, size - start)
+                    units = torch.zeros(count, size, dtype=value.dtype)
+                    units[torch.arange(count), torch.arange(start, start + count)] = 1.0
+                    difference = vmap(kernel_at)(units) - base
+                    local, output, entry = difference.nonzero(as_tuple=True)
+                    outputs.append(output)
+                    entries.append(entry)
+                    columns.append(local + column + start)
+                    values.append(difference[local, output, entry])
+                column += size
+    except Exception:  # noqa: BLE001 - any failure of vmap means: probe one entry at a time
+        return None
+    if not outputs:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, empty, torch.zeros(0, dtype=torch.float64)
+    return torch.cat(outputs), torch.cat(entries), torch.cat(columns), torch.cat(values)
+
+
 def _probe(block: nn.Module, tensors: Sequence[torch.Tensor], stats: LayerStatistics) -> tuple[torch.Tensor, ...]:
     """Sparse Jacobian of the kernel in ``tensors``: (output, entry, column, value) of every nonzero."""
+    if PROBE_BATCHED:
+        batched = _probe_batched(block, tensors, stats)
+        if batched is not None:
+            return batched
     base = _kernel(block, stats.with_ones)
     outputs, entries, columns, values = [], [], [], []
     column = 0
@@ -87,21 +154,7 @@ def _newton_step(
     count = sum(t.numel() for t in tensors)
     residual = stats.cross.t() - kernel @ gram  # (out, n)
     rhs = torch.zeros(count, dtype=torch.float64).index_add_(0, columns, values * residual[outputs, entries])
-    normal = torch.zeros(count, count, dtype=torch.float64)
-    order = torch.argsort(outputs, stable=True)
-    outputs, entries, columns, values = outputs[order], entries[order], columns[order], values[order]
-    bounds = torch.searchsorted(outputs, torch.arange(int(kernel.shape[0]) + 1))
-    for output in range(int(kernel.shape[0])):
-        low, high = int(bounds[output]), int(bounds[output + 1])
-        if low == high:
-            continue
-        rows, used = torch.unique(entries[low:high], return_inverse=True)
-        cols, placed = torch.unique(columns[low:high], return_inverse=True)
-        local = torch.zeros(len(rows), len(cols), dtype=torch.float64)
-        local.index_put_((used, placed), values[low:high], accumulate=True)
-        block_gram = gram.index_select(0, rows).index_select(1, rows)
-        normal[cols.unsqueeze(1), cols.unsqueeze(0)] += local.t() @ block_gram @ local
-    normal = (normal + normal.t()) / 2
+    normal = _normal_matrix(gram, int(kernel.shape[0]), count, outputs, entries, columns, values)
     step = solve_spd(normal, rhs, torch.zeros_like(rhs), ridge)
     predicted = before - 2 * float(rhs @ step) + float(step @ (normal @ step))
     saved = [t.detach().clone() for t in tensors]
@@ -118,6 +171,67 @@ def _newton_step(
                 tensor.copy_(old)
         after = before
     return before, after, predicted
+
+
+def _normal_matrix(
+    gram: torch.Tensor,
+    out: int,
+    count: int,
+    outputs: torch.Tensor,
+    entries: torch.Tensor,
+    columns: torch.Tensor,
+    values: torch.Tensor,
+) -> torch.Tensor:
+    """``Σ_o J_oᵀ G J_o`` from the sparse Jacobian (output, entry, column, value), outputs batched.
+
+    Per output o, ``J_o`` is nonzero only at the patch entries R_o and parameter columns C_o it
+    touches: its contribution is ``L_oᵀ G[R_o, R_o] L_o`` with the dense local block L_o. Outputs are
+    processed together, their blocks padded to the largest |R_o| and |C_o| (padding rows and
+    columns are zero, so they add nothing), in groups of at most ``ASSEMBLY_ELEMENTS`` gathered gram
+    entries: one batched matrix product and one scatter per group instead of a loop over outputs.
+    """
+    normal = torch.zeros(count, count, dtype=torch.float64)
+    if not len(outputs):
+        return normal
+    order = torch.argsort(outputs * (count + 1) + columns, stable=True)
+    outputs, entries, columns, values = outputs[order], entries[order], columns[order], values[order]
+    # Local row (entry) and column (parameter) numbers within each output.
+    key_rows = outputs * (int(gram.shape[0]) + 1) + entries
+    unique_rows, row_of = torch.unique(key_rows, return_inverse=True)
+    rows_output = unique_rows // (int(gram.shape[0]) + 1)
+    rows_entry = unique_rows % (int(gram.shape[0]) + 1)
+    row_counts = torch.bincount(rows_output, minlength=out)
+    row_start = torch.cumsum(row_counts, 0) - row_counts
+    key_cols = outputs * (count + 1) + columns
+    unique_cols, col_of = torch.unique(key_cols, return_inverse=True)
+    cols_output = unique_cols // (count + 1)
+    cols_column = unique_cols % (count + 1)
+    col_counts = torch.bincount(cols_output, minlength=out)
+    col_start = torch.cumsum(col_counts, 0) - col_counts
+    width_rows, width_cols = int(row_counts.max()), int(col_counts.max())
+    # Padded index tables: (out, width) entry / column numbers, and masks of the real ones.
+    row_slot = torch.arange(len(unique_rows)) - row_start[rows_output]
+    col_slot = torch.arange(len(unique_cols)) - col_start[cols_output]
+    row_table = torch.zeros(out, width_rows, dtype=torch.long)
+    row_table[rows_output, row_slot] = rows_entry
+    col_table = torch.zeros(out, width_cols, dtype=torch.long)
+    col_table[cols_output, col_slot] = cols_column
+    local = torch.zeros(out, width_rows, width_cols, dtype=torch.float64)
+    local.index_put_((outputs, row_slot[row_of], col_slot[col_of]), values, accumulate=True)
+    group = max(1, ASSEMBLY_ELEMENTS // max(width_rows * width_rows, 1))
+    for first in range(0, out, group):
+        last = min(first + group, out)
+        rows = row_table[first:last]
+        block_gram = gram[rows.unsqueeze(2), rows.unsqueeze(1)]  # (k, R, R); padded rows meet zero L rows
+        piece = local[first:last]
+        contribution = piece.transpose(1, 2) @ block_gram @ piece  # (k, C, C)
+        cols = col_table[first:last]
+        normal.index_put_(
+            (cols.unsqueeze(2).expand_as(contribution), cols.unsqueeze(1).expand_as(contribution)),
+            contribution,
+            accumulate=True,
+        )
+    return (normal + normal.t()) / 2
 
 
 def _differentiable(block: nn.Module) -> bool:
@@ -204,4 +318,11 @@ def solve_generic(
     return method, losses
 
 
-__all__ = ["GRADIENT_STEPS", "PROBE_LIMIT", "solve_generic"]
+__all__ = [
+    "ASSEMBLY_ELEMENTS",
+    "GRADIENT_STEPS",
+    "PROBE_BATCHED",
+    "PROBE_BATCH_ELEMENTS",
+    "PROBE_LIMIT",
+    "solve_generic",
+]
