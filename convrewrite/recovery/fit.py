@@ -322,6 +322,31 @@ def _call_order_and_costs(
     return order, calls, total[use], {name: [v[use] for v in values] for name, values in at.items()}
 
 
+def _probe_order(
+    original: nn.Module,
+    rewritten: nn.Module,
+    blocks: dict[str, nn.Module],
+    layers: dict[str, nn.Module],
+    probe: Batch,
+) -> tuple[list[str], dict[str, int], dict[str, list[float]], dict[str, int], float, dict[str, list[float]]]:
+    """Both models' probe forwards (``_call_order_and_costs``) on the probe batch's first samples
+    (``frontier.PROBE_SAMPLES``; costs are fractions of a forward, so the batch size does not
+    matter), or on the whole probe batch when the models do not run on that slice (a model that
+    needs a batch of some size): a quarter of a pass saved at ResNet-50's batch of 32."""
+    from convrewrite.recovery.frontier import PROBE_SAMPLES, _first_samples
+
+    small = _first_samples(probe, PROBE_SAMPLES)
+    for candidate in (small, probe) if small is not probe else (probe,):
+        try:
+            order, calls, _, rewritten_at = _call_order_and_costs(rewritten, blocks, candidate, "before")
+            _, original_calls, full, original_at = _call_order_and_costs(original, layers, candidate, "after")
+            return order, calls, rewritten_at, original_calls, full, original_at
+        except Exception:  # noqa: BLE001 - the slice did not run: the whole probe batch decides
+            if candidate is probe:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _own(value: Any) -> Any:
     """Tensors that are views of a much larger storage copied out, so a cache holds only them."""
 
@@ -1088,11 +1113,8 @@ def fit_layers(
         unique: dict[int, str] = {}
         for name, block in blocks.items():
             unique.setdefault(id(block), name)
-        order, calls, _, rewritten_at = _call_order_and_costs(
-            rewritten, {n: blocks[n] for n in unique.values()}, probe, "before"
-        )
-        _, original_calls, full, original_at = _call_order_and_costs(
-            original, {n: layers[n] for n in unique.values()}, probe, "after"
+        order, calls, rewritten_at, original_calls, full, original_at = _probe_order(
+            original, rewritten, {n: blocks[n] for n in unique.values()}, {n: layers[n] for n in unique.values()}, probe
         )
         budget = int(cache_mb * (1 << 20))
         per_pass = (data.count("holdout") or 0) + math.ceil((data.count("fit") or 0) / world)
