@@ -907,3 +907,40 @@ def test_grouped_conv_dense_kernel_is_block_diagonal():
     want[:2, :3] = conv.weight[:2].detach()
     want[2:, 3:] = conv.weight[2:].detach()
     assert torch.equal(dense, want)
+
+
+def test_generic_rounds_stop_on_the_held_out_loss_and_keep_its_best_round(monkeypatch):
+    """Few fit rows (so later rounds fit their noise): the rounds stop on the held-out rule and
+    the block is left at the round whose held-out loss was lowest of all it computed."""
+    from convrewrite.layers.channelwise import GroupChannelwiseConv2d
+    from convrewrite.recovery.solvers import generic
+
+    torch.manual_seed(3)
+    teacher = torch.randn(8, 9, dtype=torch.float64)
+
+    def stats_of(rows: int) -> LayerStatistics:
+        a = torch.randn(rows, 9, dtype=torch.float64)
+        a[:, -1] = 1
+        y = a @ teacher.t() + 0.5 * torch.randn(rows, 8, dtype=torch.float64)
+        return LayerStatistics(gram=a.t() @ a, cross=a.t() @ y, energy=(y * y).sum(0), rows=rows)
+
+    fit, holdout = stats_of(12), stats_of(400)
+    block = GroupChannelwiseConv2d(8, 8, 4, groups=2).double()
+    start_held = holdout.squared_error(generic._kernel(block, True))
+    seen: list[float] = []
+    measure = generic._loss
+
+    def recording(stats: LayerStatistics, kernel: torch.Tensor) -> float:
+        value = measure(stats, kernel)
+        if stats is holdout:
+            seen.append(value)
+        return value
+
+    monkeypatch.setattr(generic, "_loss", recording)
+    method, losses = generic.solve_generic(block, fit, 1e-7, 64, holdout=holdout)
+    final_held = measure(holdout, generic._kernel(block, True))
+    assert "stopped on the held-out loss" in method
+    assert len(seen) - 1 < 64  # the start, then one per round: fewer rounds than allowed
+    assert final_held == pytest.approx(min(seen), rel=1e-12)
+    assert final_held < start_held
+    assert all(later <= earlier for earlier, later in zip(losses, losses[1:]))  # the fit loss stays monotone

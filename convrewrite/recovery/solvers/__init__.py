@@ -73,7 +73,7 @@ def solve_inner(
             outcome = solver(block, stats, ridge, rounds)
         if outcome is not None:
             return outcome
-    return solve_generic(block, stats, ridge, rounds)
+    return solve_generic(block, stats, ridge, rounds, holdout=holdout)
 
 
 def solve_from_statistics(

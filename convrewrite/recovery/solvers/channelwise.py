@@ -30,10 +30,11 @@ def solve_channelwise(
 
 @register_solver(_GroupChannelwiseConvNd)
 def solve_group_channelwise(
-    block: nn.Module, stats: LayerStatistics, ridge: float, rounds: int
+    block: nn.Module, stats: LayerStatistics, ridge: float, rounds: int, holdout: LayerStatistics | None = None
 ) -> tuple[str, list[float]] | None:
-    """Block-coordinate least squares: the grouped 1x1 conv and the channel-wise taps in turn."""
-    return solve_generic(block, stats, ridge, rounds)
+    """Block-coordinate least squares: the grouped 1x1 conv and the channel-wise taps in turn
+    (stopping on the held-out loss when ``holdout`` is given)."""
+    return solve_generic(block, stats, ridge, rounds, holdout=holdout)
 
 
 __all__ = ["solve_channelwise", "solve_group_channelwise"]

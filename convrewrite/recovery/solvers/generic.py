@@ -43,6 +43,10 @@ ASSEMBLY_ELEMENTS = 1 << 24
 GRADIENT_STEPS = 50
 #: A round that improves the loss by less than this fraction of it ends the rounds.
 TOLERANCE = 1e-9
+#: With held-out statistics: the rounds end once ``HOLDOUT_PATIENCE`` rounds in a row have not
+#: lowered the best held-out loss by this fraction of it (separable ALS's rule).
+HOLDOUT_TOLERANCE = 1e-4
+HOLDOUT_PATIENCE = 3
 
 
 def _kernel(block: nn.Module, with_ones: bool) -> torch.Tensor:
@@ -271,10 +275,31 @@ def _gradient_steps(block: nn.Module, tensors: Sequence[torch.Tensor], stats: La
                 tensor.copy_(old)
 
 
+def _state_of(block: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().clone() for name, parameter in block.named_parameters()}
+
+
+def _load_state(block: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, parameter in block.named_parameters():
+            parameter.copy_(state[name])
+
+
 def solve_generic(
-    block: nn.Module, stats: LayerStatistics, ridge: float, rounds: int, *, label: str = ""
+    block: nn.Module,
+    stats: LayerStatistics,
+    ridge: float,
+    rounds: int,
+    *,
+    label: str = "",
+    holdout: LayerStatistics | None = None,
 ) -> tuple[str, list[float]] | None:
-    """Minimize the statistics loss through ``to_dense()`` (see the module docstring); None without one."""
+    """Minimize the statistics loss through ``to_dense()`` (see the module docstring); None without one.
+
+    With ``holdout`` (the layer's held-out statistics) the block-coordinate rounds also stop once
+    the held-out loss has not fallen by ``HOLDOUT_TOLERANCE`` of its best for ``HOLDOUT_PATIENCE``
+    rounds, and the round with the lowest held-out loss is kept (as separable ALS does).
+    """
     if not callable(getattr(block, "to_dense", None)):
         return None
     work = copy.deepcopy(block).to("cpu", torch.float64)
@@ -295,19 +320,37 @@ def solve_generic(
         previous = after
         if linear and not large:
             method = label or "least squares through to_dense()"
+    stopped = ""
     if not (linear and not large):
+        watched = holdout is not None and holdout.rows > 0
+        best_held = _loss(holdout, _kernel(work, stats.with_ones)) if watched else 0.0  # type: ignore[arg-type]
+        best_at, best_state, waited = len(losses), _state_of(work), 0
         for _ in range(max(int(rounds), 1)):
             for parameter in small:
                 _newton_step(work, [parameter], stats, ridge)
             if differentiable:
                 _gradient_steps(work, large, stats)
-            loss = _loss(stats, _kernel(work, stats.with_ones))
+            kernel = _kernel(work, stats.with_ones)
+            loss = _loss(stats, kernel)
             losses.append(loss)  # every step above was kept only if it lowered the loss
+            if watched:
+                held = _loss(holdout, kernel)  # type: ignore[arg-type]
+                waited = 0 if held < best_held * (1 - HOLDOUT_TOLERANCE) else waited + 1
+                if held < best_held:
+                    best_held, best_at, best_state = held, len(losses), _state_of(work)
+                if waited >= HOLDOUT_PATIENCE:
+                    stopped = ", stopped on the held-out loss"
+                    break
             if previous - loss <= TOLERANCE * max(previous, 1e-300):
                 break
             previous = loss
+        if watched and best_at < len(losses):
+            _load_state(work, best_state)  # back to the round with the lowest held-out loss
+            del losses[best_at:]
+            if not losses:
+                losses.append(_loss(stats, _kernel(work, stats.with_ones)))
         parts = ["block-coordinate least squares" if small else "", "L-BFGS" if differentiable else ""]
-        method = label or " + ".join(part for part in parts if part) + " through to_dense()"
+        method = (label or " + ".join(part for part in parts if part) + " through to_dense()") + stopped
         if large and not differentiable:
             method += (
                 f" ({sum(p.numel() for p in large):,} weights kept: too many to probe, to_dense() not differentiable)"
@@ -321,6 +364,8 @@ def solve_generic(
 __all__ = [
     "ASSEMBLY_ELEMENTS",
     "GRADIENT_STEPS",
+    "HOLDOUT_PATIENCE",
+    "HOLDOUT_TOLERANCE",
     "PROBE_BATCHED",
     "PROBE_BATCH_ELEMENTS",
     "PROBE_LIMIT",
