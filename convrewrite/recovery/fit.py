@@ -335,16 +335,18 @@ def _probe_order(
     needs a batch of some size): a quarter of a pass saved at ResNet-50's batch of 32."""
     from convrewrite.recovery.frontier import PROBE_SAMPLES, _first_samples
 
+    def both(batch: Batch) -> tuple:
+        order, calls, _, rewritten_at = _call_order_and_costs(rewritten, blocks, batch, "before")
+        _, original_calls, full, original_at = _call_order_and_costs(original, layers, batch, "after")
+        return order, calls, rewritten_at, original_calls, full, original_at
+
     small = _first_samples(probe, PROBE_SAMPLES)
-    for candidate in (small, probe) if small is not probe else (probe,):
+    if small is not probe:
         try:
-            order, calls, _, rewritten_at = _call_order_and_costs(rewritten, blocks, candidate, "before")
-            _, original_calls, full, original_at = _call_order_and_costs(original, layers, candidate, "after")
-            return order, calls, rewritten_at, original_calls, full, original_at
+            return both(small)
         except Exception:  # noqa: BLE001 - the slice did not run: the whole probe batch decides
-            if candidate is probe:
-                raise
-    raise AssertionError("unreachable")
+            pass
+    return both(probe)
 
 
 def _own(value: Any) -> Any:

@@ -35,8 +35,10 @@ from convrewrite.recovery.solvers.base import (
     SolveResult,
     block_loss,
     on_cpu,
+    parameters_of,
     register_solver,
     registered_solver,
+    restore_parameters,
     statistics_kernel,
 )
 from convrewrite.recovery.solvers.generic import solve_generic
@@ -106,29 +108,23 @@ def solve_from_statistics(
     if holdout is not None:
         holdout = on_cpu(holdout) if holdout.rows > 0 else None
     start = block_loss(stats, start_kernel)
-    saved = {name: parameter.detach().clone() for name, parameter in block.named_parameters()}
+    saved = parameters_of(block)
     with torch.no_grad():
         outcome = solve_inner(block, stats, ridge=ridge, rounds=rounds, holdout=holdout)
     if outcome is None:
-        _restore(block, saved)
+        restore_parameters(block, saved)
         return None
     method, losses = outcome
     final_kernel = statistics_kernel(block, geometry)
     final = block_loss(stats, final_kernel) if final_kernel is not None else float("inf")
     if not final <= start:
-        _restore(block, saved)
+        restore_parameters(block, saved)
         method += "; not better than the start, start kept"
         final, losses = start, []
     # The rounds are float64; the last entry is measured on the stored parameters, so for a
     # float32 block it includes their rounding.
     history = [start, *losses[:-1], final]
     return SolveResult(method=method, losses=history, seconds=time.perf_counter() - began)
-
-
-def _restore(block: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, parameter in block.named_parameters():
-            parameter.copy_(saved[name])
 
 
 __all__ = ["SolveResult", "register_solver", "solve_from_statistics", "solve_inner", "statistics_kernel"]

@@ -28,13 +28,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from convrewrite.recovery.solvers.base import assign, dense_of, solve_spd
+from convrewrite.recovery.solvers.base import assign, dense_of, parameters_of, restore_parameters, solve_spd
 from convrewrite.recovery.statistics import LayerStatistics, kernel_matrix
 
 #: Parameter entries probed for an exact least-squares step (one ``to_dense()`` call each).
 PROBE_LIMIT = 8192
 #: Probe a tensor's entries together under ``torch.func.vmap`` (falls back to one at a time), in
-#: chunks of this many kernel entries (128 MiB of float64).
+#: chunks of at most this many float64 elements of unit vectors and kernels (128 MiB).
 PROBE_BATCHED = True
 PROBE_BATCH_ELEMENTS = 1 << 24
 #: The normal matrix is assembled for groups of outputs gathering at most this many gram entries.
@@ -99,7 +99,8 @@ def _probe_batched(
                 def kernel_at(flat_step: torch.Tensor, key: str = key, value: torch.Tensor = value) -> torch.Tensor:
                     return functional_call(wrapper, {key: value + flat_step.view_as(value)}, ())
 
-                chunk = max(1, PROBE_BATCH_ELEMENTS // max(base.numel(), 1))
+                # Per probed entry: its unit vector (size) and its kernel (base.numel()).
+                chunk = max(1, PROBE_BATCH_ELEMENTS // (size + base.numel()))
                 for start in range(0, size, chunk):
                     count = min(chunk, size - start)
                     units = torch.zeros(count, size, dtype=value.dtype)
@@ -275,16 +276,6 @@ def _gradient_steps(block: nn.Module, tensors: Sequence[torch.Tensor], stats: La
                 tensor.copy_(old)
 
 
-def _state_of(block: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: parameter.detach().clone() for name, parameter in block.named_parameters()}
-
-
-def _load_state(block: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, parameter in block.named_parameters():
-            parameter.copy_(state[name])
-
-
 def solve_generic(
     block: nn.Module,
     stats: LayerStatistics,
@@ -324,7 +315,7 @@ def solve_generic(
     if not (linear and not large):
         watched = holdout is not None and holdout.rows > 0
         best_held = _loss(holdout, _kernel(work, stats.with_ones)) if watched else 0.0  # type: ignore[arg-type]
-        best_at, best_state, waited = len(losses), _state_of(work), 0
+        best_at, best_state, waited = len(losses), parameters_of(work), 0
         for _ in range(max(int(rounds), 1)):
             for parameter in small:
                 _newton_step(work, [parameter], stats, ridge)
@@ -337,7 +328,7 @@ def solve_generic(
                 held = _loss(holdout, kernel)  # type: ignore[arg-type]
                 waited = 0 if held < best_held * (1 - HOLDOUT_TOLERANCE) else waited + 1
                 if held < best_held:
-                    best_held, best_at, best_state = held, len(losses), _state_of(work)
+                    best_held, best_at, best_state = held, len(losses), parameters_of(work)
                 if waited >= HOLDOUT_PATIENCE:
                     stopped = ", stopped on the held-out loss"
                     break
@@ -345,7 +336,7 @@ def solve_generic(
                 break
             previous = loss
         if watched and best_at < len(losses):
-            _load_state(work, best_state)  # back to the round with the lowest held-out loss
+            restore_parameters(work, best_state)  # back to the round with the lowest held-out loss
             del losses[best_at:]
             if not losses:
                 losses.append(_loss(stats, _kernel(work, stats.with_ones)))
