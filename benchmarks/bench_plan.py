@@ -2,7 +2,9 @@
 
 Models and data are those of ``bench_recovery.py`` (trained once, cached; the tool sees only the
 unlabeled training inputs, the labelled test split measures accuracy): the digits CNN, the
-BatchNorm TDNN on tones, and ``sample_models/tdnn.py`` on chirps.
+BatchNorm TDNN on tones, and ``sample_models/tdnn.py`` on chirps; and with ``--model crnn`` the
+trained CRNN with a BiLSTM head of ``bench_fit_crnn.py`` (1,024 unlabeled strips of seed 3 to plan
+and fit on, whole-sequence accuracy on 512 labelled strips of seed 1).
 
 For each model and each single rule (``separable``, ``group-shuffle``, ``log-group``,
 ``low-rank``, default options, on every layer the rule takes):
@@ -26,6 +28,7 @@ One torch thread; the machine is shared, so times are indicative.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_plan.py [--model digits,tdnn,tdnn-chirps]
         [--distill 0] [--samples 12]
+    OMP_NUM_THREADS=1 python benchmarks/bench_plan.py --model crnn --samples 0
 """
 
 from __future__ import annotations
@@ -92,10 +95,36 @@ def params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def crnn_task() -> Task:
+    """The trained CRNN of ``bench_fit_crnn.py``: its strips as a ``Task`` (labels are digit sequences)."""
+    from bench_fit_crnn import make_strips
+
+    strips, labels = make_strips(1024, seed=3)
+    test_x, test_y = make_strips(512, seed=1)
+    return Task("crnn", Path("sample_models/crnn_bilstm/model.py"), strips, labels, test_x, test_y, [])
+
+
+def original_model(task: Task, args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    if task.name == "crnn":
+        from bench_fit_crnn import trained
+
+        return trained()
+    return trained_model(task, args.epochs, args.cache)
+
+
+def task_accuracy(task: Task, model: torch.nn.Module) -> float:
+    """Test accuracy: class accuracy, or the CRNN's whole-sequence accuracy."""
+    if task.name == "crnn":
+        from bench_fit_crnn import sequence_accuracy
+
+        return float(sequence_accuracy(model, task.test_x, task.test_y))
+    return float(accuracy(model, task.test_x, task.test_y))
+
+
 def one_model(task: Task, args: argparse.Namespace) -> None:
-    original, how = trained_model(task, args.epochs, args.cache)
+    original, how = original_model(task, args)
     original = original.eval()
-    base_acc = accuracy(original, task.test_x, task.test_y)
+    base_acc = task_accuracy(task, original)
     print(f"\n## {task.name}: {params(original):,} params, test accuracy {base_acc:.4f} ({how})")
     start = time.perf_counter()
     with torch.no_grad():
@@ -114,7 +143,7 @@ def one_model(task: Task, args: argparse.Namespace) -> None:
             continue
         count = params(single)
         rows.append(
-            f"| {rule} (all convs), fitted | {count:,} | {accuracy(single, task.test_x, task.test_y):.4f} | "
+            f"| {rule} (all convs), fitted | {count:,} | {task_accuracy(task, single):.4f} | "
             f"{output_error(original, single, task.test_x):.4f} |"
         )
         if count >= params(original):
@@ -129,7 +158,7 @@ def one_model(task: Task, args: argparse.Namespace) -> None:
         chosen = ", ".join(f"{layer.name}={layer.chosen.spec}" for layer in plan.layers)
         rows.append(
             f"| plan at params={count:,}, fitted: {chosen} | {params(model):,} | "
-            f"{accuracy(model, task.test_x, task.test_y):.4f} | {output_error(original, model, task.test_x):.4f} |"
+            f"{task_accuracy(task, model):.4f} | {output_error(original, model, task.test_x):.4f} |"
         )
         seconds = ", ".join(f"{k} {v:.2f} s" for k, v in plan.seconds.items())
         rows.append(
@@ -140,7 +169,7 @@ def one_model(task: Task, args: argparse.Namespace) -> None:
                 distilled = apply_rules(original, rules, task, args.distill)
                 rows.append(
                     f"| {label}, fitted + distill {args.distill} | {params(distilled):,} | "
-                    f"{accuracy(distilled, task.test_x, task.test_y):.4f} | "
+                    f"{task_accuracy(task, distilled):.4f} | "
                     f"{output_error(original, distilled, task.test_x):.4f} |"
                 )
         last_plan = plan
@@ -222,7 +251,8 @@ def main() -> None:
 
     print("bench_plan: one torch thread on a shared 2-core machine (times are indicative)")
     work = Path(tempfile.mkdtemp(prefix="bench-plan-"))
-    for task in tasks(set(args.model.split(",")) - {""}, work):
+    wanted = set(args.model.split(",")) - {""}
+    for task in tasks(wanted, work) + ([crnn_task()] if "crnn" in wanted else []):
         one_model(copy.copy(task), args)
     if args.resnet:
         resnet_cost(args.resnet)

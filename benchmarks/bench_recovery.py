@@ -34,7 +34,8 @@ only: the stages run unchanged); the whole call's wall and CPU time too. One tor
 
     pip install -c constraints.txt -e '.[test,bench]'
     OMP_NUM_THREADS=1 python benchmarks/bench_recovery.py [--model digits,tdnn,tdnn-chirps]
-        [--distill 1000] [--fit-steps 500] [--batch-size 32] [--only separable] [--skip-extra]
+        [--distill 1000] [--fit-method statistics|gradient] [--fit-steps 500] [--batch-size 32]
+        [--only separable] [--skip-extra]
 """
 
 from __future__ import annotations
@@ -222,7 +223,12 @@ def run_task(task: Task, args: argparse.Namespace, rows: list[dict[str, Any]]) -
         label = " then ".join(specs)
         if args.only and not any(label == wanted for wanted in args.only):
             continue
-        common = {"batch_size": args.batch_size, "fit_steps": args.fit_steps, "exclude": args.exclude or ()}
+        common = {
+            "batch_size": args.batch_size,
+            "fit_steps": args.fit_steps,
+            "fit_method": args.fit_method,
+            "exclude": args.exclude or (),
+        }
         plain = rewrite(original, specs, task, fit=False, **common)
         if not plain.report.rewrites:
             print(f"  {label}: nothing rewritten", flush=True)
@@ -333,6 +339,7 @@ def run_task_cli(task: Task, args: argparse.Namespace, work: Path) -> None:
         for pattern in args.exclude or ():
             command += ["--exclude", pattern]
         command += ["--data", str(data_file), "--batch-size", str(args.batch_size), "--fit-steps", str(args.fit_steps)]
+        command += ["--fit-method", args.fit_method]
         command += ["--distill", str(args.distill), *args.cli_args.split(), "--out", str(out), "--force", "-f", "json"]
         run = run_process(command)
         report = json.loads((out / "report.json").read_text())
@@ -373,6 +380,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="training epochs of the original models")
     parser.add_argument("--distill", type=int, default=1000, help="distillation steps (--distill)")
     parser.add_argument("--fit-steps", type=int, default=500, help="gradient steps per layer when fitting")
+    parser.add_argument(
+        "--fit-method",
+        default="statistics",
+        choices=("statistics", "gradient"),
+        help="the fit path (--fit-method); gradient with --fit-steps 500 is the path before the statistics fit",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="calibration batch size (--batch-size)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
@@ -398,8 +411,8 @@ def main() -> None:
     print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     print(
         f"convrewrite.rewrite(..., data=<unlabeled training inputs>, batch_size={args.batch_size}, "
-        f"fit_steps={args.fit_steps}, distill={args.distill}); holdout {HOLDOUT:.0%} (default); accuracy on test "
-        f"splits the tool never sees"
+        f"fit_method={args.fit_method}, fit_steps={args.fit_steps}, distill={args.distill}); holdout {HOLDOUT:.0%} "
+        f"(default); accuracy on test splits the tool never sees"
     )
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="convrewrite-recovery-") as work:

@@ -243,6 +243,29 @@ def test_apply_with_a_saved_plan_and_with_a_budget(cli, tmp_path: Path) -> None:
         assert report["after"]["params"] == target
     both = cli("apply", TDNN, "--data", data, "--plan", plan_file, "--rule", "separable", "--out", tmp_path / "c")
     assert both.code == 2 and "drop --rule" in both.err
+    # `check --plan` gates the saved plan's rewrite: it holds at its own count and fails one below
+    assert cli("check", TDNN, "--plan", plan_file, "--max-params", str(target)).code == 0
+    assert cli("check", TDNN, "--plan", plan_file, "--max-params", str(target - 1)).code == 1
+
+
+def test_check_gates_the_rewrite_of_a_plan_file(cli, tmp_path: Path) -> None:
+    plan_file = tmp_path / "PLAN.toml"
+    plan_file.write_text(
+        '[tool.convrewrite]\nrules = [{ name = "separable", multiplier = 2, include = ["tdnn2"] }]\n'
+    )
+    # by hand: 24,410 params; tdnn2 (40 -> 40, k=9) has 14,440 and becomes depthwise 80x9 + 80 bias and
+    # pointwise 80x40 + 40 bias = 4,040
+    expected = 24_410 - 14_440 + 4_040
+    result = cli("check", TDNN, "--plan", plan_file, "--max-params", str(expected), "--format", "json")
+    assert result.code == 0, result.err
+    document = json.loads(result.out)
+    assert document["check"]["budgets"][0]["measured"] == expected
+    assert document["check"]["targets"][0]["settings"]["rules"]["source"].startswith("--plan ")
+    assert cli("check", TDNN, "--plan", plan_file, "--max-params", str(expected - 1)).code == 1
+    both = cli("check", TDNN, "--plan", plan_file, "--rule", "separable", "--max-params", "20k")
+    assert both.code == 2 and "drop --rule" in both.err
+    missing = cli("check", TDNN, "--plan", tmp_path / "nope.toml", "--max-params", "20k")
+    assert missing.code == 2 and "does not exist" in missing.err and missing.err.count("\n") == 1
 
 
 def test_structured_probe_loss_matches_the_exact_output_error_of_a_linear_model() -> None:

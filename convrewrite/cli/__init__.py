@@ -282,12 +282,17 @@ def check(
     width: WidthOpt = None,
     config: ConfigOpt = None,
     debug: DebugOpt = False,
+    plan_file: Annotated[
+        Path | None,
+        typer.Option("--plan", help="Check the rewrite of a PLAN.toml written by `plan --save` (instead of --rule)."),
+    ] = None,
 ) -> None:
     """Fail when a model exceeds its parameter, MAC or size budgets (exit 1), for CI.
 
     Budgets come from the options here and from [tool.convrewrite] in pyproject.toml (the command
-    line wins). Exit codes: 0 all budgets hold (warnings too), 1 a budget exceeded, 2 usage or
-    configuration error, 3 the model could not be loaded, traced or rewritten.
+    line wins); --plan checks a saved plan's rewrite against them. Exit codes: 0 all budgets hold
+    (warnings too), 1 a budget exceeded, 2 usage or configuration error, 3 the model could not be
+    loaded, traced or rewritten.
     """
 
     def body() -> int:
@@ -300,6 +305,7 @@ def check(
             settings=settings,
             budgets=command_line_budgets(max_params, max_macs, max_size, max_increase),
             exit_zero=exit_zero,
+            plan_file=plan_file,
         )
         table_width = _width(width)
         project = load_project_config(config)

@@ -89,7 +89,7 @@ def run_plan(job: Any, *, fmt: str = "table", force: bool = False) -> Any:
 def rules_for_apply(job: Any, plan_file: Path | None) -> None:
     """``apply --plan PLAN.toml`` / ``apply --budget ...``: put the plan's rules into ``job``.
 
-    A saved plan is read with ``rules_from_file`` (registered rule names only); a budget is
+    A saved plan is read with ``rule_tables_from_file`` (registered rule names only); a budget is
     planned now from the job's model, data and layer selection, and the plan is printed on stderr.
     """
     import dataclasses
@@ -102,12 +102,9 @@ def rules_for_apply(job: Any, plan_file: Path | None) -> None:
     if job.get("rules"):
         raise UsageError("--plan and --budget choose the rules themselves: drop --rule")
     if plan_file is not None:
-        import tomllib
+        from convrewrite.planning.plan import rule_tables_from_file
 
-        from convrewrite.planning.plan import rules_from_file
-
-        rules_from_file(plan_file)  # validates: registered names, known options
-        tables = tomllib.loads(plan_file.read_text())["tool"]["convrewrite"]["rules"]
+        tables = rule_tables_from_file(plan_file)  # validated: registered names, known options
         source = f"--plan {plan_file}"
     else:
         settings = PlanSettings.from_values(job.settings_values())

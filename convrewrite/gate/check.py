@@ -8,6 +8,7 @@ The result is a ``CheckResult`` data object; the table, markdown and GitHub view
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ class CheckOptions:
     settings: dict[str, Any] = field(default_factory=dict)
     budgets: list[Budget] = field(default_factory=list)
     exit_zero: bool = False
+    #: ``--plan PLAN.toml``: check the rewrite of a saved plan (its rules replace the configured ones).
+    plan_file: Path | None = None
 
     @property
     def model(self) -> str | None:
@@ -290,6 +293,7 @@ def plan(project: ProjectConfig, options: CheckOptions) -> tuple[list[PlannedTar
             hint="pass one (path/file.py[:NAME]) or set model (or [tool.convrewrite.targets.NAME]) "
             "in [tool.convrewrite] of pyproject.toml",
         )
+    plan_tables = _plan_tables(options, targets)
     planned: list[PlannedTarget] = []
     for target in targets:
         budgets = with_command_line(target.budgets, options.budgets, target.name)
@@ -304,11 +308,31 @@ def plan(project: ProjectConfig, options: CheckOptions) -> tuple[list[PlannedTar
             # A speedup budget needs the latency stage: measuring it is implied, and said where.
             names = ", ".join(b.qualified_name for b in budgets if b.metric.name == "speedup")
             job.values["latency"] = Value(True, f"implied by the speedup budget {names}")
+        if plan_tables is not None:
+            job.values["rules"] = dataclasses.replace(
+                job.values["rules"], value=plan_tables, source=f"--plan {display_path(options.plan_file)}"
+            )
         model_setting = job.values["model"]
         baseline = job.values["baseline"]
         build_rules(job)  # rule names and options are configuration: fail before loading any model
         planned.append(PlannedTarget(target, job, str(model_setting.value), baseline, budgets))
     return planned, notes
+
+
+def _plan_tables(options: CheckOptions, targets: list[Target]) -> list[Any] | None:
+    """The rule tables of ``--plan`` (checked before any model is loaded), or None without it."""
+    if options.plan_file is None:
+        return None
+    if options.settings.get("rules"):
+        raise UsageError("--plan chooses the rules itself: drop --rule")
+    if len(targets) > 1:
+        raise UsageError(
+            f"--plan holds the plan of one model, and {len(targets)} targets are configured",
+            hint="name the model on the command line (convrewrite check MODEL --plan PLAN.toml)",
+        )
+    from convrewrite.planning.plan import rule_tables_from_file
+
+    return rule_tables_from_file(options.plan_file)
 
 
 # -- baselines ------------------------------------------------------------------------------------

@@ -345,8 +345,9 @@ def _figure(metric: str, value: float) -> str:
     return f"{value:,.0f} {'MACs' if metric == 'macs' else 'params'}"
 
 
-def rules_from_file(path: str | Path) -> list[Any]:
-    """The rules of a saved plan (or any pyproject-style file with ``[tool.convrewrite] rules``)."""
+def rule_tables_from_file(path: str | Path) -> list[Any]:
+    """The ``[tool.convrewrite] rules`` entries of a saved plan (or any pyproject-style file), checked:
+    every entry names a registered rule with known options (a usage error otherwise, before any work)."""
     import tomllib
 
     from convrewrite.rules.api import make_rule
@@ -361,7 +362,16 @@ def rules_from_file(path: str | Path) -> list[Any]:
     tables = data.get("tool", {}).get("convrewrite", {}).get("rules")
     if not isinstance(tables, list) or not tables:
         raise UsageError(f"{file} has no [tool.convrewrite] rules list", hint="write it with `convrewrite plan --save`")
-    return [make_rule(entry if isinstance(entry, str) else dict(entry)) for entry in tables]
+    for entry in tables:
+        make_rule(entry if isinstance(entry, str) else dict(entry))
+    return tables
+
+
+def rules_from_file(path: str | Path) -> list[Any]:
+    """The rules of a saved plan (or any pyproject-style file with ``[tool.convrewrite] rules``)."""
+    from convrewrite.rules.api import make_rule
+
+    return [make_rule(entry if isinstance(entry, str) else dict(entry)) for entry in rule_tables_from_file(path)]
 
 
 # ---------------------------------------------------------------------- table view
@@ -557,4 +567,13 @@ def render_html(plan: Plan) -> str:
     )
 
 
-__all__ = ["FORMATS", "Plan", "PlanBudget", "PlanLayer", "PlanOption", "front_svg", "rules_from_file"]
+__all__ = [
+    "FORMATS",
+    "Plan",
+    "PlanBudget",
+    "PlanLayer",
+    "PlanOption",
+    "front_svg",
+    "rule_tables_from_file",
+    "rules_from_file",
+]
