@@ -250,9 +250,7 @@ def test_apply_with_a_saved_plan_and_with_a_budget(cli, tmp_path: Path) -> None:
 
 def test_check_gates_the_rewrite_of_a_plan_file(cli, tmp_path: Path) -> None:
     plan_file = tmp_path / "PLAN.toml"
-    plan_file.write_text(
-        '[tool.convrewrite]\nrules = [{ name = "separable", multiplier = 2, include = ["tdnn2"] }]\n'
-    )
+    plan_file.write_text('[tool.convrewrite]\nrules = [{ name = "separable", multiplier = 2, include = ["tdnn2"] }]\n')
     # by hand: 24,410 params; tdnn2 (40 -> 40, k=9) has 14,440 and becomes depthwise 80x9 + 80 bias and
     # pointwise 80x40 + 40 bias = 4,040
     expected = 24_410 - 14_440 + 4_040

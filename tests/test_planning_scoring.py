@@ -56,7 +56,7 @@ def _layer(kind: str) -> tuple[nn.Module, torch.Tensor, ConvSite]:
 def test_shared_score_equals_the_independent_solve(kind: str, spec: str) -> None:
     layer, x, site = _layer(kind)
     data = TensorBatches((x,), batch_size=16, holdout=0.25)
-    stats = collect(nn.Sequential(layer), ["0"], data, device=torch.device("cpu"))["0"]
+    stats = collect(nn.Sequential(layer), ["0"], data, device=torch.device("cpu"), product=torch.float64)["0"]
     scorer = LayerScorer(layer, stats)
     block = make_rule(spec).build(site).module.double()
     independent = copy.deepcopy(block)
@@ -105,7 +105,7 @@ def test_structured_squared_errors_equal_the_dense_formula() -> None:
 def test_separable_score_is_the_fitted_block_and_lies_between_transfer_and_als(multiplier: int) -> None:
     layer, x, site = _layer("conv2d")
     data = TensorBatches((x,), batch_size=16, holdout=0.25)
-    stats = collect(nn.Sequential(layer), ["0"], data, device=torch.device("cpu"))["0"]
+    stats = collect(nn.Sequential(layer), ["0"], data, device=torch.device("cpu"), product=torch.float64)["0"]
     block = make_rule(f"separable:multiplier={multiplier}").build(site).module.double()
     transfer, als = copy.deepcopy(block), copy.deepcopy(block)
     error, kernel = LayerScorer(layer, stats).score(block)
@@ -132,3 +132,16 @@ def test_split_batch_cuts_every_batched_tensor_and_passes_the_rest() -> None:
     assert [piece.size for piece in pieces] == [4, 4, 2]
     assert torch.equal(torch.cat([piece.args[0] for piece in pieces]), x)
     assert all(piece.kwargs["mask"] is mask and piece.kwargs["scale"] == 2 for piece in pieces)
+
+
+def test_float32_products_score_candidates_as_float64_ones_do() -> None:
+    """The planner's default float32 statistics products move a candidate's score by far less than
+    the differences between candidates (1e-5 relative here; scores differ in the second digit)."""
+    layer, x, site = _layer("conv2d")
+    data = TensorBatches((x,), batch_size=16, holdout=0.25)
+    scores = {}
+    for product in (torch.float32, torch.float64):
+        stats = collect(nn.Sequential(layer), ["0"], data, device=torch.device("cpu"), product=product)["0"]
+        block = make_rule("separable").build(site).module.double()
+        scores[product] = LayerScorer(layer, stats).score(block)[0]
+    assert scores[torch.float32] == pytest.approx(scores[torch.float64], rel=1e-5)

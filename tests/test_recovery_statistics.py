@@ -207,6 +207,7 @@ def test_wide_patches_accumulate_the_lower_block_triangle_and_read_whole() -> No
     conv = nn.Conv2d(64, 3, 3, padding=1).double()  # n = 577 > 512
     geometry = PatchGeometry.of(conv)
     accumulator = StatisticsAccumulator(geometry, chunk_elements=1 << 15)
+    accumulator.shifted = False  # the unfolded path (tests/test_statistics_moments.py: the shifted one)
     xs = [torch.randn(3, 64, 5, 5, dtype=torch.float64) for _ in range(2)]
     with torch.no_grad():
         for x in xs:

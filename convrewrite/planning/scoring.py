@@ -47,10 +47,20 @@ def supported(module: nn.Module) -> str | None:
 
 
 def collect(
-    model: nn.Module, layer_names: Sequence[str], data: BatchSource, *, device: torch.device
+    model: nn.Module,
+    layer_names: Sequence[str],
+    data: BatchSource,
+    *,
+    device: torch.device,
+    product: torch.dtype = torch.float32,
 ) -> dict[str, dict[str, LayerStatistics]]:
-    """The statistics of every layer and split: ONE pass of the original per split."""
-    return collect_statistics(model, list(layer_names), data, device=device, splits=("fit", "holdout"))
+    """The statistics of every layer and split: ONE pass of the original per split.
+
+    ``product``: float32 (the default) products summed in float64, as the fit accumulates: their
+    relative layer-error floor (~5e-6, ``benchmarks/results/bench_statistics_precision.txt``) is
+    far below any candidate's score, at about half the cost of float64 products.
+    """
+    return collect_statistics(model, list(layer_names), data, device=device, splits=("fit", "holdout"), product=product)
 
 
 @dataclass

@@ -22,6 +22,7 @@ whole fit split.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,6 +227,10 @@ CHUNK_ELEMENTS = 1 << 22
 SYMMETRIC_BLOCK = 512
 #: Largest patch length (ones column included) accumulated: a gram of 8,192² float64 is 512 MiB.
 MAX_UNKNOWNS = 8192
+#: Stride-1 zero-padded convs accumulate their moments from shifted products of the input
+#: (``recovery/moments.py``: for 3x3, 13 products of the input's size per sample instead of a gram
+#: of the 9x larger unfolded patches). ``CONVREWRITE_SHIFTED_MOMENTS=0`` unfolds every layer.
+SHIFTED_MOMENTS = os.environ.get("CONVREWRITE_SHIFTED_MOMENTS", "1") != "0"
 
 
 class StatisticsTooLarge(ValueError):
@@ -257,6 +262,7 @@ class StatisticsAccumulator:
         chunk_elements: int = CHUNK_ELEMENTS,
         max_unknowns: int = MAX_UNKNOWNS,
         product: torch.dtype = torch.float64,
+        target_kernel: torch.Tensor | None = None,
     ) -> None:
         n = geometry.unknowns(with_ones)
         if n > max_unknowns:
@@ -270,6 +276,15 @@ class StatisticsAccumulator:
         self.product = product
         device = torch.device(device)
         out = geometry.out_channels
+        from convrewrite.recovery import moments
+
+        #: Whether conv inputs are summed as shifted products (``recovery/moments.py``) instead of
+        #: unfolded: stride-1, zero-padded convs of more than one tap, unless ``SHIFTED_MOMENTS`` is off.
+        self.shifted = SHIFTED_MOMENTS and moments.supported(geometry)
+        #: With ``target_kernel`` (out, n) the target IS ``K a`` (the planner's symmetric statistics of
+        #: a layer's own input and output): only the gram is summed, and ``cross = gram Kᵀ`` and
+        #: ``energy = diag(K gram Kᵀ)`` are derived from it, exactly, without a product per row.
+        self.target_kernel = None if target_kernel is None else target_kernel.to(device=device, dtype=torch.float64)
         self._symmetric = True
         self._stats = LayerStatistics(
             gram=torch.zeros(n, n, dtype=torch.float64, device=device),
@@ -291,6 +306,27 @@ class StatisticsAccumulator:
             self._add_rows(geometry.unfold(x, self.with_ones), geometry.target_rows(target))
             return
         samples = x.shape[0]
+        if self.shifted:
+            # No unfolding (``recovery/moments.py``): a chunk bounds the padded input's copies.
+            from convrewrite.recovery.moments import patch_moments
+
+            step = max(1, self.chunk_elements // max(1, x[0].numel()))
+            stats = self._stats
+            for start in range(0, samples, step):
+                gram, cross, energy, count = patch_moments(
+                    geometry,
+                    x[start : start + step].to(stats.gram.device),
+                    target[start : start + step].to(stats.gram.device),
+                    with_ones=self.with_ones,
+                    product=self.product,
+                    cross=self.target_kernel is None,
+                )
+                stats.gram.add_(gram)
+                if self.target_kernel is None:
+                    stats.cross.add_(cross)
+                    stats.energy.add_(energy)
+                stats.rows += count
+            return
         rows_per_sample = max(1, target[0].numel() // max(geometry.out_channels, 1))
         step = max(1, self.chunk_elements // (rows_per_sample * self._stats.unknowns))
         for start in range(0, samples, step):
@@ -317,8 +353,9 @@ class StatisticsAccumulator:
                 block = rows[:, first : first + SYMMETRIC_BLOCK]
                 stats.gram[first:, first : first + block.shape[1]].add_((rows[:, first:].t() @ block).to(torch.float64))
             self._symmetric = False
-        stats.cross.add_((rows.t() @ wanted).to(torch.float64))
-        stats.energy.add_(wanted.to(torch.float64).pow(2).sum(dim=0))
+        if self.target_kernel is None:
+            stats.cross.add_((rows.t() @ wanted).to(torch.float64))
+            stats.energy.add_(wanted.to(torch.float64).pow(2).sum(dim=0))
         stats.rows += int(rows.shape[0])
 
     @property
@@ -334,6 +371,11 @@ class StatisticsAccumulator:
                 diagonal = gram[first:last, first:last]
                 diagonal.copy_((diagonal + diagonal.t()) / 2)
             self._symmetric = True
+        if self.target_kernel is not None:
+            stats = self._stats
+            kernel = self.target_kernel
+            stats.cross = stats.gram @ kernel.t()
+            stats.energy = (kernel * stats.cross.t()).sum(dim=1)
         return self._stats
 
     def all_reduce(self, world: int | None = None) -> LayerStatistics:
@@ -354,6 +396,9 @@ def all_reduce_statistics(stats: LayerStatistics, world: int | None = None) -> L
     rows = _all_reduce(torch.tensor([float(stats.rows)], dtype=torch.float64, device=stats.gram.device), world)
     stats.rows = int(rows.item())
     return stats
+
+
+_PLAIN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def collect_statistics(
@@ -392,8 +437,12 @@ def collect_statistics(
             accumulators: dict[str, StatisticsAccumulator] = {}
             for name, geometry in geometries.items():
                 try:
+                    module = modules[name]
+                    # The layer's own output is K a for the plain torch layers; a subclass (weight
+                    # standardization, dynamic padding) may compute something else: measured.
+                    own = geometry.dense_kernel(module) if type(module) in _PLAIN_LAYERS else None
                     accumulators[name] = StatisticsAccumulator(
-                        geometry, device=device, product=product, max_unknowns=max_unknowns
+                        geometry, device=device, product=product, max_unknowns=max_unknowns, target_kernel=own
                     )
                 except StatisticsTooLarge:
                     continue
