@@ -151,3 +151,22 @@ def test_collect_statistics_measures_the_cross_moment_of_a_conv_subclass() -> No
     with torch.no_grad():
         own = PatchGeometry.of(model[0]).target_rows(model[0](x))
     torch.testing.assert_close(stats["0"]["fit"].cross, first.t() @ own, rtol=1e-9, atol=1e-8)
+
+
+def test_batches_of_other_spatial_sizes_are_summed_right() -> None:
+    """A model fed variable sizes: the kept segment sums are flushed when the size changes."""
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    geometry = PatchGeometry.of(conv)
+    shifted = StatisticsAccumulator(geometry)
+    patches, targets = [], []
+    for seed, size in enumerate([(6, 5), (6, 5), (4, 9), (6, 5)]):
+        x = torch.randn(2, 3, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            y = conv(x)
+        shifted.add(x, y)
+        patches.append(geometry.unfold(x))
+        targets.append(geometry.target_rows(y))
+    a, t = torch.cat(patches), torch.cat(targets)
+    torch.testing.assert_close(shifted.stats.gram, a.t() @ a, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(shifted.stats.cross, a.t() @ t, rtol=1e-12, atol=1e-10)
+    assert shifted.stats.rows == a.shape[0]

@@ -285,6 +285,8 @@ class StatisticsAccumulator:
         #: a layer's own input and output): only the gram is summed, and ``cross = gram Kᵀ`` and
         #: ``energy = diag(K gram Kᵀ)`` are derived from it, exactly, without a product per row.
         self.target_kernel = None if target_kernel is None else target_kernel.to(device=device, dtype=torch.float64)
+        self._derived = -1  # the row count the derived cross and energy were computed at
+        self._moments: Any = None  # recovery.moments.ShiftedMoments, made at the first add when shifted
         self._symmetric = True
         self._stats = LayerStatistics(
             gram=torch.zeros(n, n, dtype=torch.float64, device=device),
@@ -306,24 +308,26 @@ class StatisticsAccumulator:
             self._add_rows(geometry.unfold(x, self.with_ones), geometry.target_rows(target))
             return
         samples = x.shape[0]
+        n = self._stats.unknowns
         if self.shifted:
-            # No unfolding (``recovery/moments.py``): a chunk bounds the padded input's copies.
-            from convrewrite.recovery.moments import patch_moments
+            # No unfolding (``recovery/moments.py``). As many output positions per chunk as the
+            # unfolded path has rows: float32 products then sum the same number of terms, so both
+            # paths have the same rounding floor.
+            from convrewrite.recovery.moments import ShiftedMoments
 
-            step = max(1, self.chunk_elements // max(1, x[0].numel()))
-            stats = self._stats
-            for start in range(0, samples, step):
-                gram, cross, energy, count = patch_moments(
-                    geometry,
-                    x[start : start + step].to(stats.gram.device),
-                    target[start : start + step].to(stats.gram.device),
-                    with_ones=self.with_ones,
-                    product=self.product,
-                    cross=self.target_kernel is None,
+            if self._moments is None:
+                self._moments = ShiftedMoments(
+                    geometry, with_ones=self.with_ones, product=self.product, cross=self.target_kernel is None
                 )
-                stats.gram.add_(gram)
-                if self.target_kernel is None:
-                    stats.cross.add_(cross)
+            positions = max(1, target[0].numel() // max(geometry.out_channels, 1))
+            step = samples if self.product == torch.float64 else max(1, self.chunk_elements // (positions * n))
+            stats = self._stats
+            device = stats.gram.device
+            for start in range(0, samples, step):
+                energy, count = self._moments.add(
+                    x[start : start + step].to(device), target[start : start + step].to(device), stats.gram, stats.cross
+                )
+                if energy is not None:
                     stats.energy.add_(energy)
                 stats.rows += count
             return
@@ -361,6 +365,8 @@ class StatisticsAccumulator:
     @property
     def stats(self) -> LayerStatistics:
         """The statistics so far (the gram made whole from its accumulated lower block triangle)."""
+        if self._moments is not None:
+            self._moments.flush(self._stats.gram)
         if not self._symmetric:
             gram = self._stats.gram
             n = gram.shape[0]
@@ -371,11 +377,12 @@ class StatisticsAccumulator:
                 diagonal = gram[first:last, first:last]
                 diagonal.copy_((diagonal + diagonal.t()) / 2)
             self._symmetric = True
-        if self.target_kernel is not None:
+        if self.target_kernel is not None and self._derived != self._stats.rows:
             stats = self._stats
             kernel = self.target_kernel
             stats.cross = stats.gram @ kernel.t()
             stats.energy = (kernel * stats.cross.t()).sum(dim=1)
+            self._derived = stats.rows
         return self._stats
 
     def all_reduce(self, world: int | None = None) -> LayerStatistics:
