@@ -28,7 +28,6 @@ import itertools
 import math
 
 import torch
-import torch.nn.functional as F
 
 from convrewrite.recovery.statistics import PatchGeometry
 
@@ -104,12 +103,7 @@ class ShiftedMoments:
         channels, taps, out = geometry.in_channels, geometry.taps, geometry.out_channels
         if x.dim() == dims + 1:
             x, y = x.unsqueeze(0), y.unsqueeze(0)
-        pads: list[int] = []
-        for before, after in reversed(geometry.padding):
-            pads += [before, after]
-        padded = x.detach().to(self.product)
-        if any(pads):
-            padded = F.pad(padded, pads)
+        padded = geometry.pad(x.detach().to(self.product))  # zeros: ``supported`` checked the mode
         lengths = [padded.shape[2 + d] - dilation[d] * (kernel[d] - 1) for d in range(dims)]
         if list(y.shape[2:]) != lengths or y.shape[1] != out or padded.shape[1] != channels:
             raise ValueError(

@@ -176,17 +176,22 @@ class PatchGeometry:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
         return rows
 
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """A batched conv input ``x`` (N, C, L...) padded as the layer pads it (its padding mode)."""
+        pads: list[int] = []
+        for before, after in reversed(self.padding):
+            pads += [before, after]
+        if not any(pads):
+            return x
+        mode = _PAD_MODES[self.padding_mode]
+        return F.pad(x, pads, mode=mode) if mode != "constant" else F.pad(x, pads)
+
     def _conv_patches(self, x: torch.Tensor) -> torch.Tensor:
         dims = self.dims
         batched = x.dim() == dims + 2
         if not batched:
             x = x.unsqueeze(0)
-        pads: list[int] = []
-        for before, after in reversed(self.padding):
-            pads += [before, after]
-        if any(pads):
-            mode = _PAD_MODES[self.padding_mode]
-            x = F.pad(x, pads, mode=mode) if mode != "constant" else F.pad(x, pads)
+        x = self.pad(x)
         for d in range(dims):
             span = self.dilation[d] * (self.kernel_size[d] - 1) + 1
             x = x.unfold(2 + d, span, self.stride[d])
@@ -308,19 +313,20 @@ class StatisticsAccumulator:
             self._add_rows(geometry.unfold(x, self.with_ones), geometry.target_rows(target))
             return
         samples = x.shape[0]
-        n = self._stats.unknowns
+        rows_per_sample = max(1, target[0].numel() // max(geometry.out_channels, 1))
+        step = max(1, self.chunk_elements // (rows_per_sample * self._stats.unknowns))
         if self.shifted:
-            # No unfolding (``recovery/moments.py``). As many output positions per chunk as the
-            # unfolded path has rows: float32 products then sum the same number of terms, so both
-            # paths have the same rounding floor.
+            # No unfolding (``recovery/moments.py``). Float32 chunks hold as many output positions
+            # as the unfolded path's hold rows: their products then sum the same number of terms,
+            # so both paths have the same rounding floor; float64 products take the whole batch.
             from convrewrite.recovery.moments import ShiftedMoments
 
             if self._moments is None:
                 self._moments = ShiftedMoments(
                     geometry, with_ones=self.with_ones, product=self.product, cross=self.target_kernel is None
                 )
-            positions = max(1, target[0].numel() // max(geometry.out_channels, 1))
-            step = samples if self.product == torch.float64 else max(1, self.chunk_elements // (positions * n))
+            if self.product == torch.float64:
+                step = samples
             stats = self._stats
             device = stats.gram.device
             for start in range(0, samples, step):
@@ -331,8 +337,6 @@ class StatisticsAccumulator:
                     stats.energy.add_(energy)
                 stats.rows += count
             return
-        rows_per_sample = max(1, target[0].numel() // max(geometry.out_channels, 1))
-        step = max(1, self.chunk_elements // (rows_per_sample * self._stats.unknowns))
         for start in range(0, samples, step):
             rows = geometry.unfold(x[start : start + step], self.with_ones)
             wanted = geometry.target_rows(target[start : start + step])
