@@ -266,6 +266,36 @@ def test_check_gates_the_rewrite_of_a_plan_file(cli, tmp_path: Path) -> None:
     assert missing.code == 2 and "does not exist" in missing.err and missing.err.count("\n") == 1
 
 
+def test_probe_gradients_are_exact_with_in_place_activations_and_no_weight_gradient() -> None:
+    """The probes need no weight gradient: the first planned output becomes a leaf, the model goes
+    on with a copy (an in-place ReLU right after it must not fail), and the gradients equal those
+    of plain autograd through the same model with the same Rademacher probe."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 3, 3),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 5),
+    ).double()
+    data = TensorBatches((torch.randn(16, 2, 6, 6, dtype=torch.float64),), batch_size=6, holdout=0.25, shuffle=False)
+    (x,) = next(iter(data.batches("fit"))).args
+    flags_before = [p.requires_grad for p in model.parameters()]
+    sensitivity = hutchinson_sensitivity(model, ["0", "2"], data, device=torch.device("cpu"), max_batches=1)
+    assert [p.requires_grad for p in model.parameters()] == flags_before
+    assert all(p.grad is None for p in model.parameters())
+    # Independent: autograd on the layer outputs, the probe drawn as the estimator documents it.
+    y0 = model[0](x)
+    y2 = model[2](torch.relu(y0))
+    z = model[5](model[4](torch.relu(y2)))
+    probe = torch.randint(0, 2, z.shape, generator=torch.Generator().manual_seed(0), dtype=torch.int8).to(z) * 2 - 1
+    g0, g2 = torch.autograd.grad((z * probe).sum(), [y0, y2])
+    assert sensitivity.gain["0"] == pytest.approx(float((g0**2).sum()) / g0.numel(), rel=1e-9)
+    assert sensitivity.gain["2"] == pytest.approx(float((g2**2).sum()) / g2.numel(), rel=1e-9)
+    assert sensitivity.gain["0"] > 0 and sensitivity.gain["2"] > 0
+
+
 def test_structured_probe_loss_matches_the_exact_output_error_of_a_linear_model() -> None:
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).double()

@@ -38,8 +38,9 @@ SPECS = [
 
 def _layer(kind: str) -> tuple[nn.Module, torch.Tensor, ConvSite]:
     torch.manual_seed(3)
-    if kind == "conv2d":
-        layer: nn.Module = nn.Conv2d(8, 12, kernel_size=3, padding=1).double()
+    if kind in ("conv2d", "conv2d-nobias"):
+        # No bias: the conv of every conv-BatchNorm pair (its low-rank block has no bias to solve).
+        layer: nn.Module = nn.Conv2d(8, 12, kernel_size=3, padding=1, bias=kind == "conv2d").double()
         # Correlated inputs, so that the gram is far from a multiple of the identity.
         x = torch.randn(48, 8, 9, 9, dtype=torch.float64)
         x = x + 0.8 * x.roll(1, dims=1) + 0.3
@@ -51,7 +52,7 @@ def _layer(kind: str) -> tuple[nn.Module, torch.Tensor, ConvSite]:
     return layer, x, site
 
 
-@pytest.mark.parametrize("kind", ["conv2d", "conv1d"])
+@pytest.mark.parametrize("kind", ["conv2d", "conv1d", "conv2d-nobias"])
 @pytest.mark.parametrize("spec", SPECS)
 def test_shared_score_equals_the_independent_solve(kind: str, spec: str) -> None:
     layer, x, site = _layer(kind)
@@ -68,7 +69,7 @@ def test_shared_score_equals_the_independent_solve(kind: str, spec: str) -> None
     # Independent of both solves: the scored kernel run as a dense conv on the held-out samples.
     held = x[data.indices["holdout"]]
     weight = shared_kernel[:, :-1].reshape(layer.weight.shape)
-    conv = F.conv2d if kind == "conv2d" else F.conv1d
+    conv = F.conv1d if kind == "conv1d" else F.conv2d
     with torch.no_grad():
         got = conv(held, weight, shared_kernel[:, -1], stride=layer.stride, padding=layer.padding)
         want = layer(held)
@@ -120,6 +121,30 @@ def test_separable_score_is_the_fitted_block_and_lies_between_transfer_and_als(m
     _, als_kernel = candidate_error(als, layer, stats, rounds=3)
     fit = stats["fit"]
     assert fit.squared_error(als_kernel) <= fit.squared_error(kernel) <= fit.squared_error(start)
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "conv2d-nobias"])
+def test_separable_scores_sharing_one_factor_equal_fresh_scorers(kind: str) -> None:
+    """The multipliers of a layer share the whitened start's factorization of the gram (and score the
+    held-out error from the middle features): each score equals a scorer of its own, and the
+    held-out error equals the fitted block run by torch on the held-out samples."""
+    layer, x, site = _layer(kind)
+    data = TensorBatches((x,), batch_size=16, holdout=0.25)
+    stats = collect(nn.Sequential(layer), ["0"], data, device=torch.device("cpu"), product=torch.float64)["0"]
+    shared = LayerScorer(layer, stats)
+    held = x[data.indices["holdout"]]
+    with torch.no_grad():
+        want = layer(held)
+    for multiplier in (1, 2, 4):
+        block = make_rule(f"separable:multiplier={multiplier}").build(site).module.double()
+        alone = copy.deepcopy(block)
+        error, kernel = shared.score(block)
+        fresh_error, fresh_kernel = LayerScorer(layer, stats).score(alone)
+        assert error == pytest.approx(fresh_error, rel=1e-10)
+        assert float((kernel - fresh_kernel).abs().max()) <= 1e-10 * float(kernel.abs().max())
+        with torch.no_grad():
+            assert error == pytest.approx(float((block(held) - want).norm() / want.norm()), rel=1e-8)
+    assert "factor" in shared._full  # the first start kept it for the next ones
 
 
 def test_split_batch_cuts_every_batched_tensor_and_passes_the_rest() -> None:

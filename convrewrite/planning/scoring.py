@@ -135,12 +135,23 @@ def hutchinson_sensitivity(
     samples = 0
 
     def keep(name: str) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.retain_grad()
-                outputs[name] = output
-                if structured and args and isinstance(args[0], torch.Tensor):
-                    inputs[name] = args[0].detach()
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+                return None
+            if output.requires_grad:
+                tracked = output
+                tracked.retain_grad()
+            else:
+                # Nothing upstream needs a gradient (no parameter does): the output becomes a leaf
+                # whose .grad is the probe gradient.
+                tracked = output.detach().requires_grad_(True)
+            outputs[name] = tracked
+            if structured and args and isinstance(args[0], torch.Tensor):
+                inputs[name] = args[0].detach()
+            # The model goes on with a copy: an in-place op that follows (ReLU(inplace=True)) must
+            # neither write into a leaf nor move the retained gradient to its own result (the
+            # gradient of the layer's output, not of the activation's).
+            return tracked.clone()
 
         return hook
 
@@ -160,10 +171,13 @@ def hutchinson_sensitivity(
             inputs.clear()
             moved = batch.to(device)
             with torch.enable_grad():
-                # Gradients reach the layer outputs only through parameters that need them.
+                # No parameter needs a gradient: the backward pass computes the activation gradients
+                # from the first planned layer on and no weight gradient (a third less work than a
+                # backward pass that also makes every weight's gradient, and none upstream of the
+                # first planned layer); the hooks make the first planned outputs leaves.
                 flags = [p.requires_grad for p in model.parameters()]
                 for p in model.parameters():
-                    p.requires_grad_(True)
+                    p.requires_grad_(False)
                 try:
                     result = moved.call(model)
                     leaves = [t for t in tensor_leaves(result) if t.is_floating_point() and t.requires_grad]
@@ -334,14 +348,16 @@ class LayerScorer:
     from factorizations made once per layer, with the same proximal ridge towards each candidate's
     transferred weights, so a score equals the independent ``solve_from_statistics`` to rounding:
 
-    - ``low-rank`` (every rank): ONE Cholesky of the centred gram and one solve of its cross moment;
-      a rank's own proximal term needs only a solve against its rank-r start (``n² r``), then one
+    - ``low-rank`` (every rank): ONE Cholesky of the gram (centred when the block's ``expand`` has a
+      bias, uncentred when it has none, as after every conv-BatchNorm pair) and one solve of its
+      cross moment; a rank's own proximal term needs only a solve against its rank-r start (``n² r``), then one
       ``out x out`` eigenproblem gives its generalized-SVD kernel; errors in factored form (``r n²``);
     - ``group-shuffle`` and ``log-group``: the per-group (per-branch) least squares on sub-blocks
       of the gram (no copy of the whole gram), errors block by block (``out n² / groups``);
     - ``separable`` (``separable_score="whitened+pointwise"``, the default): the solver's whitened
       start and one exact pointwise solve, no depthwise alternation (an upper bound of the fitted
-      error; see ``_separable``); ``"als"`` scores it by ``rounds`` alternating rounds instead;
+      error; see ``_separable``), every multiplier reusing the first one's Cholesky factor of the
+      whole gram; ``"als"`` scores it by ``rounds`` alternating rounds instead;
     - anything else (``channelwise``, plugins): ``candidate_error`` (the solver registry) with
       ``generic_rounds`` block-coordinate rounds (default 1: the generic path probes ``to_dense()``
       once per parameter entry per round; a group channel-wise conv of 2,122 weights on the digits
@@ -374,6 +390,9 @@ class LayerScorer:
         self.separable_score = separable_score
         self.generic_rounds = generic_rounds
         self._centred: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor] | None = None
+        self._uncentred: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor] | None = None
+        #: The separable starts' Cholesky factor of the whole gram (``_Separable.whitened_start``).
+        self._full: dict[str, Any] = {}
 
     def score(self, block: nn.Module) -> tuple[float, torch.Tensor]:
         """(relative holdout error, (out, n) kernel) of ``block`` fitted on the fit statistics."""
@@ -428,55 +447,75 @@ class LayerScorer:
         if not isinstance(block, _SeparableConvNd):
             return None
         with torch.no_grad():
-            kernel = start_then_pointwise(block, self.fit, self.ridge)
-        if kernel is None:
+            solved = start_then_pointwise(block, self.fit, self.ridge, factored=self._full, holdout=self.holdout)
+        if solved is None:
             return None
-        return self.holdout.relative_error(kernel), kernel
+        kernel, squared = solved
+        assert squared is not None
+        return _relative(self.holdout, squared), kernel
 
     # -- low-rank ---------------------------------------------------------------------------------
 
-    def _centred_solve(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor]:
-        """(Cholesky factor of G̃ + λI, G̃⁻¹-solve of C̃, C̃, λ, ones column): once per layer."""
-        if self._centred is None:
-            from convrewrite.recovery.solvers.base import ridge_scale
+    def _factored_solve(self, centred: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor]:
+        """(Cholesky factor of G + λI, its solve of C, C, λ, ones column) over the patch entries: once
+        per layer and kind. ``centred``: the statistics with the optimal bias substituted (a
+        low-rank block whose ``expand`` has a bias); else the uncentred ones (a block without bias,
+        as every conv followed by a BatchNorm), as ``optimal_low_rank`` takes them."""
+        kept = self._centred if centred else self._uncentred
+        if kept is None:
+            from convrewrite.recovery.solvers.base import cholesky_apply, ridge_scale
 
             stats = self.fit
             width = stats.unknowns - 1
-            ones = float(stats.gram[width, width])
             column = stats.gram[:width, width]
-            gram = stats.gram[:width, :width] - torch.outer(column, column) / ones
-            cross = stats.cross[:width] - torch.outer(column, stats.cross[width]) / ones
+            if centred:
+                ones = float(stats.gram[width, width])
+                gram = stats.gram[:width, :width] - torch.outer(column, column) / ones
+                cross = stats.cross[:width] - torch.outer(column, stats.cross[width]) / ones
+            else:
+                gram = stats.gram[:width, :width].clone()
+                cross = stats.cross[:width]
             scale = ridge_scale(gram, self.ridge)
             gram.diagonal().add_(scale)
             factor, info = torch.linalg.cholesky_ex(gram)
             if int(info) != 0:
                 raise _NoFactor
-            self._centred = (factor, torch.cholesky_solve(cross, factor), cross, scale, column)
-        return self._centred
+            kept = (factor, cholesky_apply(factor, cross), cross, scale, column)
+            if centred:
+                self._centred = kept
+            else:
+                self._uncentred = kept
+        return kept
 
     def _low_rank(self, reduce: Any, expand: Any, start: torch.Tensor) -> tuple[float, torch.Tensor] | None:
+        from convrewrite.recovery.solvers.base import cholesky_apply
+
         stats = self.fit
         width = stats.unknowns - 1
-        if expand.bias is None or float(stats.gram[width, width]) <= 0:
+        centred = expand.bias is not None
+        if centred and float(stats.gram[width, width]) <= 0:
             return None
         try:
-            factor, solved, cross, scale, column = self._centred_solve()
+            factor, solved, cross, scale, column = self._factored_solve(centred)
         except _NoFactor:
             return None
         out = int(expand.weight.shape[0])
         rank = int(reduce.weight.shape[0])
         b0 = expand.weight.detach().to("cpu", torch.float64).reshape(out, rank)
         a0 = reduce.weight.detach().to("cpu", torch.float64).reshape(rank, -1)
-        # (G̃ + λI)⁻¹ (C̃ + λ W₀ᵀ) with W₀ = B₀ A₀: the shared solve plus a rank-r one.
-        optimum = (solved + scale * (torch.cholesky_solve(a0.t().contiguous(), factor) @ b0.t())).t()
+        # (G + λI)⁻¹ (C + λ W₀ᵀ) with W₀ = B₀ A₀: the shared solve plus a rank-r one.
+        optimum = (solved + scale * (cholesky_apply(factor, a0.t().contiguous()) @ b0.t())).t()
         right = cross + scale * (a0.t() @ b0.t())
         metric = optimum @ right
         metric = (metric + metric.t()) / 2
         _, vectors = torch.linalg.eigh(metric)
         basis = vectors[:, -rank:] if rank < vectors.shape[1] else vectors
         reduced = basis.t() @ optimum  # (r', n_w)
-        ones = float(stats.gram[width, width])
-        bias = (stats.cross[width] - basis @ (reduced @ column)) / ones
+        if centred:
+            ones = float(stats.gram[width, width])
+            bias = (stats.cross[width] - basis @ (reduced @ column)) / ones
+        else:
+            bias = torch.zeros(out, dtype=torch.float64)  # no bias to solve: the column stays zero
         left = torch.cat([basis, bias.unsqueeze(1)], dim=1)  # K = [U | b] [[U ᵀW*, 0], [0, 1]]
         factors = torch.zeros(basis.shape[1] + 1, width + 1, dtype=torch.float64)
         factors[:-1, :width] = reduced

@@ -194,7 +194,7 @@ class _Separable:
         """Whether the kernel's bias column is unconstrained (a pointwise bias and a ones column)."""
         return self.stats.with_ones and self.use_pointwise_bias
 
-    def whitened_start(self, ridge: float) -> None:
+    def whitened_start(self, ridge: float, factored: dict | None = None) -> None:
         """Move to the whitened-SVD start: per channel, the best rank-m part of the unconstrained optimum.
 
         ``K* = C G⁻¹`` (one Cholesky of the gram, pulled to the current kernel by the proximal
@@ -208,10 +208,17 @@ class _Separable:
         bias is then set exactly: ``b = (C₁ − W g) / R``. Components beyond the block's rank (m
         above min(out, T)) get a small fixed random filter with a zero pointwise column, as the
         SVD transfer does, so that ALS can still use them.
+
+        ``factored``: a dict shared by several starts on the same statistics (the planner's
+        multipliers): the first keeps the Cholesky factor of ``G + λI`` in it, later ones reuse it
+        (the same solve: only the proximal centre, the current kernel, differs between them).
         """
         stats, c, m, t, out, w = self.stats, self.channels, self.multiplier, self.taps, self.out, self.width
         current = self.kernel()
-        optimum = solve_spd(stats.gram, stats.cross, current.t(), ridge).t()  # (out, n)
+        if factored is not None and "factor" in factored:
+            optimum = cholesky_apply(factored["factor"], stats.cross + factored["scale"] * current.t()).t()
+        else:
+            optimum = solve_spd(stats.gram, stats.cross, current.t(), ridge, keep=factored).t()  # (out, n)
         weight = optimum[:, :w].reshape(out, c, t).permute(1, 0, 2)  # (C, out, T)
         local = torch.arange(c).unsqueeze(1) * t + torch.arange(t).unsqueeze(0)  # (C, T)
         metric = stats.gram[local.unsqueeze(2), local.unsqueeze(1)]  # (C, T, T): G_cc
@@ -607,26 +614,36 @@ def _state(block: nn.Module, stats: LayerStatistics) -> _Separable | None:
     return state
 
 
-def start_then_pointwise(block: nn.Module, stats: LayerStatistics, ridge: float) -> torch.Tensor | None:
+def start_then_pointwise(
+    block: nn.Module,
+    stats: LayerStatistics,
+    ridge: float,
+    *,
+    factored: dict | None = None,
+    holdout: LayerStatistics | None = None,
+) -> tuple[torch.Tensor, float | None] | None:
     """The solver's start (``choose_start``) then one exact pointwise solve, no depthwise step;
-    the block is set to it and its (out, n) kernel returned (None: no path for this block).
+    the block is set to it; (its (out, n) kernel, its squared error on ``holdout`` or None), or
+    None when there is no path for this block.
 
     What the planner scores a separable candidate by: an upper bound of the fitted error (the
-    alternation only lowers it) for the cost of one Cholesky of the gram.
+    alternation only lowers it) for the cost of one Cholesky of the gram, shared between the
+    candidates of one layer through ``factored`` (``_Separable.whitened_start``). The held-out
+    error comes from the middle features' statistics (``m n²``), not from the dense kernel (``out n²``).
     """
     state = _state(block, stats)
     if state is None:
         return None
-    loss, _ = choose_start(state, state.loss(), ridge)
+    loss, _ = choose_start(state, state.loss(), ridge, factored)
     saved = state.snapshot()
     state.solve_pointwise(ridge)
     if not state.loss() <= loss:
         state.restore(saved)
     state.write(block)
-    return state.kernel()
+    return state.kernel(), (state.loss(holdout) if holdout is not None else None)
 
 
-def choose_start(state: _Separable, transfer: float, ridge: float) -> tuple[float, str]:
+def choose_start(state: _Separable, transfer: float, ridge: float, factored: dict | None = None) -> tuple[float, str]:
     """Replace ``state`` by its whitened start when that is lower; (loss kept, which start).
 
     Both losses are exact (from the statistics). The whitened start must win by more than
@@ -638,7 +655,7 @@ def choose_start(state: _Separable, transfer: float, ridge: float) -> tuple[floa
     if transfer <= slack:
         return transfer, "the transfer"
     saved = state.snapshot()
-    state.whitened_start(ridge)
+    state.whitened_start(ridge, factored)
     whitened = state.loss()
     if whitened < transfer * (1 - 1e-9) - slack:
         return whitened, "the whitened start"
